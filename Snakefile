@@ -1,0 +1,22 @@
+# Kolors style LoRA story workflow. See README.md; every setting is described in
+# schemas/config.schema.yaml. Run: snakemake --cores 1 --resources gpu=1
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+include: "rules/data.smk"
+include: "rules/train.smk"
+include: "rules/generate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,88 @@
+# Config validation, run paths and input functions shared by every rule.
+import os
+from pathlib import Path
+
+from kolors_story.config import (
+    check_upload_token,
+    is_local_model,
+    load_schema,
+    model_dir,
+    scene_settings,
+    validate_config,
+)
+from kolors_story.errors import UserError
+
+try:
+    config = validate_config(config, load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml"))
+    check_upload_token(config)
+except UserError as err:
+    raise WorkflowError(str(err)) from None
+
+RUN = config["run"]
+OUT = f"results/{RUN}"
+LOGS = f"{OUT}/logs"
+SCENES = scene_settings(config)
+SCENE_IDS = list(SCENES)
+ENV = "../envs/kolors-story.yaml"
+
+# Folders that rules of this workflow build (the demo's data and tiny models).
+BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic"}
+
+
+wildcard_constraints:
+    scene="|".join(SCENE_IDS),
+    model_name="kolors|aesthetic",
+
+
+def _check_local(ref, key):
+    path = model_dir(ref)
+    if path not in BUILT_DIRS and not os.path.isdir(path):
+        raise WorkflowError(
+            f"{key}: local folder '{path}' does not exist. Give a ModelScope id (owner/name) "
+            "or an existing folder."
+        )
+    return path
+
+
+def model_path(name):
+    """The folder a model is read from: a local path, or where its ModelScope id downloads to."""
+    ref = config["models"][name]
+    return _check_local(ref, f"models.{name}") if is_local_model(ref) else model_dir(ref)
+
+
+for _name in ("kolors", "aesthetic"):
+    model_path(_name)  # refuse a missing local folder at parse time
+
+
+def _key_for_model_id(wildcards):
+    model_id = f"{wildcards.owner}/{wildcards.name}"
+    keys = [f"models.{k}" for k, v in config["models"].items() if v == model_id]
+    return keys[0] if keys else "models"
+
+
+def dataset_input(wildcards):
+    ds = config["dataset"]
+    return [_check_local(ds["path"], "dataset.path")] if ds["source"] == "local" else []
+
+
+def scene_params(wildcards):
+    return SCENES[wildcards.scene]
+
+
+def scene_png(scene_id):
+    return f"{OUT}/scenes/{scene_id}.png"
+
+
+def final_outputs():
+    outputs = [
+        f"{OUT}/story.png",
+        f"{OUT}/scores.csv",
+        f"{OUT}/scores.json",
+        f"{OUT}/lora/pytorch_lora_weights.safetensors",
+        f"{OUT}/bundle",
+        f"{OUT}/manifest.json",
+        f"{OUT}/config.yaml",
+    ]
+    if config["upload"]["enabled"]:
+        outputs.append(f"{OUT}/upload.json")
+    return outputs

@@ -1,0 +1,48 @@
+# Model preparation: download ModelScope ids, build the demo's tiny models, check layouts.
+
+
+rule download_model:
+    output:
+        directory("resources/modelscope/{owner}/{name}"),
+    params:
+        model_id=lambda wc: f"{wc.owner}/{wc.name}",
+        config_key=_key_for_model_id,
+    wildcard_constraints:
+        owner="[^/]+",
+        name="[^/]+",
+    log:
+        "resources/logs/download_model/{owner}/{name}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/download_model.py"
+
+
+rule build_tiny_models:
+    output:
+        kolors=directory("resources/tiny/kolors"),
+        aesthetic=directory("resources/tiny/aesthetic"),
+    params:
+        seed=0,
+    log:
+        "resources/logs/build_tiny_models.log",
+    conda:
+        ENV
+    script:
+        "../scripts/build_tiny_models.py"
+
+
+rule prepare_model:
+    input:
+        lambda wc: model_path(wc.model_name),
+    output:
+        f"{OUT}/models/{{model_name}}.json",
+    params:
+        ref=lambda wc: config["models"][wc.model_name],
+        config_key=lambda wc: f"models.{wc.model_name}",
+    log:
+        f"{LOGS}/prepare_model/{{model_name}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/prepare_model.py"

@@ -1,0 +1,14 @@
+import logging
+from pathlib import Path
+
+from kolors_story.dataset import read_rows
+from kolors_story.metadata import build_training_folder
+from kolors_story.rule_runner import run_rule
+
+
+def main(snakemake):
+    csv_path = build_training_folder(read_rows(Path(snakemake.input.rows)), Path(snakemake.output[0]))
+    logging.info("training metadata: %s", csv_path)
+
+
+run_rule(main, snakemake)

@@ -1,0 +1,21 @@
+import json
+import logging
+from pathlib import Path
+
+from kolors_story.publishing import build_bundle
+from kolors_story.rule_runner import run_rule
+
+
+def main(snakemake):
+    scenes = [dict(s, image=p) for s, p in zip(snakemake.params.scenes, snakemake.input.panels)]
+    scores = json.loads(Path(snakemake.input.scores).read_text(encoding="utf-8"))
+    bundle = snakemake.params.bundle
+    out = build_bundle(
+        Path(snakemake.output[0]), Path(snakemake.input.lora), scenes, scores,
+        Path(snakemake.input.story), snakemake.params.base_model, bundle["title"],
+        bundle["trigger_words"], snakemake.params.run,
+    )
+    logging.info("bundle ready at %s", out)
+
+
+run_rule(main, snakemake)

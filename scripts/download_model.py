@@ -1,0 +1,11 @@
+from pathlib import Path
+
+from kolors_story.models import download_model
+from kolors_story.rule_runner import run_rule
+
+
+def main(snakemake):
+    download_model(snakemake.params.model_id, Path(snakemake.output[0]), snakemake.params.config_key)
+
+
+run_rule(main, snakemake)
