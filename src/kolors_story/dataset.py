@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import socket
 import string
 import time
@@ -128,6 +129,27 @@ def collect_local_rows(folder: Path, caption_template: str = "{caption}", defaul
         caption = captions.get(name, "").strip() or _sidecar_caption(image) or default_caption
         rows.append({"id": _unique_id(Path(name).stem, taken), "image": str(image.resolve()), "text": apply_template(caption_template, caption)})
     return rows
+
+
+def copy_into_run(rows: list[dict], images_dir: Path) -> list[dict]:
+    """Copy each row's file byte for byte to `images_dir/<id><suffix>`; rows then point there.
+
+    A run's results stay valid when the source folder changes later. Nothing is decoded (a
+    corrupt file is copied as it is, for the filter to report); a missing file stays a row with
+    its original path, so the filter reports it as missing.
+    """
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for row in rows:
+        source = Path(row["image"])
+        if not source.is_file():
+            copied.append(dict(row))
+            continue
+        target = images_dir / f"{row['id']}{source.suffix.lower()}"
+        shutil.copyfile(source, target)
+        copied.append({**row, "image": str(target.resolve())})
+    return copied
 
 
 # ---------------------------------------------------------------- ModelScope

@@ -155,7 +155,7 @@ def build_demo_dataset(out_dir: Path, n_images: int = 24, size: int = 96, seed: 
         counts["wrong_aspect"] += 1
 
     # An exact byte copy, and a resized + re-encoded copy: phash must catch both.
-    img0, cap0, data0 = originals[0]
+    _, cap0, data0 = originals[0]
     _write(out_dir, stem("dup_exact"), data0, cap0)
     source = next(
         (o for o in originals[1:-1] if _phash(_resized_copy(o[0], size)) == _phash(o[2])), originals[1]

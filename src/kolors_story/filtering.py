@@ -35,7 +35,7 @@ OP_DEFAULTS = {"auto_op_parallelism": False, "skip_op_error": False}
 class FilterResult:
     """Kept rows (input order) and what happened: counts per op and every dropped row."""
 
-    rows: list[dict]
+    kept: list[dict]
     stats: dict = field(default_factory=dict)
 
 
@@ -262,7 +262,7 @@ def filter_rows(rows: list[dict], ops: list[dict], work_dir: Path, num_proc: int
             alive = _run_ops(rows, alive, parsed, work_dir, num_proc, stats)
 
     stats["rows_out"] = len(alive)
-    return FilterResult(rows=[rows[i] for i in alive], stats=stats)
+    return FilterResult(kept=[rows[i] for i in alive], stats=stats)
 
 
 def _run_ops(rows: list[dict], alive: list[int], parsed: list[tuple[str, dict]], work_dir: Path, num_proc: int, stats: dict) -> list[int]:

@@ -155,7 +155,8 @@ def check_aesthetic_predictor_dir(path: Path) -> None:
             "(AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE) there, or point "
             "the config's aesthetic model setting at a folder that holds it."
         )
-    missing = [name for name in ("config.json", "preprocessor_config.json") if not (path / name).is_file()]
+    required = ("config.json", "preprocessor_config.json")
+    missing = [name for name in required if not (path / name).is_file()]
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         missing.append("weights (one of " + ", ".join(WEIGHT_FILES) + ")")
     has_tokenizer = (path / "tokenizer.json").is_file() or all(

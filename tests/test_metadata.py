@@ -1,0 +1,88 @@
+"""The training folder in the layout DiffSynth-Studio 1.1.9's Kolors trainer reads."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from kolors_story.dataset import collect_local_rows
+from kolors_story.demo_data import build_demo_dataset
+from kolors_story.errors import UserError
+from kolors_story.metadata import build_training_folder
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    """Demo images plus the modes a real dataset brings: RGBA PNG, grayscale and CMYK JPEG."""
+    folder = tmp_path_factory.mktemp("demo") / "images"
+    build_demo_dataset(folder, n_images=4)
+    good = [r for r in collect_local_rows(folder, default_caption="水墨画") if "_" not in r["id"][4:]]
+    extra = folder.parent / "extra"
+    extra.mkdir()
+    Image.new("RGBA", (70, 80), (200, 30, 30, 100)).save(extra / "rgba.png")
+    Image.new("L", (64, 64), 90).save(extra / "gray.jpg")
+    Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(extra / "cmyk.jpg")
+    captions = {"rgba": 'comma, "quote"', "gray": "多行\n说明", "cmyk": "普通"}
+    return good + [{"id": k, "image": str(extra / f"{k}{'.png' if k == 'rgba' else '.jpg'}"), "text": v} for k, v in captions.items()]
+
+
+@pytest.fixture(scope="module")
+def built(rows, tmp_path_factory) -> Path:
+    return build_training_folder(rows, tmp_path_factory.mktemp("train_root"))
+
+
+def test_csv_lists_every_row_with_its_caption(rows, built):
+    assert built.name == "metadata.csv" and built.parent.name == "train"
+    with built.open(encoding="utf-8", newline="") as fh:
+        records = list(csv.DictReader(fh))
+    assert [(r["file_name"], r["text"]) for r in records] == [(f"{r['id']}.jpg", r["text"]) for r in rows]
+    frame = pd.read_csv(built)  # what DiffSynth does
+    assert list(frame.columns) == ["file_name", "text"]
+    assert frame["text"].tolist() == [r["text"] for r in rows]
+
+
+def test_images_are_rgb_jpeg_and_jpegs_copied_unchanged(rows, built):
+    for row in rows:
+        target = built.parent / f"{row['id']}.jpg"
+        with Image.open(target) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert img.size == Image.open(row["image"]).size
+    assert (built.parent / "img_000.jpg").read_bytes() == Path(rows[0]["image"]).read_bytes()
+    r, g, b = Image.open(built.parent / "cmyk.jpg").getpixel((5, 5))
+    assert r > 150 and g < 120 and b < 120  # CMYK converted, not reinterpreted
+
+
+def test_diffsynth_text_image_dataset_reads_it(rows, built):
+    """Load DiffSynth 1.1.9's own dataset class (by file, skipping its heavy package import)."""
+    spec = importlib.util.find_spec("diffsynth")
+    source = Path(spec.submodule_search_locations[0]) / "data" / "simple_text_image.py"
+    module_spec = importlib.util.spec_from_file_location("diffsynth_simple_text_image", source)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    dataset = module.TextImageDataset(str(built.parent.parent), steps_per_epoch=len(rows), height=64, width=64)
+    assert dataset.text == [r["text"] for r in rows]
+    assert all(Path(p).is_file() for p in dataset.path)
+    item = dataset[0]
+    assert tuple(item["image"].shape) == (3, 64, 64) and isinstance(item["text"], str)
+
+
+def test_rebuild_removes_stale_images(rows, tmp_path):
+    build_training_folder(rows, tmp_path)
+    build_training_folder(rows[:2], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["img_000.jpg", "img_001.jpg", "metadata.csv"]
+
+
+def test_refuses_what_the_trainer_would_choke_on(rows, tmp_path):
+    with pytest.raises(UserError, match="empty caption.*dataset.default_caption"):
+        build_training_folder([{**rows[0], "text": " "}], tmp_path)
+    with pytest.raises(UserError, match="share the id"):
+        build_training_folder([rows[0], rows[0]], tmp_path)
+    with pytest.raises(UserError, match="cannot read image"):
+        build_training_folder([{**rows[0], "image": str(tmp_path / "gone.jpg")}], tmp_path)
+    with pytest.raises(UserError, match="No rows"):
+        build_training_folder([], tmp_path)

@@ -1,0 +1,163 @@
+"""ModelScope bundle contents, clean replacement, token handling and offline upload failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from kolors_story.errors import UserError
+from kolors_story.publishing import LORA_WEIGHT_NAME, build_bundle, modelscope_token, upload_bundle
+
+FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
+
+
+def make_inputs(root: Path, n: int = 3) -> dict:
+    """Fake LoRA bytes, n panels (one JPEG), a story image and a scores.json summary."""
+    root.mkdir(parents=True, exist_ok=True)
+    lora = root / "trained_lora.safetensors"
+    lora.write_bytes(b"lora-bytes")
+    scenes, scores = [], {}
+    for i in range(n):
+        suffix = ".jpg" if i == n - 1 else ".png"
+        image = root / f"s{i}{suffix}"
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(image)
+        scenes.append({"id": f"s{i}", "prompt": f"古风，水墨画，scene | {i}", "negative_prompt": "模糊",
+                       "seed": 100 + i, "width": 32, "height": 32, "image": str(image)})
+        scores[image.name] = 5.5 + i
+    story = root / "story.png"
+    Image.new("RGB", (64, 64), "white").save(story)
+    mean = sum(scores.values()) / n
+    summary = {"mean": mean, "threshold": 6.0, "passes": mean >= 6.0, "n": n, "scores": scores}
+    return {"lora_file": lora, "scenes": scenes, "scores": summary, "story_image": story}
+
+
+def bundle(out_dir: Path, inputs: dict) -> Path:
+    return build_bundle(out_dir, base_model="Kwai-Kolors/Kolors-diffusers", title="Ink 水墨 LoRA",
+                        trigger_words="水墨画", run_name="demo", **inputs)
+
+
+def test_bundle_contents(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in")
+    out = bundle(tmp_path / "bundle", inputs)
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert names == sorted(["README.md", "panels/s0.png", "panels/s1.png", "panels/s2.png",
+                            LORA_WEIGHT_NAME, "prompts.json", "story.png"])
+    assert (out / LORA_WEIGHT_NAME).read_bytes() == b"lora-bytes"
+    with Image.open(out / "panels" / "s2.png") as panel:  # the JPEG panel became a PNG
+        assert panel.format == "PNG"
+
+    prompts = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
+    assert [s["seed"] for s in prompts["scenes"]] == [100, 101, 102]
+    assert prompts["scenes"][2]["score"] == 7.5 and prompts["scenes"][0]["image"] == "panels/s0.png"
+    assert prompts["scenes"][0]["prompt"] == "古风，水墨画，scene | 0"
+    assert prompts["mean_score"] == pytest.approx(6.5) and prompts["passes"] is True
+
+    card = (out / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["frameworks"] == ["Pytorch"] and front["license"] == "apache-2.0"
+    assert front["tasks"] == ["text-to-image-synthesis"]
+    assert front["base_model"] == ["Kwai-Kolors/Kolors-diffusers"]
+    assert "# Ink 水墨 LoRA" in card and "水墨画" in card
+    assert "KolorsPipeline.from_pretrained(" in card
+    assert f'load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}")' in card
+    assert "manual_seed(100)" in card
+    assert "![story](story.png)" in card
+    assert "| s1 | ![s1](panels/s1.png) | 古风，水墨画，scene \\| 1 | 101 | 6.500 |" in card
+    assert "**6.500**" in card and "it passes the threshold 6" in card
+
+
+def test_usage_snippet_is_valid_python(tmp_path: Path):
+    card = (bundle(tmp_path / "b", make_inputs(tmp_path / "in")) / "README.md").read_text(encoding="utf-8")
+    snippet = card.split("```python\n")[1].split("```")[0]
+    compile(snippet, "usage", "exec")
+    assert 'variant="fp16"' in snippet
+    local = make_inputs(tmp_path / "in2")
+    out = build_bundle(tmp_path / "c", base_model=str(tmp_path / "tiny_kolors"), title="t", trigger_words="",
+                       run_name="demo", **local)
+    snippet = (out / "README.md").read_text(encoding="utf-8").split("```python\n")[1].split("```")[0]
+    compile(snippet, "usage", "exec")
+    assert f'base_dir = "{tmp_path / "tiny_kolors"}"' in snippet and "variant" not in snippet
+
+
+def test_rebuild_replaces_old_bundle(tmp_path: Path):
+    out = tmp_path / "bundle"
+    bundle(out, make_inputs(tmp_path / "a", n=3))
+    (out / "stale.txt").write_text("old")
+    inputs = make_inputs(tmp_path / "b", n=2)
+    inputs["scores"]["mean"] = 5.0
+    bundle(out, inputs)
+    assert sorted(p.name for p in (out / "panels").iterdir()) == ["s0.png", "s1.png"]
+    assert not (out / "stale.txt").exists()
+    assert "does not pass the threshold 6" in (out / "README.md").read_text(encoding="utf-8")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folders left
+
+
+def test_bundle_input_errors(tmp_path: Path):
+    inputs = make_inputs(tmp_path / "in")
+    missing = dict(inputs, scenes=[dict(inputs["scenes"][0], image=str(tmp_path / "gone.png"))])
+    with pytest.raises(UserError, match="gone.png"):
+        bundle(tmp_path / "x", missing)
+    dup = dict(inputs, scenes=[inputs["scenes"][0], inputs["scenes"][0]])
+    with pytest.raises(UserError, match="story.scenes"):
+        bundle(tmp_path / "x", dup)
+    with pytest.raises(UserError, match="LoRA"):
+        bundle(tmp_path / "x", dict(inputs, lora_file=tmp_path / "no.safetensors"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_token_only_from_env(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("MODELSCOPE_API_TOKEN", raising=False)
+    with pytest.raises(UserError, match="export MODELSCOPE_API_TOKEN"):
+        modelscope_token()
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", f"  {FAKE_TOKEN}\n")
+    assert modelscope_token() == FAKE_TOKEN
+
+
+def test_upload_checks_arguments_before_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", FAKE_TOKEN)
+    out = bundle(tmp_path / "bundle", make_inputs(tmp_path / "in"))
+    with pytest.raises(UserError, match="upload.repo_id"):
+        upload_bundle(out, "no-slash")
+    with pytest.raises(UserError, match="upload.visibility"):
+        upload_bundle(out, "me/repo", visibility="secret")
+    with pytest.raises(UserError, match="build the bundle"):
+        upload_bundle(tmp_path / "empty", "me/repo")
+
+
+UPLOAD_SCRIPT = """
+import sys
+from kolors_story.errors import UserError
+from kolors_story.publishing import upload_bundle
+try:
+    upload_bundle(sys.argv[1], "someone/kolors-test")
+except UserError as err:
+    print("USERERROR:", err)
+    print("CAUSE:", repr(err.__cause__), "CONTEXT:", repr(err.__context__))
+    sys.exit(3)
+"""
+
+
+def test_upload_failure_is_user_error_without_token(tmp_path: Path):
+    """A real hub call against a closed local port: a UserError naming the repo, token nowhere."""
+    out = bundle(tmp_path / "bundle", make_inputs(tmp_path / "in"))
+    env = dict(os.environ, MODELSCOPE_API_TOKEN=FAKE_TOKEN, MODELSCOPE_ENDPOINT="http://127.0.0.1:9",
+               MODELSCOPE_API_MAX_RETRIES="1",  # default 5 retries back off for ~15 s
+               MODELSCOPE_HOME=str(tmp_path / "mshome"), MODELSCOPE_CACHE=str(tmp_path / "mscache"))
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", UPLOAD_SCRIPT, str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output
+    assert "USERERROR:" in proc.stdout and "someone/kolors-test" in proc.stdout
+    assert "CAUSE: None CONTEXT: None" in proc.stdout
+    assert FAKE_TOKEN not in output
+    assert elapsed < 60

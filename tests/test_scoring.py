@@ -1,0 +1,156 @@
+"""The aesthetic metric: tiny predictor layout/determinism, and equality with the challenge's code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kolors_story.errors import UserError
+from kolors_story.scoring import AestheticScorer, write_scores
+from kolors_story.tiny_models import build_tiny_aesthetic_predictor, check_aesthetic_predictor_dir
+
+
+@pytest.fixture(scope="module")
+def predictor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_aesthetic_predictor(tmp_path_factory.mktemp("aesthetic") / "predictor", seed=0)
+
+
+@pytest.fixture(scope="module")
+def scorer(predictor_dir: Path) -> AestheticScorer:
+    return AestheticScorer(predictor_dir)
+
+
+@pytest.fixture(scope="module")
+def panel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few PNG panels unlike each other: sizes that need resize + crop, RGBA, grey, noise."""
+    folder = tmp_path_factory.mktemp("panels")
+    rng = np.random.default_rng(7)
+    ramp = np.linspace(0, 255, 320).astype(np.uint8)
+    gradient = np.stack([np.tile(ramp, (240, 1)), np.tile(ramp[:240, None], (1, 320)),
+                         np.full((240, 320), 90, np.uint8)], axis=-1)
+    Image.fromarray(gradient).save(folder / "p1.png")
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(folder / "p2.png")
+    Image.new("RGBA", (256, 256), (200, 30, 40, 128)).save(folder / "p3.png")
+    Image.new("L", (224, 224), 128).save(folder / "p4.png")
+    return folder
+
+
+def reference_mean(model_id: str, folder: str) -> float:
+    """The challenge's evaluation code, verbatim except the model path and device."""
+    device = "cpu"
+    import torch, os
+    from PIL import Image
+    from transformers import CLIPProcessor
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    predictor = AestheticsPredictorV2Linear.from_pretrained(model_id)
+    processor = CLIPProcessor.from_pretrained(model_id)
+    def get_aesthetics_score(image):
+        inputs = processor(images=image, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad():
+            outputs = predictor(**inputs)
+        prediction = outputs.logits
+        return prediction.tolist()[0][0]
+    def evaluate(folder):
+        scores = []
+        for file_name in os.listdir(folder):
+            if os.path.isfile(os.path.join(folder, file_name)):
+                image = Image.open(os.path.join(folder, file_name))
+                scores.append(get_aesthetics_score(image))
+        if len(scores) == 0:
+            return 0
+        else:
+            return sum(scores) / len(scores)
+    return evaluate(folder)
+
+
+def test_mean_equals_challenge_reference(scorer: AestheticScorer, predictor_dir: Path, panel_dir: Path):
+    scores = scorer.score_files(sorted(panel_dir.iterdir()))
+    ours = sum(scores.values()) / len(scores)
+    assert ours == pytest.approx(reference_mean(str(predictor_dir), str(panel_dir)), abs=1e-5)
+
+
+def test_scores_vary_between_images(scorer: AestheticScorer, panel_dir: Path):
+    scores = scorer.score_files(sorted(panel_dir.iterdir()))
+    assert list(scores) == ["p1.png", "p2.png", "p3.png", "p4.png"]
+    assert max(scores.values()) - min(scores.values()) > 0.1
+    assert all(-5.0 < s < 15.0 for s in scores.values())
+
+
+def test_tiny_predictor_is_deterministic_per_seed(predictor_dir: Path, tmp_path: Path, panel_dir: Path):
+    again = build_tiny_aesthetic_predictor(tmp_path / "again", seed=0)
+    other = build_tiny_aesthetic_predictor(tmp_path / "other", seed=1)
+    first, second = load_file(predictor_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    image = Image.open(panel_dir / "p1.png")
+    assert AestheticScorer(again).score(image) == AestheticScorer(predictor_dir).score(image)
+    assert AestheticScorer(other).score(image) != AestheticScorer(predictor_dir).score(image)
+
+
+def test_tiny_predictor_has_real_layout(predictor_dir: Path):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt"):
+        assert (predictor_dir / name).is_file(), name
+    config = json.loads((predictor_dir / "config.json").read_text())
+    assert config["architectures"] == ["AestheticsPredictorV2Linear"]
+    pre = json.loads((predictor_dir / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"shortest_edge": 224}
+    assert pre["crop_size"] == {"height": 224, "width": 224}
+    assert pre["resample"] == 3 and pre["do_center_crop"] and pre["do_normalize"]
+    assert pre["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
+    assert pre["image_std"] == [0.26862954, 0.26130258, 0.27577711]
+    head = load_file(predictor_dir / "model.safetensors")
+    assert [tuple(head[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)] == [
+        (1024, 32), (128, 1024), (64, 128), (16, 64), (1, 16)
+    ]
+
+
+def test_check_dir_lists_missing_files(predictor_dir: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    shutil.copytree(predictor_dir, broken)
+    (broken / "preprocessor_config.json").unlink()
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(UserError) as err:
+        check_aesthetic_predictor_dir(broken)
+    message = str(err.value)
+    assert "preprocessor_config.json" in message and "model.safetensors" in message
+    assert str(broken) in message
+    with pytest.raises(UserError, match="does not exist"):
+        AestheticScorer(tmp_path / "nowhere")
+
+
+def test_score_files_errors_name_the_file(scorer: AestheticScorer, panel_dir: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="missing.png"):
+        scorer.score_files([tmp_path / "missing.png"])
+    (tmp_path / "a").mkdir()
+    shutil.copy(panel_dir / "p1.png", tmp_path / "a" / "p1.png")
+    with pytest.raises(UserError, match="p1.png"):
+        scorer.score_files([panel_dir / "p1.png", tmp_path / "a" / "p1.png"])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="bad.png"):
+        scorer.score_files([tmp_path / "bad.png"])
+
+
+def test_write_scores(tmp_path: Path):
+    scores = {"s2.png": 6.5, "s1.png": 5.9, "s3.png": 6.0}
+    summary = write_scores(scores, tmp_path / "scores.csv", tmp_path / "out" / "scores.json")
+    with (tmp_path / "scores.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["image", "score"]
+    assert [(r[0], float(r[1])) for r in rows[1:]] == list(scores.items())
+    on_disk = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert on_disk == summary
+    assert summary["mean"] == pytest.approx(6.1333333)
+    assert summary["passes"] is True and summary["threshold"] == 6.0 and summary["n"] == 3
+    assert summary["scores"] == scores
+    assert write_scores(scores, tmp_path / "b.csv", tmp_path / "b.json", threshold=6.5)["passes"] is False
+    empty = write_scores({}, tmp_path / "e.csv", tmp_path / "e.json")
+    assert empty["mean"] == 0 and empty["n"] == 0 and empty["passes"] is False
