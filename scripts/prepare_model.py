@@ -2,11 +2,10 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.models import check_kolors_dir, describe_model
+from kolors_story.models import check_aesthetic_dir, check_kolors_dir, describe_model
 from kolors_story.rule_runner import run_rule
-from kolors_story.tiny_models import check_aesthetic_predictor_dir
 
-CHECKS = {"kolors": check_kolors_dir, "aesthetic": check_aesthetic_predictor_dir}
+CHECKS = {"kolors": check_kolors_dir, "aesthetic": check_aesthetic_dir}
 
 
 def main(snakemake):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from kolors_story.errors import UserError
 from kolors_story.scoring import AestheticScorer, write_scores
-from kolors_story.tiny_models import build_tiny_aesthetic_predictor, check_aesthetic_predictor_dir
+from kolors_story.models import check_aesthetic_dir
+from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +119,13 @@ def test_check_dir_lists_missing_files(predictor_dir: Path, tmp_path: Path):
     shutil.copytree(predictor_dir, broken)
     (broken / "preprocessor_config.json").unlink()
     (broken / "model.safetensors").unlink()
+    (broken / "tokenizer.json").unlink()
+    (broken / "vocab.json").unlink()
     with pytest.raises(UserError) as err:
-        check_aesthetic_predictor_dir(broken)
+        check_aesthetic_dir(broken)
     message = str(err.value)
     assert "preprocessor_config.json" in message and "model.safetensors" in message
+    assert "vocab.json" in message and "models.aesthetic" in message
     assert str(broken) in message
     with pytest.raises(UserError, match="does not exist"):
         AestheticScorer(tmp_path / "nowhere")

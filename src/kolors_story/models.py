@@ -27,6 +27,13 @@ KOLORS_LAYOUT = {
     "scheduler": ("scheduler_config.json",),
 }
 WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
+AESTHETIC_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
 
 
 def _has_weights(folder: Path) -> bool:
@@ -57,6 +64,33 @@ def check_kolors_dir(path: Path, config_key: str = "models.kolors") -> None:
             f"{config_key}: {path} is not a complete Kolors diffusers folder; missing: "
             f"{', '.join(problems)}. Point {config_key} at a copy of Kwai-Kolors/Kolors-diffusers "
             "or delete the folder so the workflow downloads it again."
+        )
+
+
+def check_aesthetic_dir(path: Path, config_key: str = "models.aesthetic") -> None:
+    """Raise UserError naming every file the predictor folder lacks (model, preprocessing, tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(
+            f"Aesthetic predictor folder {path} does not exist. Download the model "
+            "(AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE) there, or set "
+            f"config key `{config_key}` to a folder that holds it."
+        )
+    required = ("config.json", "preprocessor_config.json")
+    missing = [name for name in required if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in AESTHETIC_WEIGHT_FILES):
+        missing.append("weights (one of " + ", ".join(AESTHETIC_WEIGHT_FILES) + ")")
+    has_tokenizer = (path / "tokenizer.json").is_file() or all(
+        (path / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+    if not has_tokenizer:
+        missing.append("tokenizer (tokenizer.json, or vocab.json + merges.txt; CLIPProcessor needs it)")
+    if missing:
+        raise UserError(
+            f"Aesthetic predictor folder {path} is incomplete; missing: {'; '.join(missing)}. "
+            "It must hold a saved AestheticsPredictorV2Linear plus its CLIPProcessor files "
+            "(as in AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE); "
+            f"download it again, rebuild the tiny one, or fix config key `{config_key}`."
         )
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import CLIPProcessor
 
 from kolors_story.errors import UserError
-from kolors_story.tiny_models import check_aesthetic_predictor_dir
+from kolors_story.models import check_aesthetic_dir
 
 # The challenge rejected a submission whose mean score was below this.
 PASS_THRESHOLD = 6.0
@@ -28,7 +28,7 @@ class AestheticScorer:
 
     def __init__(self, model_dir: Path, device: str = "cpu") -> None:
         model_dir = Path(model_dir)
-        check_aesthetic_predictor_dir(model_dir)
+        check_aesthetic_dir(model_dir)
         self.model_dir = model_dir
         self.device = device
         # As in the reference: from_pretrained leaves the model in eval mode (dropout off).

@@ -17,6 +17,7 @@ from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizerFast, C
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from kolors_story.errors import UserError
+from kolors_story.models import check_aesthetic_dir
 
 # ---------------------------------------------------------------------------------------------
 # Aesthetic predictor (the challenge metric): AestheticsPredictorV2Linear + CLIPProcessor
@@ -33,12 +34,6 @@ TINY_SCORE_CENTRE = 5.0
 # Gain on the last head layer: with it random images spread by about one point (seed dependent).
 TINY_HEAD_GAIN = 15.0
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-)
 
 
 def _tiny_clip_vision_config() -> CLIPVisionConfig:
@@ -142,32 +137,5 @@ def build_tiny_aesthetic_predictor(out_dir: Path, seed: int = 0) -> Path:
     _centre_head(model, config.image_size)
     model.save_pretrained(out_dir, safe_serialization=True)
     _clip_processor().save_pretrained(out_dir)
-    check_aesthetic_predictor_dir(out_dir)
+    check_aesthetic_dir(out_dir)
     return out_dir
-
-
-def check_aesthetic_predictor_dir(path: Path) -> None:
-    """Raise UserError naming every file the predictor folder lacks (model, preprocessing, tokenizer)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(
-            f"Aesthetic predictor folder {path} does not exist. Download the model "
-            "(AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE) there, or point "
-            "the config's aesthetic model setting at a folder that holds it."
-        )
-    required = ("config.json", "preprocessor_config.json")
-    missing = [name for name in required if not (path / name).is_file()]
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        missing.append("weights (one of " + ", ".join(WEIGHT_FILES) + ")")
-    has_tokenizer = (path / "tokenizer.json").is_file() or all(
-        (path / name).is_file() for name in ("vocab.json", "merges.txt")
-    )
-    if not has_tokenizer:
-        missing.append("tokenizer (tokenizer.json, or vocab.json + merges.txt; CLIPProcessor needs it)")
-    if missing:
-        raise UserError(
-            f"Aesthetic predictor folder {path} is incomplete; missing: {'; '.join(missing)}. "
-            "It must hold a saved AestheticsPredictorV2Linear plus its CLIPProcessor files "
-            "(as in AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE); "
-            "download the model again or rebuild the tiny one."
-        )
