@@ -32,6 +32,7 @@ rule bundle:
         bundle=config["bundle"],
         base_model=config["models"]["kolors"],
         run=RUN,
+        repo_id=config["upload"]["repo_id"],
     log:
         f"{LOGS}/bundle.log",
     conda:

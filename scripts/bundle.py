@@ -13,7 +13,7 @@ def main(snakemake):
     out = build_bundle(
         Path(snakemake.output[0]), Path(snakemake.input.lora), scenes, scores,
         Path(snakemake.input.story), snakemake.params.base_model, bundle["title"],
-        bundle["trigger_words"], snakemake.params.run,
+        bundle["trigger_words"], snakemake.params.run, repo_id=snakemake.params.repo_id,
     )
     logging.info("bundle ready at %s", out)
 

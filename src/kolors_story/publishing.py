@@ -140,7 +140,7 @@ def _usage_snippet(base_model: str, records: list[dict], repo_id: str | None) ->
                      ("guidance_scale", "guidance_scale")):
         if first.get(key) is not None:
             call.append(f"    {arg}={first[key]!r},")
-    call.append(f'    generator=torch.Generator("cuda").manual_seed({first["seed"]}),')
+    call.append(f'    generator=torch.Generator("cpu").manual_seed({first["seed"]}),')
     lora_repo = repo_id or "<owner>/<this-repo>"
     if _is_local(base_model):  # a local base (e.g. the demo's tiny model) is loaded as it is
         base_line, load_args = f"base_dir = {json.dumps(base_model)}", ""
