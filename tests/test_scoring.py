@@ -17,6 +17,7 @@ from kolors_story.errors import UserError
 from kolors_story.scoring import AestheticScorer, write_scores
 from kolors_story.models import check_aesthetic_dir
 from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
+from challenge_reference import reference_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -44,39 +45,10 @@ def panel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def reference_mean(model_id: str, folder: str) -> float:
-    """The challenge's evaluation code, verbatim except the model path and device."""
-    device = "cpu"
-    import torch, os
-    from PIL import Image
-    from transformers import CLIPProcessor
-    from aesthetics_predictor import AestheticsPredictorV2Linear
-    predictor = AestheticsPredictorV2Linear.from_pretrained(model_id)
-    processor = CLIPProcessor.from_pretrained(model_id)
-    def get_aesthetics_score(image):
-        inputs = processor(images=image, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        with torch.no_grad():
-            outputs = predictor(**inputs)
-        prediction = outputs.logits
-        return prediction.tolist()[0][0]
-    def evaluate(folder):
-        scores = []
-        for file_name in os.listdir(folder):
-            if os.path.isfile(os.path.join(folder, file_name)):
-                image = Image.open(os.path.join(folder, file_name))
-                scores.append(get_aesthetics_score(image))
-        if len(scores) == 0:
-            return 0
-        else:
-            return sum(scores) / len(scores)
-    return evaluate(folder)
-
-
 def test_mean_equals_challenge_reference(scorer: AestheticScorer, predictor_dir: Path, panel_dir: Path):
     scores = scorer.score_files(sorted(panel_dir.iterdir()))
     ours = sum(scores.values()) / len(scores)
-    assert ours == pytest.approx(reference_mean(str(predictor_dir), str(panel_dir)), abs=1e-5)
+    assert ours == pytest.approx(reference_evaluate(str(predictor_dir), str(panel_dir)), abs=1e-5)
 
 
 def test_scores_vary_between_images(scorer: AestheticScorer, panel_dir: Path):

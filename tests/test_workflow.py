@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from challenge_reference import reference_evaluate
 
 pytestmark = pytest.mark.workflow
 
@@ -97,34 +98,9 @@ def test_filter_stats_show_the_demo_defects_dropped(demo_run):
 
 
 def test_scores_match_the_challenge_reference_evaluate(demo_run):
-    import torch
-    from aesthetics_predictor import AestheticsPredictorV2Linear
-    from PIL import Image
-    from transformers import CLIPProcessor
-
-    # The challenge's evaluate(), verbatim but for the model path and device.
-    model_id, device = str(demo_run / "resources/tiny/aesthetic"), "cpu"
-    predictor = AestheticsPredictorV2Linear.from_pretrained(model_id)
-    processor = CLIPProcessor.from_pretrained(model_id)
-
-    def get_aesthetics_score(image):
-        inputs = processor(images=image, return_tensors="pt")
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        with torch.no_grad():
-            outputs = predictor(**inputs)
-        prediction = outputs.logits
-        return prediction.tolist()[0][0]
-
-    def evaluate(folder):
-        scores = []
-        for file_name in os.listdir(folder):
-            if os.path.isfile(os.path.join(folder, file_name)):
-                image = Image.open(os.path.join(folder, file_name))
-                scores.append(get_aesthetics_score(image))
-        return 0 if len(scores) == 0 else sum(scores) / len(scores)
-
     summary = json.loads((demo_run / "results/demo/scores.json").read_text(encoding="utf-8"))
-    assert summary["mean"] == pytest.approx(evaluate(str(demo_run / "results/demo/scenes")), abs=1e-5)
+    reference = reference_evaluate(str(demo_run / "resources/tiny/aesthetic"), str(demo_run / "results/demo/scenes"))
+    assert summary["mean"] == pytest.approx(reference, abs=1e-5)
     assert summary["threshold"] == 6.0 and summary["passes"] == (summary["mean"] >= 6.0)
     rows = (demo_run / "results/demo/scores.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "image,score" and len(rows) == 1 + len(SCENES)
