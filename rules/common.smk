@@ -65,6 +65,20 @@ def dataset_input(wildcards):
     return [_check_local(ds["path"], "dataset.path")] if ds["source"] == "local" else []
 
 
+def train_inputs(wildcards):
+    inputs = {
+        "dataset": f"{OUT}/dataset",
+        "model": model_path("kolors"),
+        "model_check": f"{OUT}/models/kolors.json",
+    }
+    if config["train"]["validation"]["every"]:
+        inputs["aesthetic"] = model_path("aesthetic")
+        inputs["aesthetic_check"] = f"{OUT}/models/aesthetic.json"
+    if config["train"]["init_lora"]:
+        inputs["init_lora"] = config["train"]["init_lora"]
+    return inputs
+
+
 def scene_params(wildcards):
     return SCENES[wildcards.scene]
 

@@ -1,16 +1,20 @@
 from pathlib import Path
 
 from kolors_story.rule_runner import run_rule
-from kolors_story.training import TrainSettings, train_lora, write_loss_log
+from kolors_story.training import TrainSettings, train_lora, write_loss_log, write_validation_log
+from kolors_story.training.report import write_summary
 
 
 def main(snakemake):
-    out = Path(snakemake.output.lora).parent
+    out, inp, params = snakemake.output, snakemake.input, snakemake.params
     result = train_lora(
-        Path(snakemake.input.model), Path(snakemake.input.dataset), out,
-        TrainSettings.from_dict(snakemake.params.train),
+        Path(inp.model), Path(inp.dataset), Path(out.lora).parent, TrainSettings.from_dict(params.train),
+        cache_dir=Path(params.cache_dir), work_dir=Path(params.work_dir),
+        aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
     )
-    write_loss_log(result.losses, Path(snakemake.output.loss_csv), Path(snakemake.output.loss_png))
+    write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
+    write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))
+    write_summary(result, Path(out.summary))
 
 
 run_rule(main, snakemake)

@@ -86,6 +86,12 @@ def _check_semantics(config: dict) -> None:
             "config key 'dataset.caption_template': must contain '{caption}', "
             f"got {dataset['caption_template']!r}."
         )
+    validation = config["train"]["validation"]
+    if validation["every"] and not validation["prompts"]:
+        raise UserError(
+            "config key 'train.validation.prompts': give at least one prompt when "
+            "train.validation.every > 0 (or set every: 0)."
+        )
     upload = config["upload"]
     if upload["enabled"] and not upload.get("repo_id"):
         raise UserError("config key 'upload.repo_id': required when upload.enabled is true.")

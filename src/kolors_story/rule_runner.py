@@ -22,9 +22,18 @@ def setup_logging(log_path: str | None) -> None:
     )
 
 
+def _limit_threads(threads: int) -> None:
+    """Use the job's `threads:`, not every core: parallel jobs that each spin up all cores
+    oversubscribe the CPU and run many times slower (measured on 2 cores)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
 def run_rule(main: Callable[[Any], None], snakemake: Any) -> None:
     """Run a rule's main(snakemake); a UserError ends the job with its message, not a traceback."""
     setup_logging(snakemake.log[0] if snakemake.log else None)
+    _limit_threads(snakemake.threads)
     try:
         main(snakemake)
     except UserError as err:

@@ -1,0 +1,120 @@
+"""Training examples: metadata.csv rows, aspect-ratio buckets, crops and the batch order."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from kolors_story.errors import UserError
+from kolors_story.training.settings import TrainSettings
+
+
+@dataclass
+class Example:
+    image_path: Path
+    caption: str
+    original_size: tuple[int, int] = (0, 0)  # (height, width), Kolors' SDXL-style conditioning
+    target_size: tuple[int, int] = (0, 0)  # (height, width) of the crop the UNet sees
+
+
+def read_metadata(dataset_dir: Path) -> list[Example]:
+    """Rows of <dataset_dir>/train/metadata.csv (file_name,text), DiffSynth-Studio's layout."""
+    csv_path = Path(dataset_dir) / "train" / "metadata.csv"
+    if not csv_path.is_file():
+        raise UserError(f"training data: {csv_path} not found (built by rule build_metadata).")
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UserError(f"training data: {csv_path} has no rows; check filter settings.")
+    return [Example(csv_path.parent / r["file_name"], r["text"]) for r in rows]
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(height, width) pairs, multiples of `step`, each about resolution**2 pixels."""
+    area, buckets = resolution * resolution, set()
+    for width in range(step, int(resolution * math.sqrt(max_ratio)) + step, step):
+        height = max(step, round(area / width / step) * step)
+        if 1 / max_ratio <= width / height <= max_ratio:
+            buckets.add((height, width))
+    return sorted(buckets)
+
+
+def nearest_bucket(size_hw: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(size_hw[1] / size_hw[0])
+    return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - ratio), -b[0] * b[1]))
+
+
+def assign_sizes(examples: list[Example], settings: TrainSettings) -> None:
+    """Set each example's original size and the target size it trains at (square or bucket)."""
+    buckets = make_buckets(settings.resolution, settings.bucket_step) if settings.bucketing else None
+    for ex in examples:
+        with Image.open(ex.image_path) as image:
+            ex.original_size = (image.height, image.width)
+        square = (settings.resolution, settings.resolution)
+        ex.target_size = nearest_bucket(ex.original_size, buckets) if buckets else square
+
+
+def resized_size(ex: Example) -> tuple[int, int]:
+    """(width, height) of the image scaled to just cover its target size."""
+    (oh, ow), (th, tw) = ex.original_size, ex.target_size
+    scale = max(th / oh, tw / ow)
+    return max(tw, round(ow * scale)), max(th, round(oh * scale))
+
+
+def crop_origin(ex: Example, crop: str, gen: torch.Generator | None) -> tuple[int, int]:
+    """(top, left) of the crop in the resized image: centered, or drawn from the generator."""
+    (width, height), (th, tw) = resized_size(ex), ex.target_size
+    if crop == "random":
+        left = int(torch.randint(0, width - tw + 1, (1,), generator=gen))
+        top = int(torch.randint(0, height - th + 1, (1,), generator=gen))
+        return top, left
+    return (height - th) // 2, (width - tw) // 2
+
+
+def load_pixels(
+    ex: Example, crop: str, flip: bool, gen: torch.Generator | None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize to cover the target size, crop, optionally mirror. Returns pixels in [-1, 1]
+    (3, H, W) and the crop's top-left (Kolors' crops_coords_top_left conditioning)."""
+    th, tw = ex.target_size
+    image = Image.open(ex.image_path).convert("RGB").resize(resized_size(ex), Image.BICUBIC)
+    top, left = crop_origin(ex, crop, gen)
+    image = image.crop((left, top, left + tw, top + th))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(th, tw, 3).permute(2, 0, 1).float() / 127.5 - 1.0, (top, left)
+
+
+class BatchOrder:
+    """Seeded batch order: each epoch shuffles the examples, groups them by target size (a batch
+    never mixes sizes) and shuffles the batches. Its state is plain lists, so it checkpoints."""
+
+    def __init__(self, examples: list[Example], batch_size: int):
+        self.sizes = [ex.target_size for ex in examples]
+        self.batch_size = batch_size
+        self.pending: list[list[int]] = []
+
+    def _epoch(self, gen: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(len(self.sizes), generator=gen).tolist()
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in order:
+            groups.setdefault(self.sizes[i], []).append(i)
+        batches = [g[k:k + self.batch_size] for g in groups.values() for k in range(0, len(g), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def next(self, gen: torch.Generator) -> list[int]:
+        if not self.pending:
+            self.pending = self._epoch(gen)
+        return self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"pending": [list(b) for b in self.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = [list(b) for b in state["pending"]]

@@ -1,0 +1,227 @@
+"""The LoRA training loop on the Kolors UNet: setup, step, checkpoint/resume, pick the LoRA."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kolors_story import models
+from kolors_story.errors import UserError
+from kolors_story.training import checkpoints as ckpt
+from kolors_story.training.caches import file_digest, model_fingerprint
+from kolors_story.training.data import (
+    BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata,
+)
+from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts, release
+from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
+from kolors_story.training.objective import diffusion_loss, sample_noise
+from kolors_story.training.settings import TrainSettings
+from kolors_story.training.validation import Validator, best_step, validation_texts
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    lora_file: Path
+    losses: list[dict] = field(default_factory=list)
+    validations: list[dict] = field(default_factory=list)
+    picked_step: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Batches:
+    """What the loop needs to build a batch: examples, cached tensors, the VAE when required."""
+
+    examples: list[Example]
+    texts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    latents: dict[tuple[int, bool], torch.Tensor] | None
+    vae: object | None
+    settings: TrainSettings
+    device: torch.device
+
+    def make(self, idx: list[int], gen: torch.Generator):
+        """Latents, prompt embeds, pooled embeds and time ids for one batch."""
+        s, latents, time_ids = self.settings, [], []
+        for i in idx:
+            ex = self.examples[i]
+            flip = s.random_flip and bool(torch.rand(1, generator=gen) < 0.5)
+            if self.latents is None:  # random crop: a new crop every step, through the VAE
+                pixels, top_left = load_pixels(ex, s.crop, flip, gen)
+                latents.append(encode_latents(self.vae, pixels[None], self.device)[0])
+            else:
+                top_left = crop_origin(ex, "center", None)
+                latents.append(self.latents[(i, flip)].to(self.device))
+            time_ids.append([*ex.original_size, *top_left, *ex.target_size])
+        embeds = torch.stack([self.texts[self.examples[i].caption][0] for i in idx]).to(self.device)
+        pooled = torch.stack([self.texts[self.examples[i].caption][1] for i in idx]).to(self.device)
+        ids = torch.tensor(time_ids, dtype=torch.float32, device=self.device)
+        return torch.stack(latents), embeds, pooled, ids
+
+
+def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """Weight dtype of the frozen models and the autocast dtype (None: no autocast). On CPU the
+    frozen weights stay fp32 (half kernels are slow or missing) and fp16 autocast becomes bf16."""
+    if precision == "fp32":
+        return torch.float32, None
+    if device.type == "cpu":
+        return torch.float32, torch.bfloat16
+    return models.torch_dtype(precision), models.torch_dtype(precision)
+
+
+def run_fingerprint(settings: TrainSettings, model_dir: Path, examples: list[Example]) -> str:
+    """Checkpoints are resumed only by a run with the same settings, model and data."""
+    h = hashlib.sha256(settings.fingerprint().encode())
+    h.update(model_fingerprint(Path(model_dir) / "unet").encode())
+    for ex in examples:
+        h.update(f"{file_digest(ex.image_path)}\x1f{ex.caption}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def train_lora(
+    model_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    settings: TrainSettings,
+    cache_dir: Path | None = None,
+    work_dir: Path | None = None,
+    aesthetic_dir: Path | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train (or resume) a LoRA; write <out_dir>/pytorch_lora_weights.safetensors."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    device = device or models.pick_device()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models.check_kolors_dir(model_dir)
+    val = settings.validation
+    if val.every and not (val.prompts and aesthetic_dir):
+        raise UserError("train.validation.every > 0 needs train.validation.prompts and models.aesthetic.")
+    dtype, autocast_dtype = precision_dtypes(settings.precision, device)
+    examples = read_metadata(Path(dataset_dir))
+    assign_sizes(examples, settings)
+    cache_root = Path(cache_dir or out_dir / "cache")
+    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, model_dir, examples)
+    log.info("training on %d image(s), %d steps, device %s; checkpoints in %s", len(examples),
+             settings.steps, device, ckpt_root)
+
+    texts = encode_texts(model_dir, [e.caption for e in examples] + validation_texts(val),
+                         cache_root, device, dtype)
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    load_vae = functools.cache(lambda: models.load_vae(model_dir, vae_dtype).to(device))
+    latents = None
+    if settings.crop != "random":
+        flips = (False, True) if settings.random_flip else (False,)
+        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device)
+    needs_vae = settings.crop == "random" or bool(val.every)
+    vae = load_vae() if needs_vae else None
+    if not needs_vae:
+        load_vae.cache_clear()
+        release(device)
+    batches = Batches(examples, texts, latents, vae, settings, device)
+
+    unet = models.load_unet(model_dir, dtype).to(device)
+    params = add_lora(unet, settings)
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    warmup = max(1, settings.lr_warmup_steps)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda")
+    validator = None
+    if val.every:
+        euler = EulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+        validator = Validator(val, vae, euler, aesthetic_dir, texts, out_dir / "validation", device)
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    order = BatchOrder(examples, settings.batch_size)
+    losses, validations, start_step = [], [], 0
+    resumable = ckpt.list_checkpoints(ckpt_root)
+    if resumable:
+        lora, state = ckpt.load_checkpoint(resumable[-1])
+        load_lora_state(unet, lora)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["generator"])
+        order.load_state_dict(state["batch_order"])
+        losses, validations, start_step = state["losses"], state["validations"], state["step"]
+        log.info("resuming from checkpoint %s (step %d)", resumable[-1].name, start_step)
+
+    started = time.monotonic()
+    bar = tqdm(range(start_step + 1, settings.steps + 1), desc="train", unit="step",
+               initial=start_step, total=settings.steps)
+    for step in bar:
+        loss = 0.0
+        for _ in range(settings.gradient_accumulation):
+            lat, embeds, pooled, time_ids = batches.make(order.next(gen), gen)
+            noise = sample_noise(lat.shape, settings.noise_offset, gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (lat.shape[0],), generator=gen)
+            noisy = noise_scheduler.add_noise(lat, noise, t).to(device)
+            t = t.to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                pred = unet(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
+                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+            micro = diffusion_loss(pred, noise, t, alphas_cumprod, settings.min_snr_gamma)
+            micro = micro / settings.gradient_accumulation
+            if not math.isfinite(micro.item()):
+                last = ckpt.list_checkpoints(ckpt_root)
+                raise TrainingDiverged(
+                    f"train_lora: loss became {micro.item()} at step {step}; stopped. The last good "
+                    f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
+                    "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
+                )
+            scaler.scale(micro).backward()
+            loss += micro.item()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = lr_schedule.get_last_lr()[0]
+        lr_schedule.step()
+        elapsed = time.monotonic() - started
+        losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3)})
+        rate = (step - start_step) / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+        if step % max(1, settings.steps // 10) == 0 or step == settings.steps:
+            log.info("step %d/%d loss %.5f, %.2f steps/s, ETA %.0f s", step, settings.steps, loss,
+                     rate, (settings.steps - step) / max(rate, 1e-9))
+        validate = validator is not None and (step % val.every == 0 or step == settings.steps)
+        if validate:
+            validations.append(validator.run(unet, step))
+        if validate or step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
+                     "generator": gen.get_state(), "batch_order": order.state_dict(), "losses": losses,
+                     "validations": validations}
+            ckpt.save_checkpoint(ckpt_root, step, lora_state(unet), state)
+            ckpt.prune_states(ckpt_root)
+    bar.close()
+
+    picked = settings.steps
+    if val.pick_best and validations:
+        picked = best_step(validations)
+        load_lora_state(unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
+        log.info("picked the checkpoint of step %d (best validation mean)", picked)
+    lora_file = save_lora(unet, out_dir)
+    return TrainResult(lora_file, losses, validations, picked, start_step, time.monotonic() - started)
+
+
+__all__ = ["LORA_WEIGHT_NAME", "TrainResult", "TrainingDiverged", "train_lora", "precision_dtypes"]

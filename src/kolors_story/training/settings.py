@@ -1,0 +1,82 @@
+"""Training settings: one frozen dataclass, built from the `train` section of the config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from kolors_story.errors import UserError
+
+
+@dataclass(frozen=True)
+class ValidationPrompt:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    every: int = 0  # steps between validations; 0 = no validation
+    prompts: tuple[ValidationPrompt, ...] = ()
+    size: int = 512
+    steps: int = 20
+    guidance_scale: float = 5.0
+    pick_best: bool = False  # the run's LoRA is the best-scoring checkpoint, else the last
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "ValidationSettings":
+        values = dict(values or {})
+        prompts = tuple(ValidationPrompt(**p) for p in values.pop("prompts", None) or ())
+        return cls(prompts=prompts, **values)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    rank: int = 16
+    alpha: float = 4.0
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    steps: int = 500
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    resolution: int = 1024
+    crop: str = "center"  # center | random
+    bucketing: bool = False  # aspect-ratio buckets of about resolution**2 pixels
+    bucket_step: int = 64
+    random_flip: bool = False
+    precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100
+    init_lora: str | None = None  # start from this LoRA (diffusers or DiffSynth-Studio file)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"train: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(values)
+        if "target_modules" in values:
+            values["target_modules"] = tuple(values["target_modules"])
+        if "validation" in values:
+            values["validation"] = ValidationSettings.from_dict(values["validation"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the optimisation path (not checkpoint/validation cadence
+        that leaves the weights alone), so checkpoints of other settings are never resumed."""
+        d = self.to_dict()
+        d.pop("checkpoint_every")
+        d["validation"] = None
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

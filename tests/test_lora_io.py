@@ -1,0 +1,241 @@
+"""LoRA interop: the trainer's diffusers files <-> DiffSynth-Studio 1.1 (the challenge baseline)."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kolors_story import lora_io
+from kolors_story.errors import UserError
+from kolors_story.tiny_kolors import TEXT_WIDTH, build_unet
+from kolors_story.training import TrainSettings, add_lora, save_lora
+
+TARGET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On 2 shared cores torch's intra-op threads spin against each other (a tiny UNet forward
+    took ~1.3 s with 2 threads under load, ~15 ms with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def unet_output(unet) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    text = torch.randn(1, 5, TEXT_WIDTH, generator=gen)
+    cond = {"text_embeds": torch.randn(1, TEXT_WIDTH, generator=gen),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    with torch.no_grad():
+        return unet(sample, 500, encoder_hidden_states=text, added_cond_kwargs=cond).sample
+
+
+def diffsynth_lora(unet, rank: int, seed: int, make=torch.randn) -> dict[str, torch.Tensor]:
+    """What DiffSynth's trainer saves: peft tensors under DiffSynth's own UNet names, in its
+    UNet's parameter order (layers by block number)."""
+    names = lora_io.diffsynth_key_map(list(unet.state_dict()))
+    params = unet.state_dict()
+    targets = sorted((k for k in params if TARGET.search(k)), key=lambda k: int(names[k].split(".")[1]))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key in targets:
+        name = names[key][: -len(".weight")]
+        out_features, in_features = params[key].shape
+        state[f"{name}.lora_A.default.weight"] = make(rank, in_features, generator=gen) * 0.3
+        state[f"{name}.lora_B.default.weight"] = make(out_features, rank, generator=gen) * 0.3
+    return state
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trainer-made LoRA (rank 4, alpha 2: scale 0.5) with non-zero lora_B, and its UNet."""
+    unet = build_unet(0)
+    add_lora(unet, TrainSettings(rank=4, alpha=2.0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return unet, save_lora(unet, tmp_path_factory.mktemp("trained"))
+
+
+def test_diffusers_to_diffsynth_and_back_keeps_the_unet_output(trained, tmp_path):
+    unet, lora_file = trained
+    weights = lora_io.read_lora(lora_file, build_unet(0))
+    assert (weights.source_format, weights.rank, weights.alpha) == ("diffusers", 4, 2.0)
+
+    ckpt = lora_io.write_diffsynth_lora(weights, tmp_path / "epoch=0-step=500.ckpt")
+    raw = torch.load(ckpt, weights_only=True)
+    assert "blocks.7.transformer_blocks.0.attn1.to_out.lora_B.default.weight" in raw
+    imported = lora_io.read_lora(ckpt, build_unet(0))
+    assert (imported.source_format, imported.rank, imported.alpha) == ("diffsynth", 4, 4.0)
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight"
+    assert torch.equal(imported.state[key], weights.state[key] * 0.5)  # scale folded into B
+
+    back = lora_io.read_lora(lora_io.write_diffusers_lora(imported, tmp_path / "back"), build_unet(0))
+    fresh = build_unet(0)
+    base = unet_output(fresh)
+    lora_io.apply_to_unet(back, fresh)
+    expected = unet_output(unet)
+    assert (expected - base).abs().max() > 1e-3  # the LoRA matters
+    torch.testing.assert_close(unet_output(fresh), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_diffsynth_to_diffusers_and_back_gives_identical_tensors(tmp_path):
+    unet = build_unet(0)
+    original = diffsynth_lora(unet, rank=2, seed=3)
+    torch.save(original, tmp_path / "epoch=0-step=500.ckpt")
+    weights = lora_io.read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
+    assert weights.source_format == "diffsynth" and weights.scale == 1.0
+    diffusers_file = lora_io.write_diffusers_lora(weights, tmp_path / "diffusers")
+    assert all(k.startswith("unet.") and ".lora." in k for k in load_file(diffusers_file))
+    again = lora_io.read_lora(diffusers_file, unet)
+    out = torch.load(lora_io.write_diffsynth_lora(again, tmp_path / "again.ckpt"), weights_only=True)
+    assert list(out) == list(original)
+    assert all(torch.equal(out[k], original[k]) for k in original)
+
+    # a Lightning checkpoint that kept its "state_dict" wrapper reads the same
+    torch.save({"state_dict": original, "epoch": 0, "global_step": 500}, tmp_path / "wrapped.ckpt")
+    wrapped = lora_io.read_lora(tmp_path / "wrapped.ckpt", unet)
+    assert all(torch.equal(wrapped.state[k], weights.state[k]) for k in weights.state)
+
+
+class DiffSynthView:
+    """The UNet under DiffSynth's parameter names, as DiffSynth's LoRA loader sees its models."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.names = lora_io.diffsynth_key_map(list(unet.state_dict()))
+
+    def named_parameters(self):
+        return [(self.names[k], v) for k, v in self.unet.state_dict().items()]
+
+    def state_dict(self):
+        return {self.names[k]: v.clone() for k, v in self.unet.state_dict().items()}
+
+    def load_state_dict(self, state):
+        back = {v: k for k, v in self.names.items()}
+        self.unet.load_state_dict({back[k]: v for k, v in state.items()})
+
+
+def test_converted_diffsynth_lora_loads_in_stock_pipeline_at_diffsynth_scale(tiny_kolors, tmp_path):
+    from diffsynth.models.lora import GeneralLoRAFromPeft
+    from diffusers import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(str(tiny_kolors))
+
+    def render():
+        return pipe("水墨画，山水", height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    base = render()
+    state = diffsynth_lora(pipe.unet, rank=4, seed=5)
+    torch.save(state, tmp_path / "epoch=0-step=500.ckpt")
+    weights = lora_io.read_lora(tmp_path / "epoch=0-step=500.ckpt", pipe.unet)
+    out_dir = tmp_path / "converted"
+    lora_io.write_diffusers_lora(weights, out_dir)
+
+    pipe.load_lora_weights(str(out_dir), weight_name=lora_io.LORA_WEIGHT_NAME, adapter_name="style")
+    config = pipe.unet.peft_config["style"]
+    assert (config.r, config.lora_alpha) == (4, 4)
+    styled = render()
+    assert np.abs(styled - base).max() > 1e-3
+
+    # DiffSynth's own loader (ModelManager.load_lora default lora_alpha=1.0) merged into the UNet
+    pipe.unload_lora_weights()
+    assert np.array_equal(render(), base)
+    view = DiffSynthView(pipe.unet)
+    loader = GeneralLoRAFromPeft()
+    assert loader.match(view, state) is not None
+    loader.load(view, state, alpha=1.0)
+    np.testing.assert_allclose(render(), styled, atol=2e-4)
+
+
+def test_full_size_kolors_names_match_diffsynth_and_the_baseline_file(tmp_path):
+    from diffsynth.models.lora import GeneralLoRAFromPeft, get_lora_loaders
+    from diffsynth.models.sdxl_unet import SDXLUNet
+
+    unet = lora_io.full_size_unet()
+    keys = list(unet.state_dict())
+    names = lora_io.diffsynth_key_map(keys)
+    assert len(names) == len(set(names.values())) == 1682
+    assert names["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"] == \
+        "blocks.7.transformer_blocks.0.attn1.to_out.weight"
+    with torch.device("meta"):
+        diffsynth_unet = SDXLUNet(is_kolors=True)
+    theirs = diffsynth_unet.state_dict()
+    assert set(names.values()) == set(theirs)  # every name is a parameter of DiffSynth's Kolors UNet
+    ours = unet.state_dict()
+    assert all(ours[k].shape == theirs[v].shape for k, v in names.items())
+
+    # 70 transformer blocks x 2 attentions x (q, k, v, out) = 560 layers, x (A, B) = 1120 keys
+    assert sum(bool(TARGET.search(k)) for k in keys) == 560
+    baseline = diffsynth_lora(unet, rank=1, seed=0, make=lambda *shape, generator: torch.zeros(shape))
+    assert len(baseline) == 1120
+    # in the order DiffSynth's trainer saves them: its UNet's state_dict order
+    layers = {k.rsplit(".lora_", 1)[0] + ".weight" for k in baseline}
+    assert [k.rsplit(".lora_", 1)[0] + ".weight" for k in baseline][::2] == [k for k in theirs if k in layers]
+    torch.save(baseline, tmp_path / "epoch=0-step=500.ckpt")
+    weights = lora_io.read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
+    assert len(weights.state) == 1120 and weights.target_modules == ("to_k", "to_out.0", "to_q", "to_v")
+    exported = torch.load(lora_io.write_diffsynth_lora(weights, tmp_path / "out.ckpt"), weights_only=True)
+    assert list(exported) == list(baseline)
+    # DiffSynth's ModelManager.load_lora picks the first loader that matches: the peft one
+    first = next(lo for lo in get_lora_loaders() if lo.match(diffsynth_unet, exported) is not None)
+    assert isinstance(first, GeneralLoRAFromPeft)
+
+
+class Arbitrary:
+    pass
+
+
+def _wrong_names(unet):
+    return {"foo.bar.lora_A.default.weight": torch.zeros(2, 4), "foo.bar.lora_B.default.weight": torch.zeros(4, 2)}
+
+
+def _wrong_shapes(unet):
+    state = diffsynth_lora(unet, rank=2, seed=0)
+    key = next(k for k in state if k.endswith("lora_A.default.weight"))
+    state[key] = torch.zeros(2, state[key].shape[1] + 1)
+    return state
+
+
+def _half_missing(unet):
+    state = diffsynth_lora(unet, rank=2, seed=0)
+    del state[next(k for k in state if k.endswith("lora_B.default.weight"))]
+    return state
+
+
+@pytest.mark.parametrize("make, message", [
+    (_wrong_names, "naming no LoRA-able layer"),
+    (_wrong_shapes, "shapes that do not fit"),
+    (_half_missing, "missing A/B halves"),
+    (lambda unet: {"conv_in.weight": torch.zeros(1)}, "holds no LoRA tensors"),
+    (lambda unet: {"x": Arbitrary()}, "weights_only=True refused"),
+])
+def test_files_that_are_not_a_lora_of_this_unet_are_refused(make, message, tmp_path):
+    unet = build_unet(0)
+    path = tmp_path / "bad.ckpt"
+    torch.save(make(unet), path)
+    with pytest.raises(UserError, match=message) as err:
+        lora_io.read_lora(path, unet)
+    assert str(path) in str(err.value)
+
+
+def test_other_unreadable_files_are_refused(tmp_path):
+    unet = build_unet(0)
+    pickled = tmp_path / "plain.pt"
+    pickled.write_bytes(pickle.dumps(Arbitrary()))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    non_lora = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 2)}, non_lora)
+    for path in (pickled, garbage, non_lora, tmp_path / "missing.ckpt"):
+        with pytest.raises(UserError, match=re.escape(str(path))):
+            lora_io.read_lora(path, unet)
