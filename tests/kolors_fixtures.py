@@ -21,14 +21,31 @@ def tiny_kolors(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def training_folder(tmp_path_factory) -> Path:
     """A DiffSynth-style training folder: train/metadata.csv + 4 JPEGs with 2 distinct captions."""
-    root = tmp_path_factory.mktemp("dataset")
-    (root / "train").mkdir()
-    rng = np.random.default_rng(0)
+    sizes = [(96, 80)] * 4
+    captions = ["二次元", "水墨画，山水", "二次元", "水墨画，山水"]
+    return write_training_folder(tmp_path_factory.mktemp("dataset"), sizes, captions)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models are dominated by per-op overhead: one thread is as fast on an idle machine and
+    many times faster on a busy one (2 threads per process oversubscribe 2 cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_training_folder(root: Path, sizes: list[tuple[int, int]], captions: list[str], seed: int = 0) -> Path:
+    """train/metadata.csv + JPEGs of the given (width, height) sizes."""
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(4):
-        pixels = rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "train" / f"{i}.jpg")
-        rows.append({"file_name": f"{i}.jpg", "text": "水墨画，山水" if i % 2 else "二次元"})
+    for i, ((w, h), text) in enumerate(zip(sizes, captions)):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "train" / f"{i}.jpg")
+        rows.append({"file_name": f"{i}.jpg", "text": text})
     with open(root / "train" / "metadata.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
         writer.writeheader()

@@ -40,7 +40,7 @@ def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tup
     for width in range(step, int(resolution * math.sqrt(max_ratio)) + step, step):
         height = max(step, round(area / width / step) * step)
         if 1 / max_ratio <= width / height <= max_ratio:
-            buckets.add((height, width))
+            buckets.update({(height, width), (width, height)})  # landscape and portrait alike
     return sorted(buckets)
 
 

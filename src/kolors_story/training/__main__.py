@@ -1,0 +1,42 @@
+"""Run training outside Snakemake (debugging, or a second process in tests):
+
+    python -m kolors_story.training --model resources/tiny/kolors --dataset results/demo/dataset \
+        --out /tmp/lora --settings '{"steps": 20, "resolution": 64, "precision": "fp32"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kolors_story.errors import UserError
+from kolors_story.training import TrainSettings, train_lora
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.training", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="Kolors diffusers folder")
+    parser.add_argument("--dataset", type=Path, required=True, help="folder with train/metadata.csv")
+    parser.add_argument("--out", type=Path, required=True, help="where the LoRA file goes")
+    parser.add_argument("--settings", default="{}", help="JSON of train settings (config key train)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--work-dir", type=Path)
+    parser.add_argument("--aesthetic", type=Path, help="aesthetic predictor folder (validation)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = TrainSettings.from_dict(json.loads(args.settings))
+        result = train_lora(args.model, args.dataset, args.out, settings, args.cache_dir,
+                            args.work_dir, args.aesthetic)
+    except UserError as err:
+        logging.error("%s", err)
+        return 1
+    print(result.lora_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
