@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from kolors_story.lora_io import convert_lora
 from kolors_story.rule_runner import run_rule
 from kolors_story.training import TrainSettings, train_lora, write_loss_log, write_validation_log
 from kolors_story.training.report import write_summary
@@ -15,6 +16,7 @@ def main(snakemake):
     write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
     write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))
     write_summary(result, Path(out.summary))
+    convert_lora(result.lora_file, Path(inp.model), diffsynth_file=Path(out.diffsynth))
 
 
 run_rule(main, snakemake)

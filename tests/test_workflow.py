@@ -191,3 +191,20 @@ def test_upload_without_token_fails_before_any_job(demo_run):
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "MODELSCOPE_API_TOKEN" in output
     assert "rule " not in output  # nothing was scheduled
+
+
+# ---------------------------------------------------------------- LoRA interop
+def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_run):
+    from safetensors.torch import load_file
+
+    out = demo_run / "results/demo/lora"
+    assert (out / "diffsynth_lora.ckpt").is_file()
+    use = override(demo_run, "use", {"run": "imported", "train": {"use_lora": str(out / "diffsynth_lora.ckpt")}})
+    jobs = planned_jobs(demo_run, use)
+    assert jobs.get("import_lora") == 1 and "train_lora" not in jobs
+    snakemake(demo_run, "--cores", "1", "--configfile", "demo/config.yaml", use,
+              "results/imported/lora/pytorch_lora_weights.safetensors")
+    imported = load_file(demo_run / "results/imported/lora/pytorch_lora_weights.safetensors")
+    trained = load_file(out / "pytorch_lora_weights.safetensors")
+    assert imported.keys() == trained.keys()
+    assert all(np.allclose(imported[k].numpy(), trained[k].numpy(), rtol=0, atol=1e-7) for k in trained)

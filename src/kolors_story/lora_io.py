@@ -444,5 +444,27 @@ def full_size_unet() -> torch.nn.Module:
         return UNet2DConditionModel(**KOLORS_UNET_CONFIG)
 
 
-__all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "apply_to_unet", "diffsynth_key_map", "full_size_unet",
-           "read_lora", "write_diffsynth_lora", "write_diffusers_lora"]
+def unet_skeleton(model_dir: Path) -> torch.nn.Module:
+    """The UNet of a Kolors folder on the meta device (from unet/config.json): names and shapes
+    for converting LoRA files, without loading gigabytes of weights."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(Path(model_dir) / "unet"))
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
+                 diffsynth_file: Path | None = None) -> LoraWeights:
+    """Read a LoRA (diffusers or DiffSynth-Studio) of this model's UNet and write it in the
+    requested formats."""
+    weights = read_lora(Path(src), unet_skeleton(model_dir))
+    if diffusers_dir is not None:
+        write_diffusers_lora(weights, Path(diffusers_dir))
+    if diffsynth_file is not None:
+        write_diffsynth_lora(weights, Path(diffsynth_file))
+    return weights
+
+
+__all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "apply_to_unet", "convert_lora", "diffsynth_key_map",
+           "full_size_unet", "read_lora", "unet_skeleton", "write_diffsynth_lora", "write_diffusers_lora"]

@@ -1,0 +1,197 @@
+"""Shared pieces of the benchmarks: full-size Kolors model configs, model builders with random
+weights (bf16, no fp32 detour) and process-memory readings.
+
+The configs are the real ones (see ../shared/FACTS.md): the Kolors UNet from
+Kwai-Kolors/Kolors-diffusers unet/config.json, the SDXL VAE, and ChatGLM3-6B at full width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
+    sys.path.insert(0, str(ROOT / "src"))
+
+GIB = 2**30
+
+# Kwai-Kolors/Kolors-diffusers unet/config.json (the parts that shape the network).
+KOLORS_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    encoder_hid_dim=4096,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=5632,
+    use_linear_projection=True,
+)
+KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
+
+# The SDXL VAE (Kolors ships it; the challenge used sdxl-vae-fp16-fix, same shapes).
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+)
+
+# ChatGLM3-6B as Kolors uses it; num_layers is the only thing the benchmarks change.
+CHATGLM3_6B = dict(
+    num_layers=28,
+    padded_vocab_size=65024,
+    hidden_size=4096,
+    ffn_hidden_size=13696,
+    kv_channels=128,
+    num_attention_heads=32,
+    seq_length=256,  # Kolors' prompt length (the real config says 32768; shapes do not depend on it)
+    multi_query_attention=True,
+    multi_query_group_num=2,
+    add_qkv_bias=True,
+    add_bias_linear=False,
+    rmsnorm=True,
+    apply_residual_connection_post_layernorm=False,
+    post_layer_norm=True,
+    original_rope=True,  # ChatGLMConfig lacks it, ChatGLMModel reads it (FACTS.md)
+)
+CHATGLM3_6B_LAYERS = 28
+CHATGLM3_6B_PARAMS = 6_243_584_000  # 28 layers, embedding + output layer (checked by gpu_memory_estimate)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Build modules straight in `dtype` (no fp32 copy that would inflate peak memory)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_unet(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        return UNet2DConditionModel(**KOLORS_UNET)
+
+
+def build_vae(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        return AutoencoderKL(**SDXL_VAE).eval()
+
+
+def chatglm_config(num_layers: int):
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig
+
+    return ChatGLMConfig(**{**CHATGLM3_6B, "num_layers": num_layers})
+
+
+def build_text_encoder(num_layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights.
+
+    ChatGLMModel never initialises its weights (FACTS.md): build with empty_init=False and then set
+    every parameter here (RMSNorm weights 1, biases 0, matrices N(0, 0.02)).
+    """
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    with default_dtype(dtype):
+        model = ChatGLMModel(chatglm_config(num_layers), empty_init=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def param_bytes(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for p in module.parameters()
+        if trainable is None or p.requires_grad == trainable
+    )
+
+
+# ---------------------------------------------------------------- process memory (Linux)
+def ru_maxrss_bytes() -> int:
+    """Peak resident set size of this process since it started (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (the kernel's peak-RSS mark) so the next peak_rss_bytes() covers one phase.
+
+    Writing 5 to /proc/self/clear_refs does that (Linux >= 4.0). ru_maxrss is not reset.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so RSS shows what is live."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gib(n: int | float | None) -> float | None:
+    return None if n is None else round(n / GIB, 3)

@@ -1,0 +1,16 @@
+import logging
+from pathlib import Path
+
+from kolors_story.lora_io import convert_lora
+from kolors_story.rule_runner import run_rule
+
+
+def main(snakemake):
+    out = snakemake.output
+    weights = convert_lora(Path(snakemake.input.lora), Path(snakemake.input.model),
+                           diffusers_dir=Path(out.lora).parent, diffsynth_file=Path(out.diffsynth))
+    logging.info("imported %s LoRA %s: rank %d, alpha %g", weights.source_format,
+                 snakemake.input.lora, weights.rank, weights.alpha)
+
+
+run_rule(main, snakemake)
