@@ -57,7 +57,7 @@ def test_every_schema_property_has_a_description():
         (lambda c: c.update(colour="red"), "'colour' was unexpected"),
         (lambda c: c["train"].update(steps=-5), "config key 'train.steps'"),
         (lambda c: c["train"].update(precision="fp8"), "Allowed: fp32, bf16, fp16"),
-        (lambda c: c["story"]["scenes"][2].pop("prompt"), "config key 'story.scenes[2]'"),
+        (lambda c: c["story"]["scenes"][2].pop("prompt"), "scene s3_dream"),
         (lambda c: c["story"]["scenes"][1].update(id=c["story"]["scenes"][0]["id"]), "duplicate scene id"),
         (lambda c: c["generate"].update(sampler="plms"), "Allowed: euler, ddim, dpmpp_2m"),
         (lambda c: c["dataset"].update(source="local", path=None), "dataset.path"),
@@ -72,12 +72,12 @@ def test_bad_values_are_refused_with_the_key(edit, expected):
         validate_config(config, SCHEMA)
 
 
-def test_missing_scene_prompt_message_says_prompt_is_required():
+def test_missing_scene_prompt_message_says_what_is_required():
     config = default_config()
     config["story"]["scenes"][0].pop("prompt")
     with pytest.raises(UserError) as err:
         validate_config(config, SCHEMA)
-    assert "'prompt' is a required property" in str(err.value)
+    assert "give a `prompt`, or an `action`" in str(err.value)
 
 
 def test_upload_without_token_fails_before_anything_runs(monkeypatch):

@@ -62,9 +62,12 @@ def override(workdir: Path, name: str, values: dict) -> str:
     return path.name
 
 
+def demo_story(workdir: Path) -> dict:
+    return yaml.safe_load((workdir / "demo/config.yaml").read_text(encoding="utf-8"))["story"]
+
+
 def demo_scenes(workdir: Path) -> list[dict]:
-    base = yaml.safe_load((workdir / "config.yaml").read_text(encoding="utf-8"))
-    return base["story"]["scenes"]
+    return demo_story(workdir)["scenes"]
 
 
 # ---------------------------------------------------------------- outputs
@@ -121,7 +124,7 @@ def test_run_lora_loads_in_a_fresh_stock_pipeline_and_changes_its_output(demo_ru
 def test_bundle_and_manifest_describe_the_run(demo_run):
     out = demo_run / "results/demo"
     card = (out / "bundle/README.md").read_text(encoding="utf-8")
-    assert "resources/tiny/kolors" in card and demo_scenes(demo_run)[0]["prompt"] in card
+    assert "resources/tiny/kolors" in card and demo_scenes(demo_run)[0]["action"] in card
     assert (out / "bundle/pytorch_lora_weights.safetensors").read_bytes() == \
         (out / "lora/pytorch_lora_weights.safetensors").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -143,7 +146,7 @@ def test_resolved_config_reproduces_the_run_without_new_jobs(demo_run):
 
 def test_changing_one_scene_reruns_that_scene_only(demo_run):
     scenes = demo_scenes(demo_run)
-    scenes[2] = {**scenes[2], "prompt": scenes[2]["prompt"] + "，月夜"}
+    scenes[2] = {**scenes[2], "setting": scenes[2]["setting"] + "，月夜"}
     jobs = planned_jobs(demo_run, override(demo_run, "scene", {"story": {"scenes": scenes}}))
     assert jobs.get("generate_scene") == 1
     assert {"compose_story", "score_images", "bundle", "manifest"} <= set(jobs)
@@ -170,6 +173,14 @@ def test_changing_a_filter_setting_reruns_from_filtering(demo_run):
     jobs = planned_jobs(demo_run, override(demo_run, "filter", {"filter": {"ops": ops}}))
     assert {"filter_dataset", "build_metadata", "train_lora"} <= set(jobs)
     assert jobs["generate_scene"] == len(SCENES) and "download_dataset" not in jobs
+
+
+def test_changing_a_character_reruns_exactly_the_scenes_that_show_it(demo_run):
+    story = demo_story(demo_run)
+    story["characters"]["prince"] += "，黑色披风"
+    jobs = planned_jobs(demo_run, override(demo_run, "prince", {"story": story}))
+    shows_prince = sum("prince" in s.get("characters", []) for s in story["scenes"])
+    assert jobs.get("generate_scene") == shows_prince == 3 and "train_lora" not in jobs
 
 
 # ---------------------------------------------------------------- refusals at parse time

@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from kolors_story.errors import UserError
+from kolors_story.prompts import assemble_prompt, check_length
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 LOCAL_PREFIXES = ("/", "./", "../", "~", "resources/")
@@ -78,6 +79,13 @@ def _check_semantics(config: dict) -> None:
             f"config key 'story.scenes': duplicate scene id(s) {', '.join(duplicates)}; "
             "each scene needs its own id (it names the panel file)."
         )
+    for scene in config["story"]["scenes"]:
+        if not scene.get("prompt") and not scene.get("action"):
+            raise UserError(
+                f"config key 'story.scenes' (scene {scene['id']}): give a `prompt`, or an `action` "
+                "(with `characters` and `setting`) to fill story.prompt_template."
+            )
+    scene_settings(config)  # assembles every prompt: unknown characters and long prompts fail here
     dataset = config["dataset"]
     if dataset["source"] == "local" and not dataset.get("path"):
         raise UserError("config key 'dataset.path': required when dataset.source is 'local'.")
@@ -120,14 +128,17 @@ def model_dir(ref: str) -> str:
 
 
 def scene_settings(config: dict) -> dict[str, dict]:
-    """Each scene's fully resolved generation settings, keyed by scene id (story order kept)."""
+    """Each scene's fully resolved generation settings, keyed by scene id (story order kept).
+    Only what a scene's image depends on is here, so editing one scene changes one entry."""
     gen, story = config["generate"], config["story"]
     resolved = {}
     for index, scene in enumerate(story["scenes"]):
+        prompt = assemble_prompt(scene, story)
+        check_length(scene["id"], prompt, story["truncate_long_prompts"])
         resolved[scene["id"]] = {
             "id": scene["id"],
             "index": index,
-            "prompt": scene["prompt"],
+            "prompt": prompt,
             "negative_prompt": scene.get("negative_prompt", story["negative_prompt"]),
             "seed": scene.get("seed", gen["seed"] + index),
             "width": scene.get("width", gen["width"]),

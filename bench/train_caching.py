@@ -1,0 +1,413 @@
+"""LoRA training steps of the full-size Kolors UNet: cached text/latents vs recomputing them.
+
+    .venv/bin/python bench/train_caching.py [--steps 3] [--resolution 256] [--rank 4]
+                                            [--te-layers 2] [--device cpu]
+
+Two modes, each in its own subprocess so its peak memory is its own:
+
+  cached     the project's trainer: every distinct caption is encoded once by ChatGLM and every
+             image once by the VAE before the loop; both models are freed before the UNet is
+             built; each step runs only the UNet on the cached tensors.
+  recompute  DiffSynth-Studio 1.1's way (the challenge baseline): ChatGLM, VAE and UNet all
+             resident; every step loads the image, tokenizes + encodes the caption with ChatGLM,
+             encodes the image with the VAE, then runs the UNet step.
+
+All models are full size with random weights in bf16 (the UNet: the real Kolors config, 2.58 B
+parameters; the VAE: the SDXL config), except that ChatGLM3-6B is full width (hidden 4096, ffn
+13696, 32 heads, MQA 2 groups, vocab 65024) but only --te-layers deep, to fit a 24 GiB machine.
+Its per-layer time and per-layer memory are measured and the results are also given scaled to
+the real 28 layers (columns marked "scaled"). Both modes: LoRA rank --rank on to_q/to_k/to_v/
+to_out.0 (fp32 LoRA params), AdamW, gradient checkpointing, bf16 autocast, batch 1.
+
+Per-step time is the median of --steps measured steps after one warm-up step. Peak memory is the
+process's peak RSS (getrusage ru_maxrss) and, per phase, the kernel's VmHWM (reset between
+phases); on CUDA also torch.cuda.max_memory_allocated. Results go to
+bench/results/train_caching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+CAPTIONS = [
+    "水墨画风格，一位身穿白衣的少女站在竹林中，清晨的薄雾，细腻的笔触",
+    "ink wash painting, a young woman in white standing in a bamboo forest, morning mist",
+]
+RESULTS = C.ROOT / "bench" / "results" / "train_caching.json"
+
+
+# ---------------------------------------------------------------- child: one mode
+class Phases:
+    """Wall time and peak RSS per phase (VmHWM reset at each phase start), plus CUDA peaks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rows: dict[str, dict] = {}
+        self.hwm_reset_works = True
+
+    def start(self, name: str) -> None:
+        self.name, self.t0 = name, time.perf_counter()
+        self.hwm_reset_works &= C.reset_peak_rss()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self, **extra) -> dict:
+        row = {
+            "seconds": round(time.perf_counter() - self.t0, 3),
+            "peak_rss_gib": C.gib(C.peak_rss_bytes()) if self.hwm_reset_works else None,
+            "rss_after_gib": C.gib(C.rss_bytes()),
+        }
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            row["cuda_max_allocated_gib"] = C.gib(torch.cuda.max_memory_allocated())
+            row["cuda_max_reserved_gib"] = C.gib(torch.cuda.max_memory_reserved())
+        row.update(extra)
+        self.rows[self.name] = row
+        print(f"  [{self.name}] " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        return row
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    """Synthetic non-square RGB images on disk (the trainer reads files; so does DiffSynth)."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n):
+        h, w = 600 + 40 * i, 800
+        smooth = torch.nn.functional.interpolate(torch.rand(1, 3, h // 25, w // 25, generator=gen),
+                                                 size=(h, w), mode="bilinear")
+        array = (smooth[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def load_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """Short side to `resolution`, center crop; [1, 3, r, r] in [-1, 1] (DiffSynth's transform)."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)),
+                          max(resolution, round(image.height * scale))), Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return (pixels.view(resolution, resolution, 3).permute(2, 0, 1).float() / 127.5 - 1.0)[None]
+
+
+class LayerTimer:
+    """Forward time of each ChatGLM block, via pre/post forward hooks."""
+
+    def __init__(self, blocks, device: torch.device):
+        self.times: list[float] = []
+        self.device = device
+        for block in blocks:
+            block.register_forward_pre_hook(self._pre)
+            block.register_forward_hook(self._post)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _pre(self, module, args):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def _post(self, module, args, out):
+        self._sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+def run_mode(args) -> dict:
+    from diffusers import DDPMScheduler
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    from kolors_story.text_encoding import encode_prompts
+    from kolors_story.tiny_kolors import KOLORS_SCHEDULER, kolors_tokenizer_dir
+    from kolors_story.training import TrainSettings, add_lora, encode_latents
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    mode = args.child
+    phases = Phases(device)
+    res = args.resolution
+    out: dict = {"mode": mode, "device": str(device), "torch_threads": torch.get_num_threads()}
+    images = make_images(Path(args.tmp), len(CAPTIONS))
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(kolors_tokenizer_dir()))
+    C.release_memory()
+    out["rss_baseline_gib"] = C.gib(C.rss_bytes())
+
+    # ---- text encoder (full width, --te-layers deep) and VAE
+    phases.start("build_text_encoder")
+    text_encoder = C.build_text_encoder(args.te_layers, dtype).to(device)
+    blocks = text_encoder.encoder.layers
+    layer_bytes = C.param_bytes(blocks[0])
+    te_bytes = C.param_bytes(text_encoder)
+    timer = LayerTimer(blocks, device)
+    phases.end(param_gib=C.gib(te_bytes), layer_param_gib=C.gib(layer_bytes))
+    out["text_encoder"] = {"layers": args.te_layers, "param_bytes": te_bytes, "layer_param_bytes": layer_bytes}
+
+    def encode_text(caption):
+        embeds, pooled = encode_prompts(tokenizer, text_encoder, [caption], device)
+        return embeds.float(), pooled.float()
+
+    text_cache, latent_cache = {}, {}
+    if mode == "cached":  # the trainer's order: texts, free ChatGLM, latents, free VAE, then UNet
+        phases.start("encode_captions")
+        t0 = time.perf_counter()
+        for caption in CAPTIONS:  # one ChatGLM pass per distinct caption
+            text_cache[caption] = encode_text(caption)
+        per_caption = (time.perf_counter() - t0) / len(CAPTIONS)
+        phases.end(per_caption_s=round(per_caption, 3))
+        out["encode_per_caption_s"] = per_caption
+        out["layer_times_s"] = list(timer.times)
+        del text_encoder, blocks, timer
+        C.release_memory()
+        out["rss_after_text_release_gib"] = C.gib(C.rss_bytes())
+
+    phases.start("build_vae")
+    vae = C.build_vae(dtype).to(device)
+    phases.end(param_gib=C.gib(C.param_bytes(vae)))
+    if mode == "cached":
+        phases.start("encode_latents")
+        for path in images:  # one VAE pass per image
+            latent_cache[path] = encode_latents(vae, load_pixels(path, res), device)
+        phases.end()
+        del vae
+        C.release_memory()
+        out["rss_after_vae_release_gib"] = C.gib(C.rss_bytes())
+
+    # ---- UNet with LoRA
+    phases.start("build_unet")
+    unet = C.build_unet(dtype).to(device)
+    params = add_lora(unet, TrainSettings(rank=args.rank, seed=0))
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler.from_config(KOLORS_SCHEDULER)
+    phases.end(unet_param_gib=C.gib(C.param_bytes(unet, trainable=False)),
+               lora_params=sum(p.numel() for p in params))
+    out["lora_params"] = sum(p.numel() for p in params)
+
+    gen = torch.Generator().manual_seed(0)
+    steps, parts = [], {"load_image": [], "text_encoder": [], "vae": [], "unet": []}
+    phases.start("train_steps")
+    for step in range(args.steps + 1):  # step 0 is the warm-up
+        i = step % len(CAPTIONS)
+        caption, path = CAPTIONS[i], images[i]
+        t_step = time.perf_counter()
+        if mode == "recompute":
+            t = time.perf_counter()
+            pixels = load_pixels(path, res)
+            t_img = time.perf_counter() - t
+            n_layer_times = len(timer.times)
+            t = time.perf_counter()
+            embeds, pooled = encode_text(caption)
+            t_text = time.perf_counter() - t
+            if step > 0:
+                out.setdefault("layer_times_s", []).extend(timer.times[n_layer_times:])
+            t = time.perf_counter()
+            latents = encode_latents(vae, pixels, device)
+            t_vae = time.perf_counter() - t
+        else:
+            t_img = t_text = t_vae = 0.0
+            embeds, pooled = text_cache[caption]
+            latents = latent_cache[path]
+        t = time.perf_counter()
+        latents, embeds, pooled = latents.to(device), embeds.to(device), pooled.to(device)
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=dtype, device=device)
+        with torch.autocast(device.type, dtype=dtype):
+            pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
+                        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_unet = time.perf_counter() - t
+        total = time.perf_counter() - t_step
+        print(f"  step {step}{' (warm-up)' if step == 0 else ''}: {total:.2f} s (image {t_img:.2f}, "
+              f"text {t_text:.2f}, vae {t_vae:.2f}, unet {t_unet:.2f}) loss {loss.item():.4f}", flush=True)
+        if step > 0:
+            steps.append(total)
+            for k, v in zip(parts, (t_img, t_text, t_vae, t_unet)):
+                parts[k].append(v)
+    phases.end()
+    out["step_times_s"] = steps
+    out["step_s"] = statistics.median(steps)
+    out["parts_median_s"] = {k: statistics.median(v) for k, v in parts.items()}
+    out["layer_s"] = statistics.median(out["layer_times_s"])
+    out["phases"] = phases.rows
+    out["peak_rss_hwm_reset_works"] = phases.hwm_reset_works
+    out["peak_rss_gib"] = C.gib(C.ru_maxrss_bytes())
+    if device.type == "cuda":
+        out["cuda_max_allocated_gib"] = max(r["cuda_max_allocated_gib"] for r in phases.rows.values())
+    return out
+
+
+# ---------------------------------------------------------------- parent: both modes + table
+def scale(result: dict, layers: int, target: int) -> dict:
+    """Add a (target - layers)-layer ChatGLM to one mode's measurements.
+
+    Time: each extra block costs the measured median block time wherever ChatGLM runs (every
+    step in `recompute`, once per caption in `cached`). Memory: each extra block adds its bf16
+    weights wherever ChatGLM is resident, plus its 256-token hidden state that
+    output_hidden_states keeps; no-grad activations of one block are freed before the next runs,
+    so the transient peak does not grow with depth.
+    """
+    extra = target - layers
+    hidden_state = C.CHATGLM3_6B["seq_length"] * C.CHATGLM3_6B["hidden_size"] * 2
+    add_bytes = extra * (result["text_encoder"]["layer_param_bytes"] + hidden_state)
+    add_s = extra * result["layer_s"]
+    phases = result["phases"]
+    te_phases = ["build_text_encoder", "encode_captions"]  # cached: ChatGLM resident only here
+    if result["mode"] == "recompute":
+        step_s = result["step_s"] + add_s
+        peak = result["peak_rss_gib"] + add_bytes / C.GIB
+        train_peak = (phases["train_steps"]["peak_rss_gib"] or result["peak_rss_gib"]) + add_bytes / C.GIB
+        per_caption = None
+    else:
+        step_s = result["step_s"]
+        te_peak = max((phases[p]["peak_rss_gib"] or 0) for p in te_phases if p in phases) + add_bytes / C.GIB
+        unet_peak = max(phases[p]["peak_rss_gib"] or 0
+                        for p in ("build_vae", "encode_latents", "build_unet", "train_steps"))
+        peak = max(te_peak, unet_peak) if phases["train_steps"]["peak_rss_gib"] else None
+        train_peak = phases["train_steps"]["peak_rss_gib"]
+        per_caption = result["encode_per_caption_s"] + add_s
+    return {"step_s": step_s, "peak_rss_gib": peak, "train_phase_peak_rss_gib": train_peak,
+            "encode_per_caption_s": per_caption, "extra_layers": extra,
+            "extra_gib": add_bytes / C.GIB, "extra_s_per_text_encoding": add_s}
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per mode (after 1 warm-up)")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--te-layers", type=int, default=2, help="ChatGLM depth actually built (real: 28)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", default="cached,recompute")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", choices=["cached", "recompute"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.te_layers < 2:
+        parser.error("--te-layers must be >= 2 (prompt embeddings are hidden_states[-2])")
+
+    if args.child:
+        result = run_mode(args)
+        args.child_out.write_text(json.dumps(result, indent=1))
+        return
+
+    start = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            print(f"== {mode} (subprocess)", flush=True)
+            child_out = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, __file__, "--child", mode, "--child-out", str(child_out), "--tmp", tmp,
+                   "--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", str(args.rank),
+                   "--te-layers", str(args.te_layers), "--device", args.device]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            results[mode] = json.loads(child_out.read_text())
+            results[mode]["subprocess_wall_s"] = round(time.perf_counter() - t0, 1)
+
+    target = C.CHATGLM3_6B_LAYERS
+    for r in results.values():
+        r["scaled_to_28_layers"] = scale(r, args.te_layers, target)
+
+    print()
+    print(f"Full-size Kolors UNet LoRA training, {args.resolution} px "
+          f"({args.resolution // 8}x{args.resolution // 8} latents), rank {args.rank}, bf16 weights, "
+          f"gradient checkpointing, batch 1, device {args.device}, {torch.get_num_threads()} threads")
+    print(f"ChatGLM: full width, {args.te_layers} layers measured; 'scaled' adds "
+          f"{target - args.te_layers} more layers at the measured per-layer time and weight size.")
+    head = (f"{'mode':<10} {'s/step':>8} {'s/step':>8} {'peak RSS':>9} {'peak RSS':>9} "
+            f"{'train-loop':>10} {'train-loop':>10}")
+    sub = (f"{'':<10} {'measured':>8} {'scaled':>8} {'measured':>9} {'scaled':>9} "
+           f"{'RSS meas.':>10} {'RSS scaled':>10}")
+    print(head)
+    print(sub + "   (GiB)")
+    for mode, r in results.items():
+        s = r["scaled_to_28_layers"]
+        print(f"{mode:<10} {r['step_s']:>8.2f} {s['step_s']:>8.2f} {r['peak_rss_gib']:>9.2f} "
+              f"{fmt(s['peak_rss_gib']):>9} {fmt(r['phases']['train_steps']['peak_rss_gib']):>10} "
+              f"{fmt(s['train_phase_peak_rss_gib']):>10}")
+    summary = {}
+    if {"cached", "recompute"} <= set(results):
+        c, r = results["cached"], results["recompute"]
+        cs, rs = c["scaled_to_28_layers"], r["scaled_to_28_layers"]
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        summary = {
+            "time_ratio_measured": ratio(r["step_s"], c["step_s"]),
+            "time_ratio_scaled": ratio(rs["step_s"], cs["step_s"]),
+            "peak_rss_ratio_measured": ratio(r["peak_rss_gib"], c["peak_rss_gib"]),
+            "peak_rss_ratio_scaled": ratio(rs["peak_rss_gib"], cs["peak_rss_gib"]),
+            "train_loop_rss_ratio_measured": ratio(r["phases"]["train_steps"]["peak_rss_gib"],
+                                                   c["phases"]["train_steps"]["peak_rss_gib"]),
+            "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
+        }
+        print(f"{'ratio r/c':<10} {fmt(summary['time_ratio_measured']):>8} {fmt(summary['time_ratio_scaled']):>8} "
+              f"{fmt(summary['peak_rss_ratio_measured']):>9} {fmt(summary['peak_rss_ratio_scaled']):>9} "
+              f"{fmt(summary['train_loop_rss_ratio_measured']):>10} {fmt(summary['train_loop_rss_ratio_scaled']):>10}")
+        print()
+        p = r["parts_median_s"]
+        print(f"recompute step parts (median s): image {p['load_image']:.2f}, ChatGLM {p['text_encoder']:.2f} "
+              f"({args.te_layers} layers; {p['text_encoder'] + rs['extra_s_per_text_encoding']:.2f} scaled), "
+              f"VAE encode {p['vae']:.2f}, UNet step {p['unet']:.2f}")
+        print(f"ChatGLM block: {r['layer_s']:.3f} s (median, recompute run), {c['layer_s']:.3f} s (cached run); "
+              f"weights {r['text_encoder']['layer_param_bytes'] / C.GIB:.3f} GiB/layer bf16")
+        print(f"cached one-off text encoding: {c['encode_per_caption_s']:.2f} s/caption measured, "
+              f"{cs['encode_per_caption_s']:.2f} s scaled; its phase peak is in 'peak RSS' "
+              f"(scaled: the 28-layer ChatGLM alone is {C.CHATGLM3_6B_PARAMS * 2 / C.GIB:.1f} GiB)")
+        if not (c["peak_rss_hwm_reset_works"] and r["peak_rss_hwm_reset_works"]):
+            print("note: /proc/self/clear_refs not writable; per-phase peaks unavailable")
+    payload = {
+        "benchmark": "train_caching",
+        "settings": {"steps": args.steps, "resolution": args.resolution, "rank": args.rank,
+                     "te_layers": args.te_layers, "te_layers_scaled_to": target, "device": args.device,
+                     "dtype": "bf16", "gradient_checkpointing": True, "batch_size": 1},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
+        "results": results,
+        "summary": summary,
+        "total_wall_s": round(time.perf_counter() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+    print(f"\nwrote {args.out} (total {payload['total_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
