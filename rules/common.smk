@@ -79,6 +79,18 @@ def train_inputs(wildcards):
     return inputs
 
 
+def generate_inputs(wildcards):
+    inputs = {
+        "lora": f"{OUT}/lora/pytorch_lora_weights.safetensors",
+        "model": model_path("kolors"),
+        "model_check": f"{OUT}/models/kolors.json",
+    }
+    if config["generate"]["candidates"] > 1:
+        inputs["aesthetic"] = model_path("aesthetic")
+        inputs["aesthetic_check"] = f"{OUT}/models/aesthetic.json"
+    return inputs
+
+
 def scene_params(wildcards):
     return SCENES[wildcards.scene]
 

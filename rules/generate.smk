@@ -3,11 +3,10 @@
 
 rule generate_scene:
     input:
-        lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-        model=model_path("kolors"),
-        model_check=f"{OUT}/models/kolors.json",
+        unpack(generate_inputs),
     output:
-        report(f"{OUT}/scenes/{{scene}}.png", caption="../report/scene.rst", category="Scenes"),
+        panel=report(f"{OUT}/scenes/{{scene}}.png", caption="../report/scene.rst", category="Scenes"),
+        candidates=directory(f"{OUT}/candidates/{{scene}}"),
     params:
         scene=scene_params,
         sampler={k: v for k, v in config["generate"].items() if k not in ("seed", "width", "height")},
@@ -23,11 +22,17 @@ rule generate_scene:
 
 rule compose_story:
     input:
-        [scene_png(s) for s in SCENE_IDS],
+        panels=[scene_png(s) for s in SCENE_IDS],
+        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
     output:
-        report(f"{OUT}/story.png", caption="../report/story.rst", category="Story"),
+        story=report(f"{OUT}/story.png", caption="../report/story.rst", category="Story"),
+        contact_sheet=report(
+            f"{OUT}/contact_sheet.png", caption="../report/contact_sheet.rst", category="Story"
+        ),
     params:
         layout=config["layout"],
+        title=config["story"]["title"],
+        captions=[SCENES[s]["caption"] for s in SCENE_IDS],
     log:
         f"{LOGS}/compose_story.log",
     conda:

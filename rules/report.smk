@@ -23,6 +23,7 @@ rule bundle:
     input:
         lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
         panels=[scene_png(s) for s in SCENE_IDS],
+        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
         story=f"{OUT}/story.png",
         scores=f"{OUT}/scores.json",
     output:
@@ -61,6 +62,7 @@ rule manifest:
     input:
         lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
         panels=[scene_png(s) for s in SCENE_IDS],
+        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
         story=f"{OUT}/story.png",
         scores=f"{OUT}/scores.json",
         bundle=f"{OUT}/bundle",

@@ -7,7 +7,10 @@ from kolors_story.rule_runner import run_rule
 
 
 def main(snakemake):
-    scenes = [dict(s, image=p) for s, p in zip(snakemake.params.scenes, snakemake.input.panels)]
+    scenes = []
+    for scene, panel, folder in zip(snakemake.params.scenes, snakemake.input.panels, snakemake.input.candidates):
+        chosen = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
+        scenes.append(dict(scene, image=panel, seed=chosen["seed"]))  # best-of-N: the kept seed
     scores = json.loads(Path(snakemake.input.scores).read_text(encoding="utf-8"))
     bundle = snakemake.params.bundle
     out = build_bundle(

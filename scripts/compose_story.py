@@ -1,13 +1,17 @@
 from pathlib import Path
 
 from kolors_story.rule_runner import run_rule
-from kolors_story.story_layout import compose_story
+from kolors_story.story_layout import compose_story, compose_story_page, write_contact_sheet
 
 
 def main(snakemake):
-    layout = snakemake.params.layout
-    compose_story([Path(p) for p in snakemake.input], Path(snakemake.output[0]),
-                  layout["columns"], layout["rows"], layout["gap"])
+    layout, params, out = snakemake.params.layout, snakemake.params, snakemake.output
+    panels = [Path(p) for p in snakemake.input.panels]
+    if layout["style"] == "page":
+        compose_story_page(panels, params.captions, params.title, Path(out.story), layout["columns"], layout["rows"])
+    else:
+        compose_story(panels, Path(out.story), layout["columns"], layout["rows"], layout["gap"])
+    write_contact_sheet([Path(d) for d in snakemake.input.candidates], Path(out.contact_sheet))
 
 
 run_rule(main, snakemake)

@@ -5,11 +5,12 @@ from kolors_story.rule_runner import run_rule
 
 
 def main(snakemake):
-    s = snakemake.params.scene
+    s, inp = snakemake.params.scene, snakemake.input
     scene = Scene(s["id"], s["prompt"], s["negative_prompt"], s["seed"], s["width"], s["height"])
     render_scene(
-        Path(snakemake.input.model), Path(snakemake.input.lora), scene,
-        SamplerSettings(**snakemake.params.sampler), Path(snakemake.output[0]),
+        Path(inp.model), Path(inp.lora), scene, SamplerSettings(**snakemake.params.sampler),
+        Path(snakemake.output.panel), candidates_dir=Path(snakemake.output.candidates),
+        aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
     )
 
 

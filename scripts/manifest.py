@@ -18,7 +18,11 @@ def main(snakemake):
         "panels": Path(snakemake.input.panels[0]).parent,
         "training_data": Path(snakemake.input.training_data),
     }
-    manifest = build_manifest(dict(snakemake.params.config), models, dict(snakemake.params.seeds), inputs)
+    seeds = dict(snakemake.params.seeds)
+    for folder in snakemake.input.candidates:  # best-of-N: the seed of the kept candidate
+        record = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
+        seeds[f"{record['scene']}_panel"] = record["seed"]
+    manifest = build_manifest(dict(snakemake.params.config), models, seeds, inputs)
     write_manifest(manifest, Path(snakemake.output.manifest))
     write_resolved_config(dict(snakemake.params.config), Path(snakemake.output.config))
 

@@ -1,26 +1,54 @@
-"""Scene rendering: samplers, seeds and sizes on the tiny Kolors through stock KolorsPipeline."""
+"""Scene rendering on the tiny Kolors through stock KolorsPipeline: samplers, seeds, best-of-N."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from kolors_story.generation import SamplerSettings, Scene, load_pipeline, make_scheduler, render, render_scene
+from kolors_story.generation import (
+    SamplerSettings, Scene, candidate_seeds, encode_and_drop_text_encoder, load_pipeline, make_scheduler,
+    render, render_scene,
+)
+from kolors_story.scoring import AestheticScorer
+from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.tiny_kolors import KOLORS_SCHEDULER
+from kolors_story.training import TrainSettings, train_lora
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_kolors):
-    return load_pipeline(tiny_kolors, SamplerSettings(steps=3), torch.device("cpu"))
+    return load_pipeline(tiny_kolors, SamplerSettings(steps=3), CPU)
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_kolors, training_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return train_lora(tiny_kolors, training_folder, out, TrainSettings(steps=1, resolution=32, precision="fp32",
+                                                                      rank=2, alpha=2)).lora_file
 
 
 def test_same_seed_same_image_other_seed_other_image(pipe):
     settings = SamplerSettings(steps=3)
     scene = Scene("a", "古风，水墨画", "丑陋", seed=5, width=32, height=48)
-    first, again = np.asarray(render(pipe, scene, settings)), np.asarray(render(pipe, scene, settings))
+    first, again = np.asarray(render(pipe, scene, settings)[0]), np.asarray(render(pipe, scene, settings)[0])
     assert first.shape == (48, 32, 3)
     assert np.array_equal(first, again)
-    other = np.asarray(render(pipe, Scene("a", scene.prompt, scene.negative_prompt, 6, 32, 48), settings))
+    other = np.asarray(render(pipe, Scene("a", scene.prompt, scene.negative_prompt, 6, 32, 48), settings)[0])
     assert not np.array_equal(first, other)
+
+
+def test_batched_candidates_match_one_call_per_seed(pipe):
+    scene = Scene("a", "古风，水墨画", "丑陋", seed=5, width=32, height=32)
+    seeds = candidate_seeds(5, 3)
+    assert seeds[0] == 5 and len(set(seeds)) == 3
+    batched = render(pipe, scene, SamplerSettings(steps=3, batch_candidates=True), seeds)
+    single = render(pipe, scene, SamplerSettings(steps=3, batch_candidates=False), seeds)
+    for a, b in zip(batched, single):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 
 @pytest.mark.parametrize("name, cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler"),
@@ -36,11 +64,37 @@ def test_unknown_sampler_is_refused():
         make_scheduler("plms", KOLORS_SCHEDULER)
 
 
-def test_render_scene_writes_the_panel(tiny_kolors, training_folder, tmp_path):
-    from kolors_story.training import TrainSettings, train_lora
+def test_text_encoder_is_dropped_after_encoding_and_embeds_match(tiny_kolors):
+    pipe = load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)
+    scene = Scene("a", "水墨画", "丑陋", seed=1, width=32, height=32)
+    reference = pipe.encode_prompt(prompt=scene.prompt, device=CPU, negative_prompt=scene.negative_prompt)
+    embeds = encode_and_drop_text_encoder(pipe, scene, CPU)
+    assert pipe.text_encoder is None
+    assert torch.equal(embeds["prompt_embeds"], reference[0])
+    assert torch.equal(embeds["negative_pooled_prompt_embeds"], reference[3])
+    with_text = np.asarray(load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)(
+        prompt=scene.prompt, negative_prompt=scene.negative_prompt, width=32, height=32, num_inference_steps=2,
+        generator=torch.Generator().manual_seed(1)).images[0])
+    assert np.array_equal(np.asarray(render(pipe, scene, SamplerSettings(steps=2), embeds=embeds)[0]), with_text)
 
-    lora = train_lora(tiny_kolors, training_folder, tmp_path / "lora",
-                      TrainSettings(steps=1, resolution=32, precision="fp32", rank=2, alpha=2)).lora_file
-    out = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=1, width=32, height=32),
-                       SamplerSettings(sampler="ddim", steps=2, lora_scale=0.5), tmp_path / "scenes" / "s1.png")
-    assert out.read_bytes()[:4] == b"\x89PNG"
+
+def test_render_scene_writes_the_panel(tiny_kolors, lora, tmp_path):
+    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=1, width=32, height=32),
+                          SamplerSettings(sampler="ddim", steps=2, lora_scale=0.5), tmp_path / "s1.png", device=CPU)
+    assert (tmp_path / "s1.png").read_bytes()[:4] == b"\x89PNG" and record["seed"] == 1
+
+
+def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_path):
+    aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
+    settings = SamplerSettings(steps=2, candidates=4)
+    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画，山水", seed=3, width=32, height=32), settings,
+                          tmp_path / "s1.png", candidates_dir=tmp_path / "cands", aesthetic_dir=aesthetic, device=CPU)
+    files = [tmp_path / "cands" / f for f in record["files"]]
+    separately = AestheticScorer(aesthetic).score_files(files)
+    scores = [separately[f.name] for f in files]
+    assert scores == pytest.approx(record["scores"], abs=1e-5)
+    assert record["chosen"] == int(np.argmax(scores)) and record["seed"] == record["seeds"][record["chosen"]]
+    chosen = np.asarray(Image.open(files[record["chosen"]]))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s1.png")), chosen)
+    assert json.loads((tmp_path / "cands/candidates.json").read_text())["chosen"] == record["chosen"]
+    assert len(set(scores)) > 1

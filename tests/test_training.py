@@ -50,14 +50,14 @@ def test_stock_pipeline_loads_lora_with_its_alpha_and_it_changes_the_image(train
     settings = SamplerSettings(steps=3, precision="fp32")
     scene = Scene("x", "古风，水墨画，少女", "", seed=3, width=32, height=32)
     pipe = load_pipeline(tiny_kolors, settings, torch.device("cpu"))
-    base = np.asarray(render(pipe, scene, settings))
+    base = np.asarray(render(pipe, scene, settings)[0])
     load_style_lora(pipe, trained.lora_file, 1.0)
     config = pipe.unet.peft_config["style"]
     assert (config.r, config.lora_alpha) == (4, 2)
-    styled = np.asarray(render(pipe, scene, settings))
+    styled = np.asarray(render(pipe, scene, settings)[0])
     assert np.abs(styled.astype(int) - base.astype(int)).max() > 0
     pipe.set_adapters(["style"], [0.0])
-    assert np.array_equal(np.asarray(render(pipe, scene, settings)), base)
+    assert np.array_equal(np.asarray(render(pipe, scene, settings)[0]), base)
 
 
 def test_random_crop_trains_through_the_vae_each_step(tiny_kolors, training_folder, tmp_path):

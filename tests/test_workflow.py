@@ -73,20 +73,26 @@ def demo_scenes(workdir: Path) -> list[dict]:
 # ---------------------------------------------------------------- outputs
 def test_demo_writes_every_output(demo_run):
     out = demo_run / "results" / "demo"
-    for name in ["story.png", "scores.csv", "scores.json", "lora/pytorch_lora_weights.safetensors",
+    for name in ["story.png", "contact_sheet.png", "lora/diffsynth_lora.ckpt", "scores.csv", "scores.json", "lora/pytorch_lora_weights.safetensors",
                  "lora/loss.csv", "lora/loss.png", "bundle/README.md", "manifest.json", "config.yaml",
                  "data/filter_stats.json", "dataset/train/metadata.csv"]:
         assert (out / name).is_file(), name
     assert sorted(p.stem for p in (out / "scenes").glob("*.png")) == sorted(SCENES)
 
 
-def test_story_image_tiles_eight_panels_in_two_columns(demo_run):
+def test_story_page_and_best_of_three_candidates(demo_run):
     from PIL import Image
 
-    story = Image.open(demo_run / "results/demo/story.png")
-    assert story.size == (2 * 64, 4 * 64)
-    first = Image.open(demo_run / "results/demo/scenes/s1_class.png").convert("RGB")
-    assert np.array_equal(np.asarray(story.convert("RGB"))[:64, :64], np.asarray(first))
+    out = demo_run / "results/demo"
+    page = Image.open(out / "story.png")
+    assert page.width > 2 * 64 and page.height > 4 * 64  # title, captions and margins around panels
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 3 * 64 and sheet.height > 8 * 64
+    for scene in SCENES:
+        record = json.loads((out / "candidates" / scene / "candidates.json").read_text(encoding="utf-8"))
+        assert len(record["files"]) == 3 and record["chosen"] == int(np.argmax(record["scores"]))
+        chosen = np.asarray(Image.open(out / "candidates" / scene / record["files"][record["chosen"]]))
+        assert np.array_equal(np.asarray(Image.open(out / "scenes" / f"{scene}.png")), chosen)
 
 
 def test_filter_stats_show_the_demo_defects_dropped(demo_run):
@@ -131,6 +137,7 @@ def test_bundle_and_manifest_describe_the_run(demo_run):
     assert set(manifest["models"]) == {"kolors", "aesthetic"}
     assert manifest["models"]["kolors"].endswith("resources/tiny/kolors")
     assert manifest["config"]["run"] == "demo" and manifest["seeds"]["s2_sleepy"] == 1
+    assert manifest["seeds"]["s2_sleepy_panel"] in {1 + k * 100_003 for k in range(3)}
     assert "MODELSCOPE_API_TOKEN" not in (out / "manifest.json").read_text(encoding="utf-8")
 
 

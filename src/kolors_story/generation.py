@@ -1,20 +1,30 @@
-"""Rendering story panels with a stock diffusers KolorsPipeline plus the trained style LoRA."""
+"""Rendering story panels with a stock diffusers KolorsPipeline plus the trained style LoRA.
+
+A scene job encodes its prompts with ChatGLM first and drops the text encoder before the UNet and
+VAE go to the GPU: the 6B text encoder and the UNet are never on the device together. With
+best-of-N, the scene renders N candidates (seeds derived from the scene seed), scores each with
+the challenge's aesthetic predictor and keeps the best as the panel.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from kolors_story import models
-from kolors_story.training import LORA_WEIGHT_NAME
+from kolors_story.training.lora_file import LORA_WEIGHT_NAME
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "style"
+SEED_STRIDE = 100_003  # candidate k of a scene uses seed + k * SEED_STRIDE (prime: no collisions
+# with the neighbouring scenes' seeds, which differ by 1)
 
 
 @dataclass(frozen=True)
@@ -24,6 +34,8 @@ class SamplerSettings:
     guidance_scale: float = 5.0
     lora_scale: float = 1.0
     precision: str = "fp16"
+    candidates: int = 1
+    batch_candidates: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ def make_scheduler(name: str, base_config: dict):
 
 
 def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.device | None = None):
+    """The stock pipeline, on the CPU: the caller decides what goes to the device and when."""
     from diffusers import KolorsPipeline
 
     device = device or models.pick_device()
@@ -62,7 +75,7 @@ def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.devi
     )
     pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(desc="denoise", leave=False)
-    return pipe.to(device)
+    return pipe
 
 
 def load_style_lora(pipe, lora_file: Path, scale: float) -> None:
@@ -73,34 +86,94 @@ def load_style_lora(pipe, lora_file: Path, scale: float) -> None:
     pipe.set_adapters([ADAPTER], adapter_weights=[scale])
 
 
-def render(pipe, scene: Scene, settings: SamplerSettings) -> Image.Image:
-    """One panel. The seed drives a CPU generator, so a seed gives the same noise on any device."""
-    generator = torch.Generator("cpu").manual_seed(scene.seed)
-    result = pipe(
-        prompt=scene.prompt,
-        negative_prompt=scene.negative_prompt or None,
-        width=scene.width,
-        height=scene.height,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance_scale,
-        generator=generator,
+@torch.no_grad()
+def encode_and_drop_text_encoder(pipe, scene: Scene, device: torch.device) -> dict:
+    """Prompt embeddings for the scene, then the text encoder leaves the pipeline (and memory)."""
+    pipe.text_encoder.to(device)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=scene.prompt, device=device, num_images_per_prompt=1,
+        do_classifier_free_guidance=True, negative_prompt=scene.negative_prompt or None,
     )
-    return result.images[0]
+    pipe.text_encoder = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
+            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    return [seed + k * SEED_STRIDE for k in range(n)]
+
+
+def render(pipe, scene: Scene, settings: SamplerSettings, seeds: list[int] | None = None,
+           embeds: dict | None = None) -> list[Image.Image]:
+    """Images for the given seeds (default: the scene seed), as one UNet batch when
+    batch_candidates is set, else one call per seed. Seeds drive CPU generators, so a seed gives
+    the same initial noise on any device."""
+    seeds = seeds or [scene.seed]
+    prompt = {"prompt": scene.prompt, "negative_prompt": scene.negative_prompt or None} if embeds is None else embeds
+    common = dict(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance_scale, **prompt)
+    if settings.batch_candidates and len(seeds) > 1:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if embeds is None:
+            return pipe(num_images_per_prompt=len(seeds), generator=generators, **common).images
+        # Pre-computed embeddings: repeat them to the batch (the pipeline does not for pooled ones).
+        common.update({k: v.repeat_interleave(len(seeds), dim=0) for k, v in embeds.items()})
+        return pipe(generator=generators, **common).images
+    return [pipe(generator=torch.Generator("cpu").manual_seed(s), **common).images[0] for s in seeds]
 
 
 def render_scene(
-    model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings, out_path: Path
-) -> Path:
-    pipe = load_pipeline(model_dir, settings)
+    model_dir: Path,
+    lora_file: Path,
+    scene: Scene,
+    settings: SamplerSettings,
+    out_path: Path,
+    candidates_dir: Path | None = None,
+    aesthetic_dir: Path | None = None,
+    device: torch.device | None = None,
+) -> dict:
+    """Render a scene's panel (best of `settings.candidates`), write it, and return the record
+    of candidates: seeds, scores and the chosen index."""
+    device = device or models.pick_device()
+    pipe = load_pipeline(model_dir, settings, device)
+    embeds = encode_and_drop_text_encoder(pipe, scene, device)
+    pipe.to(device)
     load_style_lora(pipe, lora_file, settings.lora_scale)
-    log.info("scene %s: seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale %.2f", scene.id,
-             scene.seed, scene.width, scene.height, settings.sampler, settings.steps,
-             settings.guidance_scale, settings.lora_scale)
-    image = render(pipe, scene, settings)
+    seeds = candidate_seeds(scene.seed, settings.candidates)
+    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA %.2f",
+             scene.id, len(seeds), scene.seed, scene.width, scene.height, settings.sampler,
+             settings.steps, settings.guidance_scale, settings.lora_scale)
+    images = render(pipe, scene, settings, seeds, embeds)
+    del pipe
+    scores = score_candidates(images, aesthetic_dir, device) if len(images) > 1 else [None]
+    chosen = max(range(len(images)), key=lambda k: scores[k]) if len(images) > 1 else 0
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(out_path)
-    return Path(out_path)
+    images[chosen].save(out_path)
+    record = {"scene": scene.id, "seeds": seeds, "scores": scores, "chosen": chosen,
+              "seed": seeds[chosen], "files": []}
+    if candidates_dir is not None:
+        Path(candidates_dir).mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(images):
+            image.save(Path(candidates_dir) / f"{k}.png")
+            record["files"].append(f"{k}.png")
+        (Path(candidates_dir) / "candidates.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if len(images) > 1:
+        log.info("scene %s: scores %s -> candidate %d (seed %d)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in scores), chosen, seeds[chosen])
+    return record
 
 
-__all__ = ["LORA_WEIGHT_NAME", "SamplerSettings", "Scene", "load_pipeline", "load_style_lora",
-           "render", "render_scene"]
+def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device) -> list[float]:
+    from kolors_story.scoring import AestheticScorer
+
+    if aesthetic_dir is None:
+        raise ValueError("best-of-N needs the aesthetic predictor (aesthetic_dir)")
+    scorer = AestheticScorer(Path(aesthetic_dir), device=str(device))
+    return [scorer.score(image) for image in images]
+
+
+__all__ = ["LORA_WEIGHT_NAME", "SamplerSettings", "Scene", "candidate_seeds", "load_pipeline",
+           "load_style_lora", "render", "render_scene"]

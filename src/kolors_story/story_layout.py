@@ -63,7 +63,7 @@ def cjk_font_path() -> Path:
     )
 
 
-def _face_index(path: Path) -> int:
+def font_face_index(path: Path) -> int:
     """Index of the preferred face (name ending in FONT_FACE) of a collection, else 0."""
     if path.suffix.lower() not in {".ttc", ".otc"}:
         return 0
@@ -81,7 +81,7 @@ def _face_index(path: Path) -> int:
 @lru_cache(maxsize=64)
 def _font(path: str, size: int, weight: str) -> ImageFont.FreeTypeFont:
     try:
-        font = ImageFont.truetype(path, size, index=_face_index(Path(path)),
+        font = ImageFont.truetype(path, size, index=font_face_index(Path(path)),
                                   layout_engine=ImageFont.Layout.BASIC)
     except OSError as exc:
         raise UserError(f"Cannot load font {path!r} ({exc}); pass a .ttf/.otf/.ttc file as `font`.") from exc
@@ -321,8 +321,9 @@ def contact_sheet(
     space = max(3 * hl, round(text_px * 1.2))  # between thumbnails (room for the highlight)
     margin = 2 * text_px
     line_h = _line_height(label_font)
+    below = hl + max(2, hl // 2)  # thumbnail -> score label (clear of the highlight)
     id_w = max(math.ceil(label_font.getlength(str(scene))) for scene, *_ in rows) + space
-    row_h = thumb + hl + line_h + space
+    row_h = thumb + below + line_h + space
     most = max(len(images) for _, images, _, _ in rows)
     grid_w = id_w + most * thumb + (most - 1) * space + hl
     title_lines = wrap_text(title.strip(), title_font, grid_w) if title and title.strip() else []
@@ -347,7 +348,7 @@ def contact_sheet(
                            outline=HIGHLIGHT_COLOUR if picked else BORDER_COLOUR, width=width)
             sheet.paste(small, (ox, oy))
             label = _score_label(score) + (" ★" if picked else "")
-            _draw_lines(draw, [label], chosen_font if picked else label_font, x, y + thumb + hl,
+            _draw_lines(draw, [label], chosen_font if picked else label_font, x, y + thumb + below,
                         thumb, HIGHLIGHT_COLOUR if picked else TEXT_COLOUR, centre=True)
     return sheet
 
@@ -399,3 +400,15 @@ def compose_story_page(
     save it to `out_path`."""
     page = compose_page(_load_panels(paths), captions, title, columns, rows, margin, gap, font)
     return _save(page, out_path)
+
+
+def write_contact_sheet(candidate_dirs: list[Path], out_path: Path) -> Path:
+    """The contact sheet of a run from its candidates/<scene>/ folders (candidates.json + k.png)."""
+    import json
+
+    rows = []
+    for folder in candidate_dirs:
+        record = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
+        images = _load_panels([Path(folder) / name for name in record["files"]])
+        rows.append((record["scene"], images, record["scores"], record["chosen"]))
+    return _save(contact_sheet(rows), out_path)
