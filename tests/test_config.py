@@ -28,7 +28,7 @@ def test_default_config_is_valid_and_keeps_the_baseline_values():
     assert config["train"]["rank"] == 16 and config["train"]["alpha"] == 4
     assert config["train"]["steps"] == 500 and config["train"]["resolution"] == 1024
     assert len(config["story"]["scenes"]) == 8
-    assert config["layout"] == {"columns": 2, "rows": 4, "gap": 0}
+    assert config["layout"] == {"columns": 2, "rows": 4, "gap": 0, "style": "grid"}
 
 
 def test_minimal_config_gets_every_default_from_the_schema():

@@ -98,3 +98,16 @@ def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_pa
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s1.png")), chosen)
     assert json.loads((tmp_path / "cands/candidates.json").read_text())["chosen"] == record["chosen"]
     assert len(set(scores)) > 1
+
+
+def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lora, tmp_path):
+    aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
+    settings = SamplerSettings(steps=2, candidates=2, lora_scale=(0.0, 1.0))
+    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=2, width=32, height=32), settings,
+                          tmp_path / "s1.png", candidates_dir=tmp_path / "c", aesthetic_dir=aesthetic, device=CPU)
+    assert record["lora_scales"] == [0.0, 0.0, 1.0, 1.0] and record["seeds"][:2] == record["seeds"][2:]
+    assert record["lora_scale"] == record["lora_scales"][record["chosen"]]
+    assert record["chosen"] == int(np.argmax(record["scores"]))
+    base = np.asarray(Image.open(tmp_path / "c/0.png")).astype(int)
+    styled = np.asarray(Image.open(tmp_path / "c/2.png")).astype(int)
+    assert np.abs(base - styled).max() > 0

@@ -32,7 +32,7 @@ class SamplerSettings:
     sampler: str = "euler"
     steps: int = 50
     guidance_scale: float = 5.0
-    lora_scale: float = 1.0
+    lora_scale: float | tuple[float, ...] = 1.0  # several: a sweep, each scale's candidates compete
     precision: str = "fp16"
     candidates: int = 1
     batch_candidates: bool = True
@@ -141,19 +141,25 @@ def render_scene(
     pipe = load_pipeline(model_dir, settings, device)
     embeds = encode_and_drop_text_encoder(pipe, scene, device)
     pipe.to(device)
-    load_style_lora(pipe, lora_file, settings.lora_scale)
+    scales = lora_scales(settings)
+    load_style_lora(pipe, lora_file, scales[0])
     seeds = candidate_seeds(scene.seed, settings.candidates)
-    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA %.2f",
-             scene.id, len(seeds), scene.seed, scene.width, scene.height, settings.sampler,
-             settings.steps, settings.guidance_scale, settings.lora_scale)
-    images = render(pipe, scene, settings, seeds, embeds)
+    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
+             scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
+             settings.steps, settings.guidance_scale, scales)
+    images, all_seeds, all_scales = [], [], []
+    for scale in scales:
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+        images += render(pipe, scene, settings, seeds, embeds)
+        all_seeds += seeds
+        all_scales += [scale] * len(seeds)
     del pipe
     scores = score_candidates(images, aesthetic_dir, device) if len(images) > 1 else [None]
     chosen = max(range(len(images)), key=lambda k: scores[k]) if len(images) > 1 else 0
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     images[chosen].save(out_path)
-    record = {"scene": scene.id, "seeds": seeds, "scores": scores, "chosen": chosen,
-              "seed": seeds[chosen], "files": []}
+    record = {"scene": scene.id, "seeds": all_seeds, "lora_scales": all_scales, "scores": scores,
+              "chosen": chosen, "seed": all_seeds[chosen], "lora_scale": all_scales[chosen], "files": []}
     if candidates_dir is not None:
         Path(candidates_dir).mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
@@ -161,9 +167,14 @@ def render_scene(
             record["files"].append(f"{k}.png")
         (Path(candidates_dir) / "candidates.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     if len(images) > 1:
-        log.info("scene %s: scores %s -> candidate %d (seed %d)", scene.id,
-                 ", ".join(f"{s:.3f}" for s in scores), chosen, seeds[chosen])
+        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in scores), chosen, all_seeds[chosen], all_scales[chosen])
     return record
+
+
+def lora_scales(settings: SamplerSettings) -> list[float]:
+    scale = settings.lora_scale
+    return [float(x) for x in scale] if isinstance(scale, (list, tuple)) else [float(scale)]
 
 
 def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device) -> list[float]:
