@@ -91,8 +91,12 @@ def generate_inputs(wildcards):
     return inputs
 
 
+IMAGE_KEYS = ("id", "prompt", "negative_prompt", "seed", "width", "height")
+
+
 def scene_params(wildcards):
-    return SCENES[wildcards.scene]
+    """Only what a scene's image depends on: a new caption must not re-render the panel."""
+    return {k: SCENES[wildcards.scene][k] for k in IMAGE_KEYS}
 
 
 def scene_png(scene_id):

@@ -11,6 +11,7 @@ rule score_images:
         json=f"{OUT}/scores.json",
     params:
         threshold=config["score"]["threshold"],
+        characters={s: SCENES[s]["characters"] for s in SCENE_IDS},
     log:
         f"{LOGS}/score_images.log",
     conda:

@@ -130,3 +130,23 @@ def test_write_scores(tmp_path: Path):
     assert write_scores(scores, tmp_path / "b.csv", tmp_path / "b.json", threshold=6.5)["passes"] is False
     empty = write_scores({}, tmp_path / "e.csv", tmp_path / "e.json")
     assert empty["mean"] == 0 and empty["n"] == 0 and empty["passes"] is False
+
+
+def test_consistency_of_identical_images_is_one_and_only_shared_characters_pair(predictor_dir, panel_dir):
+    from kolors_story.scoring import consistency_report
+
+    scorer = AestheticScorer(predictor_dir)
+    files = sorted(panel_dir.iterdir())
+    scores, embeddings = scorer.score_and_embed_files(files)
+    assert scores == scorer.score_files(files)
+    first = embeddings[files[0].name]
+    report = consistency_report(
+        {"a": first, "b": first.clone(), "c": embeddings[files[1].name], "d": embeddings[files[2].name]},
+        {"a": ["girl"], "b": ["girl"], "c": ["girl", "prince"], "d": ["prince"]},
+    )
+    pairs = {(p["a"], p["b"]): p["similarity"] for p in report["pairs"]}
+    assert set(pairs) == {("a", "b"), ("a", "c"), ("b", "c"), ("c", "d")}
+    assert pairs[("a", "b")] == pytest.approx(1.0, abs=1e-6)
+    assert pairs[("a", "c")] < 1.0
+    assert report["characters"]["prince"] == pytest.approx(pairs[("c", "d")])
+    assert report["mean"] == pytest.approx(sum(pairs.values()) / 4)

@@ -111,6 +111,10 @@ def test_scores_match_the_challenge_reference_evaluate(demo_run):
     reference = reference_evaluate(str(demo_run / "resources/tiny/aesthetic"), str(demo_run / "results/demo/scenes"))
     assert summary["mean"] == pytest.approx(reference, abs=1e-5)
     assert summary["threshold"] == 6.0 and summary["passes"] == (summary["mean"] >= 6.0)
+    consistency = summary["consistency"]
+    assert set(consistency["characters"]) == {"girl", "prince"}
+    assert {"s5_talk.png", "s6_ride.png"} <= {p["a"] for p in consistency["pairs"]} | {p["b"] for p in consistency["pairs"]}
+    assert all(-1.0 <= p["similarity"] <= 1.0 for p in consistency["pairs"])
     rows = (demo_run / "results/demo/scores.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "image,score" and len(rows) == 1 + len(SCENES)
 
@@ -180,6 +184,13 @@ def test_changing_a_filter_setting_reruns_from_filtering(demo_run):
     jobs = planned_jobs(demo_run, override(demo_run, "filter", {"filter": {"ops": ops}}))
     assert {"filter_dataset", "build_metadata", "train_lora"} <= set(jobs)
     assert jobs["generate_scene"] == len(SCENES) and "download_dataset" not in jobs
+
+
+def test_changing_a_caption_rerenders_no_scene(demo_run):
+    scenes = demo_scenes(demo_run)
+    scenes[0] = {**scenes[0], "caption": "第一幕"}
+    jobs = planned_jobs(demo_run, override(demo_run, "caption", {"story": {"scenes": scenes}}))
+    assert "compose_story" in jobs and "generate_scene" not in jobs
 
 
 def test_changing_a_character_reruns_exactly_the_scenes_that_show_it(demo_run):

@@ -141,6 +141,7 @@ def scene_settings(config: dict) -> dict[str, dict]:
             "prompt": prompt,
             "negative_prompt": scene.get("negative_prompt", story["negative_prompt"]),
             "caption": scene.get("caption") or scene.get("action") or prompt,
+            "characters": list(scene.get("characters", [])),
             "seed": scene.get("seed", gen["seed"] + index),
             "width": scene.get("width", gen["width"]),
             "height": scene.get("height", gen["height"]),

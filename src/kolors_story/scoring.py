@@ -37,21 +37,51 @@ class AestheticScorer:
 
     def score(self, image: Image.Image) -> float:
         """One image's score; the processor converts to RGB, resizes and crops like the reference."""
+        return self.score_and_embed(image)[0]
+
+    def score_and_embed(self, image: Image.Image) -> tuple[float, torch.Tensor]:
+        """The score and the L2-normalised CLIP image embedding the predictor's head reads (the
+        vision tower is already loaded, so consistency costs no extra model)."""
         inputs = self.processor(images=image, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with torch.no_grad():
             outputs = self.predictor(**inputs)
-        return outputs.logits.tolist()[0][0]
+        return outputs.logits.tolist()[0][0], outputs.hidden_states[0].float().cpu()
 
     def score_files(self, paths: list[Path]) -> dict[str, float]:
         """File name -> score, in the given order. Names must be unique (they key the results)."""
+        return self.score_and_embed_files(paths)[0]
+
+    def score_and_embed_files(self, paths: list[Path]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """File name -> score, and file name -> CLIP image embedding, in the given order."""
         paths = [Path(p) for p in paths]
         _check_unique_names(paths)
         scores: dict[str, float] = {}
+        embeddings: dict[str, torch.Tensor] = {}
         for path in tqdm(paths, desc="aesthetic score", unit="image"):
             with _open_image(path) as image:
-                scores[path.name] = self.score(image)
-        return scores
+                scores[path.name], embeddings[path.name] = self.score_and_embed(image)
+        return scores, embeddings
+
+
+def consistency_report(embeddings: dict[str, torch.Tensor], characters: dict[str, list[str]]) -> dict:
+    """Cosine similarity of CLIP image embeddings between every two panels that show the same
+    character: per pair, per character and overall mean (1.0 = identical images)."""
+    pairs, by_character = [], {}
+    names = list(embeddings)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = sorted(set(characters.get(a, [])) & set(characters.get(b, [])))
+            if not shared:
+                continue
+            similarity = float(torch.dot(embeddings[a], embeddings[b]) /
+                               (embeddings[a].norm() * embeddings[b].norm()))
+            pairs.append({"a": a, "b": b, "characters": shared, "similarity": similarity})
+            for name in shared:
+                by_character.setdefault(name, []).append(similarity)
+    mean = sum(p["similarity"] for p in pairs) / len(pairs) if pairs else None
+    return {"mean": mean, "pairs": pairs,
+            "characters": {k: sum(v) / len(v) for k, v in sorted(by_character.items())}}
 
 
 def _check_unique_names(paths: list[Path]) -> None:
@@ -88,9 +118,11 @@ def summarise_scores(scores: dict[str, float], threshold: float = PASS_THRESHOLD
 
 
 def write_scores(
-    scores: dict[str, float], csv_path: Path, json_path: Path, threshold: float = PASS_THRESHOLD
+    scores: dict[str, float], csv_path: Path, json_path: Path, threshold: float = PASS_THRESHOLD,
+    extra: dict | None = None,
 ) -> dict:
-    """Write scores.csv (image,score rows in the given order) and scores.json; return the summary."""
+    """Write scores.csv (image,score rows in the given order) and scores.json (the summary plus
+    `extra` sections, e.g. consistency); return the summary."""
     csv_path, json_path = Path(csv_path), Path(json_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +131,6 @@ def write_scores(
         writer.writerow(["image", "score"])
         for name, value in scores.items():
             writer.writerow([name, repr(float(value))])
-    summary = summarise_scores(scores, threshold)
+    summary = {**summarise_scores(scores, threshold), **(extra or {})}
     json_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
