@@ -29,8 +29,14 @@ ENV = "../envs/kolors-story.yaml"
 BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic"}
 
 
+SAMPLER = {k: v for k, v in config["generate"].items() if k not in ("seed", "width", "height", "consistency")}
+CONSISTENCY = {k: v for k, v in config["generate"]["consistency"].items() if k not in ("enabled", "seed")}
+CHARACTERS = sorted(config["story"]["characters"])
+
+
 wildcard_constraints:
     scene="|".join(SCENE_IDS),
+    character="|".join(CHARACTERS) or "no-characters",
     model_name="kolors|aesthetic",
 
 
@@ -79,11 +85,27 @@ def train_inputs(wildcards):
     return inputs
 
 
+def scene_anchors(wildcards):
+    """Anchor files of the characters a scene shows (none when consistency is off)."""
+    if not config["generate"]["consistency"]["enabled"]:
+        return []
+    return [f"{OUT}/anchors/{c}.safetensors" for c in SCENES[wildcards.scene]["characters"]]
+
+
+def anchor_params(wildcards):
+    """A character's anchor: style + description, the story's negative prompt, the panel size."""
+    story, gen = config["story"], config["generate"]
+    prompt = "，".join(p for p in (story["style"], story["characters"][wildcards.character]) if p)
+    return {"id": wildcards.character, "prompt": prompt, "negative_prompt": story["negative_prompt"],
+            "seed": gen["consistency"]["seed"], "width": gen["width"], "height": gen["height"]}
+
+
 def generate_inputs(wildcards):
     inputs = {
         "lora": f"{OUT}/lora/pytorch_lora_weights.safetensors",
         "model": model_path("kolors"),
         "model_check": f"{OUT}/models/kolors.json",
+        "anchors": scene_anchors(wildcards),
     }
     if config["generate"]["candidates"] > 1:
         inputs["aesthetic"] = model_path("aesthetic")

@@ -9,7 +9,8 @@ rule generate_scene:
         candidates=directory(f"{OUT}/candidates/{{scene}}"),
     params:
         scene=scene_params,
-        sampler={k: v for k, v in config["generate"].items() if k not in ("seed", "width", "height")},
+        sampler=SAMPLER,
+        consistency=lambda wc: CONSISTENCY if scene_anchors(wc) else None,
     resources:
         gpu=1,
     log:
@@ -18,6 +19,27 @@ rule generate_scene:
         ENV
     script:
         "../scripts/generate_scene.py"
+
+
+rule render_anchor:
+    input:
+        lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
+        model=model_path("kolors"),
+        model_check=f"{OUT}/models/kolors.json",
+    output:
+        f"{OUT}/anchors/{{character}}.safetensors",
+    params:
+        anchor=anchor_params,
+        sampler=SAMPLER,
+        consistency=CONSISTENCY,
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/render_anchor/{{character}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/render_anchor.py"
 
 
 rule compose_story:

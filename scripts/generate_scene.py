@@ -1,16 +1,18 @@
 from pathlib import Path
 
-from kolors_story.generation import SamplerSettings, Scene, render_scene
+from kolors_story.generation import Consistency, SamplerSettings, Scene, render_scene
 from kolors_story.rule_runner import run_rule
 
 
 def main(snakemake):
-    s, inp = snakemake.params.scene, snakemake.input
+    s, inp, params = snakemake.params.scene, snakemake.input, snakemake.params
     scene = Scene(s["id"], s["prompt"], s["negative_prompt"], s["seed"], s["width"], s["height"])
     render_scene(
-        Path(inp.model), Path(inp.lora), scene, SamplerSettings(**snakemake.params.sampler),
+        Path(inp.model), Path(inp.lora), scene, SamplerSettings(**params.sampler),
         Path(snakemake.output.panel), candidates_dir=Path(snakemake.output.candidates),
         aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
+        anchors=[Path(p) for p in inp.anchors],
+        consistency=Consistency(**params.consistency) if params.consistency else None,
     )
 
 

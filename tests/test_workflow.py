@@ -231,8 +231,8 @@ def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_ru
     use = override(demo_run, "use", {"run": "imported", "train": {"use_lora": str(out / "diffsynth_lora.ckpt")}})
     jobs = planned_jobs(demo_run, use)
     assert jobs.get("import_lora") == 1 and "train_lora" not in jobs
-    snakemake(demo_run, "--cores", "1", "--configfile", "demo/config.yaml", use,
-              "results/imported/lora/pytorch_lora_weights.safetensors")
+    snakemake(demo_run, "results/imported/lora/pytorch_lora_weights.safetensors", "--cores", "1",
+              "--configfile", "demo/config.yaml", use)
     imported = load_file(demo_run / "results/imported/lora/pytorch_lora_weights.safetensors")
     trained = load_file(out / "pytorch_lora_weights.safetensors")
     assert imported.keys() == trained.keys()

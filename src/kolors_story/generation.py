@@ -39,6 +39,16 @@ class SamplerSettings:
 
 
 @dataclass(frozen=True)
+class Consistency:
+    """Anchor-mode character consistency (kolors_story.consistency): scene jobs attend to the
+    self-attention features recorded while rendering each character's anchor."""
+
+    strength: float = 1.0
+    steps_fraction: float = 0.6
+    max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
 class Scene:
     id: str
     prompt: str
@@ -134,15 +144,26 @@ def render_scene(
     candidates_dir: Path | None = None,
     aesthetic_dir: Path | None = None,
     device: torch.device | None = None,
+    anchors: list[Path] = (),
+    consistency: Consistency | None = None,
 ) -> dict:
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record
-    of candidates: seeds, scores and the chosen index."""
+    of candidates: seeds, scores and the chosen index. With anchors (one per character the scene
+    shows), self-attention is shared with them for consistent characters."""
     device = device or models.pick_device()
     pipe = load_pipeline(model_dir, settings, device)
     embeds = encode_and_drop_text_encoder(pipe, scene, device)
     pipe.to(device)
     scales = lora_scales(settings)
     load_style_lora(pipe, lora_file, scales[0])
+    if anchors:
+        from kolors_story.consistency import enable_sharing, load_anchor
+
+        consistency = consistency or Consistency()
+        enable_sharing(pipe, [load_anchor(Path(p)) for p in anchors], consistency.strength,
+                       consistency.steps_fraction)
+        log.info("scene %s: sharing attention with %d anchor(s), strength %.2f", scene.id,
+                 len(anchors), consistency.strength)
     seeds = candidate_seeds(scene.seed, settings.candidates)
     log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
              scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
@@ -170,6 +191,24 @@ def render_scene(
         log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
                  ", ".join(f"{s:.3f}" for s in scores), chosen, all_seeds[chosen], all_scales[chosen])
     return record
+
+
+def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,
+                  consistency: Consistency, out_path: Path, device: torch.device | None = None) -> Path:
+    """Render a character's anchor with the scenes' sampler and LoRA, recording the
+    self-attention features the scene jobs will share (out_path: .safetensors, image beside)."""
+    from kolors_story.consistency import record_anchor, save_anchor
+
+    device = device or models.pick_device()
+    pipe = load_pipeline(model_dir, settings, device)
+    embeds = encode_and_drop_text_encoder(pipe, scene, device)
+    pipe.to(device)
+    load_style_lora(pipe, lora_file, lora_scales(settings)[0])
+    image, features, meta = record_anchor(
+        pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
+        max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
+    log.info("anchor %s: %d features over %s steps", scene.id, len(features), meta.get("recorded_steps"))
+    return save_anchor(Path(out_path), features, {**meta, "prompt": scene.prompt}, image)
 
 
 def lora_scales(settings: SamplerSettings) -> list[float]:

@@ -1,0 +1,17 @@
+from pathlib import Path
+
+from kolors_story.generation import Consistency, SamplerSettings, Scene, render_anchor
+from kolors_story.rule_runner import run_rule
+
+
+def main(snakemake):
+    a, inp = snakemake.params.anchor, snakemake.input
+    render_anchor(
+        Path(inp.model), Path(inp.lora),
+        Scene(a["id"], a["prompt"], a["negative_prompt"], a["seed"], a["width"], a["height"]),
+        SamplerSettings(**snakemake.params.sampler), Consistency(**snakemake.params.consistency),
+        Path(snakemake.output[0]),
+    )
+
+
+run_rule(main, snakemake)
