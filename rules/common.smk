@@ -31,6 +31,8 @@ BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny
 
 SAMPLER = {k: v for k, v in config["generate"].items() if k not in ("seed", "width", "height", "consistency")}
 CONSISTENCY = {k: v for k, v in config["generate"]["consistency"].items() if k not in ("enabled", "seed")}
+# What an anchor's recording depends on (strength and selection only matter in scene jobs).
+ANCHOR_CONSISTENCY = {k: CONSISTENCY[k] for k in ("steps_fraction", "max_tokens")}
 CHARACTERS = sorted(config["story"]["characters"])
 
 

@@ -31,7 +31,7 @@ rule render_anchor:
     params:
         anchor=anchor_params,
         sampler=SAMPLER,
-        consistency=CONSISTENCY,
+        consistency=ANCHOR_CONSISTENCY,
     resources:
         gpu=1,
     log:

@@ -111,3 +111,28 @@ def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lo
     base = np.asarray(Image.open(tmp_path / "c/0.png")).astype(int)
     styled = np.asarray(Image.open(tmp_path / "c/2.png")).astype(int)
     assert np.abs(base - styled).max() > 0
+
+
+def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pick(tiny_kolors, lora, tmp_path):
+    from kolors_story.generation import Consistency, render_anchor
+
+    aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
+    settings = SamplerSettings(steps=3, candidates=2)
+    option = Consistency(strength=4.0, steps_fraction=1.0, max_tokens=64, selection_weight=2.0)
+    anchor = render_anchor(tiny_kolors, lora, Scene("girl", "水墨画，少女", seed=0, width=32, height=32),
+                           settings, option, tmp_path / "anchors/girl.safetensors", device=CPU)
+    assert anchor.with_suffix(".png").is_file()
+    scene = Scene("s1", "水墨画，少女，读书", seed=7, width=32, height=32)
+
+    def run(name, anchors):
+        return render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", tmp_path / name,
+                            aesthetic, CPU, anchors=anchors, consistency=option)
+
+    plain, shared, again = run("plain", []), run("shared", [anchor]), run("again", [anchor])
+    pixels = {n: np.asarray(Image.open(tmp_path / n / "0.png")).astype(int) for n in ("plain", "shared", "again")}
+    assert np.array_equal(pixels["shared"], pixels["again"])
+    assert np.abs(pixels["shared"] - pixels["plain"]).max() > 0
+    assert plain["anchor_similarity"] == [None, None]
+    combined = [a + 2.0 * c for a, c in zip(shared["scores"], shared["anchor_similarity"])]
+    assert shared["selection_scores"] == pytest.approx(combined)
+    assert shared["chosen"] == int(np.argmax(combined))

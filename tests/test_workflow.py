@@ -90,7 +90,8 @@ def test_story_page_and_best_of_three_candidates(demo_run):
     assert sheet.width > 3 * 64 and sheet.height > 8 * 64
     for scene in SCENES:
         record = json.loads((out / "candidates" / scene / "candidates.json").read_text(encoding="utf-8"))
-        assert len(record["files"]) == 3 and record["chosen"] == int(np.argmax(record["scores"]))
+        assert len(record["files"]) == 3 and record["chosen"] == int(np.argmax(record["selection_scores"]))
+        assert all(s is not None for s in record["anchor_similarity"])  # demo: selection_weight 2
         chosen = np.asarray(Image.open(out / "candidates" / scene / record["files"][record["chosen"]]))
         assert np.array_equal(np.asarray(Image.open(out / "scenes" / f"{scene}.png")), chosen)
 
@@ -184,6 +185,13 @@ def test_changing_a_filter_setting_reruns_from_filtering(demo_run):
     jobs = planned_jobs(demo_run, override(demo_run, "filter", {"filter": {"ops": ops}}))
     assert {"filter_dataset", "build_metadata", "train_lora"} <= set(jobs)
     assert jobs["generate_scene"] == len(SCENES) and "download_dataset" not in jobs
+
+
+def test_consistency_anchors_are_rendered_once_per_character(demo_run):
+    anchors = demo_run / "results/demo/anchors"
+    assert sorted(p.name for p in anchors.iterdir()) == ["girl.png", "girl.safetensors", "prince.png", "prince.safetensors"]
+    jobs = planned_jobs(demo_run, override(demo_run, "strength", {"generate": {"consistency": {"strength": 0.5}}}))
+    assert "render_anchor" not in jobs and jobs["generate_scene"] == len(SCENES)  # all scenes show someone
 
 
 def test_changing_a_caption_rerenders_no_scene(demo_run):

@@ -46,6 +46,7 @@ class Consistency:
     strength: float = 1.0
     steps_fraction: float = 0.6
     max_tokens: int = 1024
+    selection_weight: float = 0.0  # best-of-N picks by aesthetic + weight * similarity to anchors
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,17 @@ def render_scene(
         all_seeds += seeds
         all_scales += [scale] * len(seeds)
     del pipe
-    scores = score_candidates(images, aesthetic_dir, device) if len(images) > 1 else [None]
-    chosen = max(range(len(images)), key=lambda k: scores[k]) if len(images) > 1 else 0
+    weight = consistency.selection_weight if (anchors and consistency) else 0.0
+    scores, anchor_similarity = [None], [None]
+    if len(images) > 1:
+        scores, anchor_similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
+    combined = [a + weight * (c or 0.0) for a, c in zip(scores, anchor_similarity)] if len(images) > 1 else [None]
+    chosen = max(range(len(images)), key=lambda k: combined[k]) if len(images) > 1 else 0
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     images[chosen].save(out_path)
     record = {"scene": scene.id, "seeds": all_seeds, "lora_scales": all_scales, "scores": scores,
-              "chosen": chosen, "seed": all_seeds[chosen], "lora_scale": all_scales[chosen], "files": []}
+              "anchor_similarity": anchor_similarity, "selection_scores": combined, "chosen": chosen,
+              "seed": all_seeds[chosen], "lora_scale": all_scales[chosen], "files": []}
     if candidates_dir is not None:
         Path(candidates_dir).mkdir(parents=True, exist_ok=True)
         for k, image in enumerate(images):
@@ -216,13 +222,22 @@ def lora_scales(settings: SamplerSettings) -> list[float]:
     return [float(x) for x in scale] if isinstance(scale, (list, tuple)) else [float(scale)]
 
 
-def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device) -> list[float]:
+def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device,
+                     anchors: list[Path] = ()) -> tuple[list[float], list[float | None]]:
+    """Aesthetic score of each candidate and, given anchors, its mean CLIP cosine similarity to the
+    anchor images of the scene's characters (same vision tower, no extra model)."""
     from kolors_story.scoring import AestheticScorer
 
     if aesthetic_dir is None:
         raise ValueError("best-of-N needs the aesthetic predictor (aesthetic_dir)")
     scorer = AestheticScorer(Path(aesthetic_dir), device=str(device))
-    return [scorer.score(image) for image in images]
+    scored = [scorer.score_and_embed(image) for image in images]
+    if not anchors:
+        return [s for s, _ in scored], [None] * len(images)
+    refs = [scorer.score_and_embed(Image.open(Path(p).with_suffix(".png")))[1] for p in anchors]
+    similarity = [sum(float(torch.nn.functional.cosine_similarity(e, r, dim=0)) for r in refs) / len(refs)
+                  for _, e in scored]
+    return [s for s, _ in scored], similarity
 
 
 __all__ = ["LORA_WEIGHT_NAME", "SamplerSettings", "Scene", "candidate_seeds", "load_pipeline",
