@@ -1,5 +1,9 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
 PYTHON ?= python3
+# pip on this kind of machine prints a warning per missing local index folder; drop those lines
+# but keep pip's exit status (process substitution, not a pipe).
+QUIET_PIP = 2> >(grep -v "^WARNING: Location" >&2)
 VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
@@ -12,9 +16,8 @@ env: $(STAMP)
 # The environment is rebuilt when requirements change. Only the project's own files are used.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
+	$(BIN)/pip install --quiet --no-deps -e . $(QUIET_PIP)
 	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake"
 	touch $(STAMP)
 
