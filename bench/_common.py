@@ -195,3 +195,22 @@ def release_memory() -> None:
 
 def gib(n: int | float | None) -> float | None:
     return None if n is None else round(n / GIB, 3)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them CPU bf16 matmuls are far slower than fp32 (measured on an
+    AVX2-only AMD EPYC: 256x4096 @ 4096x4096 took 0.35 s in fp32 and 51 s in bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: str) -> tuple[str, str]:
+    if device.startswith("cuda"):
+        return "bf16", "CUDA"
+    if cpu_has_native_bf16():
+        return "bf16", "CPU has AVX512-BF16/AMX"
+    return "fp32", ("CPU lacks AVX512-BF16/AMX (capability "
+                    f"{torch.backends.cpu.get_cpu_capability()}): bf16 matmuls would be ~50-150x slower")

@@ -12,12 +12,17 @@ Two modes, each in its own subprocess so its peak memory is its own:
              resident; every step loads the image, tokenizes + encodes the caption with ChatGLM,
              encodes the image with the VAE, then runs the UNet step.
 
-All models are full size with random weights in bf16 (the UNet: the real Kolors config, 2.58 B
+All models are full size with random weights in bf16 (--dtype; see below) (the UNet: the real Kolors config, 2.58 B
 parameters; the VAE: the SDXL config), except that ChatGLM3-6B is full width (hidden 4096, ffn
 13696, 32 heads, MQA 2 groups, vocab 65024) but only --te-layers deep, to fit a 24 GiB machine.
 Its per-layer time and per-layer memory are measured and the results are also given scaled to
 the real 28 layers (columns marked "scaled"). Both modes: LoRA rank --rank on to_q/to_k/to_v/
 to_out.0 (fp32 LoRA params), AdamW, gradient checkpointing, bf16 autocast, batch 1.
+
+--dtype auto picks bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 or AMX) and fp32
+elsewhere: on an AVX2-only CPU a bf16 matmul is ~50-150x slower than fp32 (measured on the AMD EPYC
+this was written on), which would make one step take hours. In fp32 there is no autocast and
+every weight term is twice its bf16 size; the ratios between the modes stay close.
 
 Per-step time is the median of --steps measured steps after one warm-up step. Peak memory is the
 process's peak RSS (getrusage ru_maxrss) and, per phase, the kernel's VmHWM (reset between
@@ -117,6 +122,7 @@ class LayerTimer:
 
     def __init__(self, blocks, device: torch.device):
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.device = device
         for block in blocks:
             block.register_forward_pre_hook(self._pre)
@@ -128,11 +134,12 @@ class LayerTimer:
 
     def _pre(self, module, args):
         self._sync()
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def _post(self, module, args, out):
         self._sync()
         self.times.append(time.perf_counter() - self._t)
+        self.cpu_times.append(time.process_time() - self._c)
 
 
 def run_mode(args) -> dict:
@@ -144,10 +151,12 @@ def run_mode(args) -> dict:
     from kolors_story.training import TrainSettings, add_lora, encode_latents
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    autocast = dtype != torch.float32  # fp32: no autocast, everything fp32 (the trainer's fp32 mode)
     mode = args.child
     phases = Phases(device)
     res = args.resolution
+    load0 = os.getloadavg()
     out: dict = {"mode": mode, "device": str(device), "torch_threads": torch.get_num_threads()}
     images = make_images(Path(args.tmp), len(CAPTIONS))
     tokenizer = ChatGLMTokenizer.from_pretrained(str(kolors_tokenizer_dir()))
@@ -178,6 +187,7 @@ def run_mode(args) -> dict:
         phases.end(per_caption_s=round(per_caption, 3))
         out["encode_per_caption_s"] = per_caption
         out["layer_times_s"] = list(timer.times)
+        out["layer_cpu_times_s"] = list(timer.cpu_times)
         del text_encoder, blocks, timer
         C.release_memory()
         out["rss_after_text_release_gib"] = C.gib(C.rss_bytes())
@@ -207,12 +217,12 @@ def run_mode(args) -> dict:
     out["lora_params"] = sum(p.numel() for p in params)
 
     gen = torch.Generator().manual_seed(0)
-    steps, parts = [], {"load_image": [], "text_encoder": [], "vae": [], "unet": []}
+    steps, cpu_steps, parts = [], [], {"load_image": [], "text_encoder": [], "vae": [], "unet": []}
     phases.start("train_steps")
     for step in range(args.steps + 1):  # step 0 is the warm-up
         i = step % len(CAPTIONS)
         caption, path = CAPTIONS[i], images[i]
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.process_time()
         if mode == "recompute":
             t = time.perf_counter()
             pixels = load_pixels(path, res)
@@ -223,6 +233,7 @@ def run_mode(args) -> dict:
             t_text = time.perf_counter() - t
             if step > 0:
                 out.setdefault("layer_times_s", []).extend(timer.times[n_layer_times:])
+                out.setdefault("layer_cpu_times_s", []).extend(timer.cpu_times[n_layer_times:])
             t = time.perf_counter()
             latents = encode_latents(vae, pixels, device)
             t_vae = time.perf_counter() - t
@@ -236,7 +247,7 @@ def run_mode(args) -> dict:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=dtype, device=device)
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
                         added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
@@ -248,17 +259,24 @@ def run_mode(args) -> dict:
             torch.cuda.synchronize()
         t_unet = time.perf_counter() - t
         total = time.perf_counter() - t_step
-        print(f"  step {step}{' (warm-up)' if step == 0 else ''}: {total:.2f} s (image {t_img:.2f}, "
+        cpu_total = time.process_time() - cpu_step
+        print(f"  step {step}{' (warm-up)' if step == 0 else ''}: {total:.2f} s, cpu {cpu_total:.2f} s "
+              f"(image {t_img:.2f}, "
               f"text {t_text:.2f}, vae {t_vae:.2f}, unet {t_unet:.2f}) loss {loss.item():.4f}", flush=True)
         if step > 0:
             steps.append(total)
+            cpu_steps.append(cpu_total)
             for k, v in zip(parts, (t_img, t_text, t_vae, t_unet)):
                 parts[k].append(v)
     phases.end()
     out["step_times_s"] = steps
     out["step_s"] = statistics.median(steps)
+    out["step_cpu_times_s"] = cpu_steps
+    out["step_cpu_s"] = statistics.median(cpu_steps)
+    out["load_avg_start_end"] = [load0, os.getloadavg()]
     out["parts_median_s"] = {k: statistics.median(v) for k, v in parts.items()}
     out["layer_s"] = statistics.median(out["layer_times_s"])
+    out["layer_cpu_s"] = statistics.median(out["layer_cpu_times_s"])
     out["phases"] = phases.rows
     out["peak_rss_hwm_reset_works"] = phases.hwm_reset_works
     out["peak_rss_gib"] = C.gib(C.ru_maxrss_bytes())
@@ -268,41 +286,106 @@ def run_mode(args) -> dict:
 
 
 # ---------------------------------------------------------------- parent: both modes + table
-def scale(result: dict, layers: int, target: int) -> dict:
+def scale(result: dict, layers: int, target: int, elem_bytes: int) -> dict:
     """Add a (target - layers)-layer ChatGLM to one mode's measurements.
 
     Time: each extra block costs the measured median block time wherever ChatGLM runs (every
-    step in `recompute`, once per caption in `cached`). Memory: each extra block adds its bf16
+    step in `recompute`, once per caption in `cached`). Memory: each extra block adds its
     weights wherever ChatGLM is resident, plus its 256-token hidden state that
     output_hidden_states keeps; no-grad activations of one block are freed before the next runs,
     so the transient peak does not grow with depth.
     """
     extra = target - layers
-    hidden_state = C.CHATGLM3_6B["seq_length"] * C.CHATGLM3_6B["hidden_size"] * 2
+    hidden_state = C.CHATGLM3_6B["seq_length"] * C.CHATGLM3_6B["hidden_size"] * elem_bytes
     add_bytes = extra * (result["text_encoder"]["layer_param_bytes"] + hidden_state)
     add_s = extra * result["layer_s"]
     phases = result["phases"]
     te_phases = ["build_text_encoder", "encode_captions"]  # cached: ChatGLM resident only here
     if result["mode"] == "recompute":
         step_s = result["step_s"] + add_s
+        step_cpu_s = result["step_cpu_s"] + extra * result["layer_cpu_s"]
         peak = result["peak_rss_gib"] + add_bytes / C.GIB
         train_peak = (phases["train_steps"]["peak_rss_gib"] or result["peak_rss_gib"]) + add_bytes / C.GIB
         per_caption = None
     else:
         step_s = result["step_s"]
+        step_cpu_s = result["step_cpu_s"]
         te_peak = max((phases[p]["peak_rss_gib"] or 0) for p in te_phases if p in phases) + add_bytes / C.GIB
         unet_peak = max(phases[p]["peak_rss_gib"] or 0
                         for p in ("build_vae", "encode_latents", "build_unet", "train_steps"))
         peak = max(te_peak, unet_peak) if phases["train_steps"]["peak_rss_gib"] else None
         train_peak = phases["train_steps"]["peak_rss_gib"]
         per_caption = result["encode_per_caption_s"] + add_s
-    return {"step_s": step_s, "peak_rss_gib": peak, "train_phase_peak_rss_gib": train_peak,
+    return {"step_s": step_s, "step_cpu_s": step_cpu_s, "peak_rss_gib": peak, "train_phase_peak_rss_gib": train_peak,
             "encode_per_caption_s": per_caption, "extra_layers": extra,
             "extra_gib": add_bytes / C.GIB, "extra_s_per_text_encoding": add_s}
 
 
 def fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
+
+
+def report(args, results: dict) -> dict:
+    """Add the 28-layer scaling to each mode's results, print the table, return the ratios."""
+    target = C.CHATGLM3_6B_LAYERS
+    elem = 2 if args.dtype == "bf16" else 4
+    for r in results.values():
+        r["scaled_to_28_layers"] = scale(r, args.te_layers, target, elem)
+
+    print()
+    print(f"Full-size Kolors UNet LoRA training, {args.resolution} px "
+          f"({args.resolution // 8}x{args.resolution // 8} latents), rank {args.rank}, {args.dtype} weights, "
+          f"gradient checkpointing, batch 1, device {args.device}, {torch.get_num_threads()} threads")
+    print(f"ChatGLM: full width, {args.te_layers} layers measured; 'scaled' adds "
+          f"{target - args.te_layers} more layers at the measured per-layer time and weight size.")
+    cols = ["wall s/step", "CPU s/step", "peak RSS GiB", "train-loop RSS GiB"]
+    print(f"{'':<10} " + " ".join(f"{c:^19}" for c in cols))
+    print(f"{'mode':<10} " + " ".join(f"{'measured':>9} {'scaled':>9}" for _ in cols))
+
+    def row(name, values):
+        print(f"{name:<10} " + " ".join(f"{fmt(v):>9}" for v in values))
+
+    for mode, r in results.items():
+        s = r["scaled_to_28_layers"]
+        row(mode, [r["step_s"], s["step_s"], r["step_cpu_s"], s["step_cpu_s"], r["peak_rss_gib"],
+                   s["peak_rss_gib"], r["phases"]["train_steps"]["peak_rss_gib"], s["train_phase_peak_rss_gib"]])
+    summary = {}
+    if {"cached", "recompute"} <= set(results):
+        c, r = results["cached"], results["recompute"]
+        cs, rs = c["scaled_to_28_layers"], r["scaled_to_28_layers"]
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        summary = {
+            "time_ratio_measured": ratio(r["step_s"], c["step_s"]),
+            "time_ratio_scaled": ratio(rs["step_s"], cs["step_s"]),
+            "cpu_time_ratio_measured": ratio(r["step_cpu_s"], c["step_cpu_s"]),
+            "cpu_time_ratio_scaled": ratio(rs["step_cpu_s"], cs["step_cpu_s"]),
+            "peak_rss_ratio_measured": ratio(r["peak_rss_gib"], c["peak_rss_gib"]),
+            "peak_rss_ratio_scaled": ratio(rs["peak_rss_gib"], cs["peak_rss_gib"]),
+            "train_loop_rss_ratio_measured": ratio(r["phases"]["train_steps"]["peak_rss_gib"],
+                                                   c["phases"]["train_steps"]["peak_rss_gib"]),
+            "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
+        }
+        row("ratio r/c", list(summary.values()))
+        print("(scaled = ChatGLM deepened to 28 layers from the measured per-layer time and weights; "
+              "wall time is noisy when other processes share the CPU, CPU time less so)")
+        print()
+        p = r["parts_median_s"]
+        print(f"recompute step parts (median s): image {p['load_image']:.2f}, ChatGLM {p['text_encoder']:.2f} "
+              f"({args.te_layers} layers; {p['text_encoder'] + rs['extra_s_per_text_encoding']:.2f} scaled), "
+              f"VAE encode {p['vae']:.2f}, UNet step {p['unet']:.2f}")
+        print(f"ChatGLM block: {r['layer_s']:.3f} s wall / {r['layer_cpu_s']:.3f} s CPU (median, recompute run), "
+              f"{c['layer_s']:.3f} s / {c['layer_cpu_s']:.3f} s (cached run); "
+              f"weights {r['text_encoder']['layer_param_bytes'] / C.GIB:.3f} GiB/layer {args.dtype}")
+        print(f"cached one-off text encoding: {c['encode_per_caption_s']:.2f} s/caption measured, "
+              f"{cs['encode_per_caption_s']:.2f} s scaled; its phase peak is in 'peak RSS' "
+              f"(scaled: the 28-layer ChatGLM alone is {C.CHATGLM3_6B_PARAMS * elem / C.GIB:.1f} GiB "
+              f"in {args.dtype})")
+        if not (c["peak_rss_hwm_reset_works"] and r["peak_rss_hwm_reset_works"]):
+            print("note: /proc/self/clear_refs not writable; per-phase peaks unavailable")
+    return summary
 
 
 def main() -> None:
@@ -312,6 +395,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--te-layers", type=int, default=2, help="ChatGLM depth actually built (real: 28)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="weights (and autocast) dtype; auto: bf16 on CUDA or on CPUs with native bf16 "
+                             "matmul (AVX512-BF16/AMX), else fp32 (bf16 on an AVX2-only CPU is ~50x slower)")
     parser.add_argument("--modes", default="cached,recompute")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["cached", "recompute"], help=argparse.SUPPRESS)
@@ -326,6 +412,10 @@ def main() -> None:
         args.child_out.write_text(json.dumps(result, indent=1))
         return
 
+    dtype_reason = None
+    if args.dtype == "auto":
+        args.dtype, dtype_reason = C.pick_dtype(args.device)
+        print(f"dtype: {args.dtype} ({dtype_reason})")
     start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -334,70 +424,19 @@ def main() -> None:
             child_out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, __file__, "--child", mode, "--child-out", str(child_out), "--tmp", tmp,
                    "--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", str(args.rank),
-                   "--te-layers", str(args.te_layers), "--device", args.device]
+                   "--te-layers", str(args.te_layers), "--device", args.device, "--dtype", args.dtype]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             results[mode] = json.loads(child_out.read_text())
             results[mode]["subprocess_wall_s"] = round(time.perf_counter() - t0, 1)
 
-    target = C.CHATGLM3_6B_LAYERS
-    for r in results.values():
-        r["scaled_to_28_layers"] = scale(r, args.te_layers, target)
-
-    print()
-    print(f"Full-size Kolors UNet LoRA training, {args.resolution} px "
-          f"({args.resolution // 8}x{args.resolution // 8} latents), rank {args.rank}, bf16 weights, "
-          f"gradient checkpointing, batch 1, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"ChatGLM: full width, {args.te_layers} layers measured; 'scaled' adds "
-          f"{target - args.te_layers} more layers at the measured per-layer time and weight size.")
-    head = (f"{'mode':<10} {'s/step':>8} {'s/step':>8} {'peak RSS':>9} {'peak RSS':>9} "
-            f"{'train-loop':>10} {'train-loop':>10}")
-    sub = (f"{'':<10} {'measured':>8} {'scaled':>8} {'measured':>9} {'scaled':>9} "
-           f"{'RSS meas.':>10} {'RSS scaled':>10}")
-    print(head)
-    print(sub + "   (GiB)")
-    for mode, r in results.items():
-        s = r["scaled_to_28_layers"]
-        print(f"{mode:<10} {r['step_s']:>8.2f} {s['step_s']:>8.2f} {r['peak_rss_gib']:>9.2f} "
-              f"{fmt(s['peak_rss_gib']):>9} {fmt(r['phases']['train_steps']['peak_rss_gib']):>10} "
-              f"{fmt(s['train_phase_peak_rss_gib']):>10}")
-    summary = {}
-    if {"cached", "recompute"} <= set(results):
-        c, r = results["cached"], results["recompute"]
-        cs, rs = c["scaled_to_28_layers"], r["scaled_to_28_layers"]
-
-        def ratio(a, b):
-            return None if a is None or b is None else a / b
-
-        summary = {
-            "time_ratio_measured": ratio(r["step_s"], c["step_s"]),
-            "time_ratio_scaled": ratio(rs["step_s"], cs["step_s"]),
-            "peak_rss_ratio_measured": ratio(r["peak_rss_gib"], c["peak_rss_gib"]),
-            "peak_rss_ratio_scaled": ratio(rs["peak_rss_gib"], cs["peak_rss_gib"]),
-            "train_loop_rss_ratio_measured": ratio(r["phases"]["train_steps"]["peak_rss_gib"],
-                                                   c["phases"]["train_steps"]["peak_rss_gib"]),
-            "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
-        }
-        print(f"{'ratio r/c':<10} {fmt(summary['time_ratio_measured']):>8} {fmt(summary['time_ratio_scaled']):>8} "
-              f"{fmt(summary['peak_rss_ratio_measured']):>9} {fmt(summary['peak_rss_ratio_scaled']):>9} "
-              f"{fmt(summary['train_loop_rss_ratio_measured']):>10} {fmt(summary['train_loop_rss_ratio_scaled']):>10}")
-        print()
-        p = r["parts_median_s"]
-        print(f"recompute step parts (median s): image {p['load_image']:.2f}, ChatGLM {p['text_encoder']:.2f} "
-              f"({args.te_layers} layers; {p['text_encoder'] + rs['extra_s_per_text_encoding']:.2f} scaled), "
-              f"VAE encode {p['vae']:.2f}, UNet step {p['unet']:.2f}")
-        print(f"ChatGLM block: {r['layer_s']:.3f} s (median, recompute run), {c['layer_s']:.3f} s (cached run); "
-              f"weights {r['text_encoder']['layer_param_bytes'] / C.GIB:.3f} GiB/layer bf16")
-        print(f"cached one-off text encoding: {c['encode_per_caption_s']:.2f} s/caption measured, "
-              f"{cs['encode_per_caption_s']:.2f} s scaled; its phase peak is in 'peak RSS' "
-              f"(scaled: the 28-layer ChatGLM alone is {C.CHATGLM3_6B_PARAMS * 2 / C.GIB:.1f} GiB)")
-        if not (c["peak_rss_hwm_reset_works"] and r["peak_rss_hwm_reset_works"]):
-            print("note: /proc/self/clear_refs not writable; per-phase peaks unavailable")
+    summary = report(args, results)
     payload = {
         "benchmark": "train_caching",
         "settings": {"steps": args.steps, "resolution": args.resolution, "rank": args.rank,
-                     "te_layers": args.te_layers, "te_layers_scaled_to": target, "device": args.device,
-                     "dtype": "bf16", "gradient_checkpointing": True, "batch_size": 1},
+                     "te_layers": args.te_layers, "te_layers_scaled_to": C.CHATGLM3_6B_LAYERS, "device": args.device,
+                     "dtype": args.dtype, "dtype_reason": dtype_reason,
+                     "gradient_checkpointing": True, "batch_size": 1},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "load_avg_at_end": os.getloadavg()},
         "results": results,
