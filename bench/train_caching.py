@@ -1,28 +1,32 @@
 """LoRA training steps of the full-size Kolors UNet: cached text/latents vs recomputing them.
 
     .venv/bin/python bench/train_caching.py [--steps 3] [--resolution 256] [--rank 4]
-                                            [--te-layers 2] [--device cpu]
+                                            [--te-layers 2] [--device cpu] [--dtype auto]
+    .venv/bin/python bench/train_caching.py --report bench/results/train_caching.json
 
 Two modes, each in its own subprocess so its peak memory is its own:
 
   cached     the project's trainer: every distinct caption is encoded once by ChatGLM and every
-             image once by the VAE before the loop; both models are freed before the UNet is
+             image once by the VAE before the loop; each model is freed before the next one is
              built; each step runs only the UNet on the cached tensors.
   recompute  DiffSynth-Studio 1.1's way (the challenge baseline): ChatGLM, VAE and UNet all
              resident; every step loads the image, tokenizes + encodes the caption with ChatGLM,
              encodes the image with the VAE, then runs the UNet step.
 
-All models are full size with random weights in bf16 (--dtype; see below) (the UNet: the real Kolors config, 2.58 B
+All models are full size with random weights (the UNet: the real Kolors config, 2.58 B
 parameters; the VAE: the SDXL config), except that ChatGLM3-6B is full width (hidden 4096, ffn
 13696, 32 heads, MQA 2 groups, vocab 65024) but only --te-layers deep, to fit a 24 GiB machine.
-Its per-layer time and per-layer memory are measured and the results are also given scaled to
-the real 28 layers (columns marked "scaled"). Both modes: LoRA rank --rank on to_q/to_k/to_v/
-to_out.0 (fp32 LoRA params), AdamW, gradient checkpointing, bf16 autocast, batch 1.
+Its per-layer time and per-layer weight size are measured and the results are also given scaled
+to the real 28 layers (columns marked "scaled"). Both modes: LoRA rank --rank on to_q/to_k/to_v/
+to_out.0 (fp32 LoRA params), AdamW, gradient checkpointing, batch 1; the same seeds, so both
+modes print the same losses.
 
---dtype auto picks bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16 or AMX) and fp32
-elsewhere: on an AVX2-only CPU a bf16 matmul is ~50-150x slower than fp32 (measured on the AMD EPYC
-this was written on), which would make one step take hours. In fp32 there is no autocast and
-every weight term is twice its bf16 size; the ratios between the modes stay close.
+--dtype auto picks bf16 weights + bf16 autocast on CUDA and on CPUs with native bf16 matmul
+(AVX512-BF16 or AMX), and fp32 (no autocast) elsewhere: on an AVX2-only CPU a bf16 matmul is
+~50-150x slower than fp32 (measured on the AMD EPYC this was written on), which would make one
+step take hours. In fp32 every weight term is twice its bf16 size; weights dominate both modes,
+so the memory ratios move little (the ~0.5 GiB interpreter baseline does not double).
+bench/gpu_memory_estimate.py gives exact bf16 sizes.
 
 Per-step time is the median of --steps measured steps after one warm-up step. Peak memory is the
 process's peak RSS (getrusage ru_maxrss) and, per phase, the kernel's VmHWM (reset between
@@ -369,6 +373,14 @@ def report(args, results: dict) -> dict:
             "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
         }
         row("ratio r/c", list(summary.values()))
+        # Per-part estimate, insensitive to load changes between the two subprocesses: the cached
+        # step plus what recompute adds (image load, ChatGLM, VAE), timed inside the same run.
+        p = r["parts_median_s"]
+        added = p["load_image"] + p["text_encoder"] + p["vae"]
+        summary["time_ratio_parts_measured"] = (c["step_s"] + added) / c["step_s"]
+        summary["time_ratio_parts_scaled"] = (c["step_s"] + added + rs["extra_s_per_text_encoding"]) / c["step_s"]
+        print(f"per-part time ratio (cached step + recompute's image/ChatGLM/VAE time) / cached step: "
+              f"{summary['time_ratio_parts_measured']:.2f} measured, {summary['time_ratio_parts_scaled']:.2f} scaled")
         print("(scaled = ChatGLM deepened to 28 layers from the measured per-layer time and weights; "
               "wall time is noisy when other processes share the CPU, CPU time less so)")
         print()
@@ -400,6 +412,8 @@ def main() -> None:
                              "matmul (AVX512-BF16/AMX), else fp32 (bf16 on an AVX2-only CPU is ~50x slower)")
     parser.add_argument("--modes", default="cached,recompute")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report", type=Path, metavar="JSON",
+                        help="only print the table again from a saved results file")
     parser.add_argument("--child", choices=["cached", "recompute"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -407,6 +421,13 @@ def main() -> None:
     if args.te_layers < 2:
         parser.error("--te-layers must be >= 2 (prompt embeddings are hidden_states[-2])")
 
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        for key in ("resolution", "rank", "te_layers", "device", "dtype"):
+            setattr(args, key, saved["settings"][key])
+        saved["summary"] = report(args, saved["results"])
+        args.report.write_text(json.dumps(saved, indent=1, ensure_ascii=False))
+        return
     if args.child:
         result = run_mode(args)
         args.child_out.write_text(json.dumps(result, indent=1))
