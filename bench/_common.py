@@ -23,24 +23,8 @@ if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
 GIB = 2**30
 
 # Kwai-Kolors/Kolors-diffusers unet/config.json (the parts that shape the network).
-KOLORS_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    encoder_hid_dim=4096,
-    encoder_hid_dim_type="text_proj",
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=5632,
-    use_linear_projection=True,
-)
+from kolors_story.lora_io import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402  (one copy)
+
 KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
 
 # The SDXL VAE (Kolors ships it; the challenge used sdxl-vae-fp16-fix, same shapes).
