@@ -1,7 +1,6 @@
 """LoRA training on the tiny Kolors: deterministic, diffusers-format, alpha preserved."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

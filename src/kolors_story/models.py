@@ -101,7 +101,7 @@ def weight_variant(path: Path, part: str = "unet") -> str | None:
     return None if plain or not any(folder.glob("*.fp16.*")) else "fp16"
 
 
-def download_model(model_id: str, out_dir: Path, config_key: str, timeout_s: int = 60) -> Path:
+def download_model(model_id: str, out_dir: Path, config_key: str) -> Path:
     """snapshot_download a ModelScope model into out_dir; no network -> UserError naming the key."""
     from modelscope import snapshot_download
 

@@ -16,7 +16,6 @@ from aesthetics_predictor import AestheticsPredictorV2Linear
 from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizerFast, CLIPVisionConfig
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-from kolors_story.errors import UserError
 from kolors_story.models import check_aesthetic_dir
 
 # ---------------------------------------------------------------------------------------------
