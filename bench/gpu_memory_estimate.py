@@ -328,7 +328,7 @@ def main() -> None:
         return
 
     # 2. traces
-    print(f"\ntracing (FakeTensorMode, no arithmetic; ~40 s per UNet step traced on 2 CPU cores, ~2.5 min in all)...", flush=True)
+    print("\ntracing (FakeTensorMode, no arithmetic; ~40 s per UNet step traced on 2 CPU cores, ~2.5 min in all)...", flush=True)
     unet = trace_unet_step(args.resolution, args.rank, args.batch)
     print(f"  UNet step at {args.resolution} px traced in {unet['trace_s']} s", flush=True)
     text = trace_text_encoding()

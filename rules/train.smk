@@ -35,12 +35,13 @@ else:
             ),
             summary=f"{OUT}/lora/training_summary.json",
         params:
-            train={k: v for k, v in config["train"].items() if k != "use_lora"},
+            train={k: v for k, v in config["train"].items() if k not in ("use_lora", "processes")},
+            processes=config["train"]["processes"],
             cache_dir="resources/cache",
             work_dir=f"{OUT}/lora/work",
         threads: workflow.cores
         resources:
-            gpu=1,
+            gpu=config["train"]["processes"],
         log:
             f"{LOGS}/train_lora.log",
         conda:

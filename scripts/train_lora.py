@@ -2,16 +2,18 @@ from pathlib import Path
 
 from kolors_story.lora_io import convert_lora
 from kolors_story.rule_runner import run_rule
-from kolors_story.training import TrainSettings, train_lora, write_loss_log, write_validation_log
+from kolors_story.training import TrainSettings, write_loss_log, write_validation_log
+from kolors_story.training.launch import train
 from kolors_story.training.report import write_summary
 
 
 def main(snakemake):
     out, inp, params = snakemake.output, snakemake.input, snakemake.params
-    result = train_lora(
+    result = train(
         Path(inp.model), Path(inp.dataset), Path(out.lora).parent, TrainSettings.from_dict(params.train),
         cache_dir=Path(params.cache_dir), work_dir=Path(params.work_dir),
         aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
+        processes=params.processes, threads=snakemake.threads,
     )
     write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
     write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))

@@ -172,3 +172,10 @@ def load_vae(path: Path, dtype: torch.dtype):
 def read_model_index(path: Path) -> dict:
     with open(Path(path) / "model_index.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+def latent_geometry(path: Path) -> tuple[int, int]:
+    """(latent channels, pixels per latent cell) of the VAE, read from its config (no weights)."""
+    with open(Path(path) / "vae" / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    return int(config.get("latent_channels", 4)), 2 ** (len(config["block_out_channels"]) - 1)

@@ -3,7 +3,8 @@
 Modules: settings (what can be set), data (examples, buckets, crops, batch order), caches and
 encoding (text embeddings and latents computed once, on disk), objective (noise, min-SNR),
 lora_file (the adapter and its diffusers file), checkpoints (exact resume), validation
-(render + challenge score per checkpoint), loop (train_lora), report (CSV/PNG).
+(render + challenge score per checkpoint), loop (train_lora), processes (data-parallel ranks under
+accelerate launch), launch (one process or N), report (CSV/PNG).
 """
 
 from kolors_story.training.encoding import encode_latents

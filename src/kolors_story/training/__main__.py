@@ -1,7 +1,9 @@
-"""Run training outside Snakemake (debugging, or a second process in tests):
+"""Run training outside Snakemake (debugging, a second process in tests, each process of a
+multi-GPU run):
 
     python -m kolors_story.training --model resources/tiny/kolors --dataset results/demo/dataset \
         --out /tmp/lora --settings '{"steps": 20, "resolution": 64, "precision": "fp32"}'
+    accelerate launch --multi_gpu --num_processes 2 -m kolors_story.training --model ... (same flags)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--aesthetic", type=Path, help="aesthetic predictor folder (validation)")
+    parser.add_argument("--result", type=Path, help="write the run's result (history, picked step) as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(levelname)s rank {rank} %(name)s: %(message)s" if launched
+                        else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = TrainSettings.from_dict(json.loads(args.settings))
         result = train_lora(args.model, args.dataset, args.out, settings, args.cache_dir,
@@ -34,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         logging.error("%s", err)
         return 1
-    print(result.lora_file)
+    if rank == 0:
+        if args.result:
+            args.result.write_text(result.to_json(), encoding="utf-8")
+        print(result.lora_file)
     return 0
 
 

@@ -76,19 +76,17 @@ def crop_origin(ex: Example, crop: str, gen: torch.Generator | None) -> tuple[in
     return (height - th) // 2, (width - tw) // 2
 
 
-def load_pixels(
-    ex: Example, crop: str, flip: bool, gen: torch.Generator | None
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Resize to cover the target size, crop, optionally mirror. Returns pixels in [-1, 1]
-    (3, H, W) and the crop's top-left (Kolors' crops_coords_top_left conditioning)."""
+def load_pixels(ex: Example, top_left: tuple[int, int], flip: bool) -> torch.Tensor:
+    """Resize to cover the target size, crop at top_left (see crop_origin), optionally mirror.
+    Returns pixels in [-1, 1], shape (3, H, W)."""
     th, tw = ex.target_size
     image = Image.open(ex.image_path).convert("RGB").resize(resized_size(ex), Image.BICUBIC)
-    top, left = crop_origin(ex, crop, gen)
+    top, left = top_left
     image = image.crop((left, top, left + tw, top + th))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(th, tw, 3).permute(2, 0, 1).float() / 127.5 - 1.0, (top, left)
+    return pixels.view(th, tw, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 class BatchOrder:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from kolors_story import models
 from kolors_story.text_encoding import encode_prompts
 from kolors_story.training.caches import TensorCache, file_digest, model_fingerprint
-from kolors_story.training.data import Example, load_pixels
+from kolors_story.training.data import Example, crop_origin, load_pixels
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def cache_latents(
             key = TensorCache.key(digest, ex.target_size, "center", flip)
             hit = cache.get(key)
             if hit is None:
-                pixels, _ = load_pixels(ex, "center", flip, None)
+                pixels = load_pixels(ex, crop_origin(ex, "center", None), flip)
                 hit = {"latents": encode_latents(get_vae(), pixels[None], device)[0]}
                 cache.put(key, hit)
             latents[(i, flip)] = hit["latents"].cpu()

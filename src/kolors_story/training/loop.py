@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,10 +24,12 @@ from kolors_story.training.data import (
 from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts, release
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
 from kolors_story.training.objective import diffusion_loss, sample_noise
+from kolors_story.training.processes import Processes
 from kolors_story.training.settings import TrainSettings
 from kolors_story.training.validation import Validator, best_step, validation_texts
 
 log = logging.getLogger(__name__)
+LOG_EVERY_S = 30  # a progress line in the log at least this often (and every 10% of the steps)
 
 
 class TrainingDiverged(UserError):
@@ -42,6 +45,25 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
 
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "lora_file": str(self.lora_file)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainResult":
+        values = json.loads(text)
+        return cls(**{**values, "lora_file": Path(values["lora_file"])})
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The random choices of one micro-batch: examples, flips, crop origins, noise, timesteps."""
+
+    idx: list[int]
+    flips: list[bool]
+    origins: list[tuple[int, int]]
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
 
 @dataclass
 class Batches:
@@ -53,22 +75,34 @@ class Batches:
     vae: object | None
     settings: TrainSettings
     device: torch.device
+    latent_geometry: tuple[int, int]  # (channels, pixels per latent cell)
+    num_timesteps: int
 
-    def make(self, idx: list[int], gen: torch.Generator):
-        """Latents, prompt embeds, pooled embeds and time ids for one batch."""
-        s, latents, time_ids = self.settings, [], []
+    def draw(self, order: BatchOrder, gen: torch.Generator) -> Draw:
+        """Draw the next micro-batch's randomness (no tensors built: cheap for other processes' draws)."""
+        s, idx = self.settings, order.next(gen)
+        flips, origins = [], []
         for i in idx:
+            flips.append(s.random_flip and bool(torch.rand(1, generator=gen) < 0.5))
+            origins.append(crop_origin(self.examples[i], s.crop, gen))
+        (h, w), (channels, cell) = self.examples[idx[0]].target_size, self.latent_geometry
+        noise = sample_noise(torch.Size((len(idx), channels, h // cell, w // cell)), s.noise_offset, gen)
+        timesteps = torch.randint(0, self.num_timesteps, (len(idx),), generator=gen)
+        return Draw(idx, flips, origins, noise, timesteps)
+
+    def make(self, draw: Draw):
+        """Latents, prompt embeds, pooled embeds and time ids for one drawn batch."""
+        latents, time_ids = [], []
+        for i, flip, origin in zip(draw.idx, draw.flips, draw.origins):
             ex = self.examples[i]
-            flip = s.random_flip and bool(torch.rand(1, generator=gen) < 0.5)
             if self.latents is None:  # random crop: a new crop every step, through the VAE
-                pixels, top_left = load_pixels(ex, s.crop, flip, gen)
+                pixels = load_pixels(ex, origin, flip)
                 latents.append(encode_latents(self.vae, pixels[None], self.device)[0])
             else:
-                top_left = crop_origin(ex, "center", None)
                 latents.append(self.latents[(i, flip)].to(self.device))
-            time_ids.append([*ex.original_size, *top_left, *ex.target_size])
-        embeds = torch.stack([self.texts[self.examples[i].caption][0] for i in idx]).to(self.device)
-        pooled = torch.stack([self.texts[self.examples[i].caption][1] for i in idx]).to(self.device)
+            time_ids.append([*ex.original_size, *origin, *ex.target_size])
+        embeds = torch.stack([self.texts[self.examples[i].caption][0] for i in draw.idx]).to(self.device)
+        pooled = torch.stack([self.texts[self.examples[i].caption][1] for i in draw.idx]).to(self.device)
         ids = torch.tensor(time_ids, dtype=torch.float32, device=self.device)
         return torch.stack(latents), embeds, pooled, ids
 
@@ -83,12 +117,14 @@ def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype,
     return models.torch_dtype(precision), models.torch_dtype(precision)
 
 
-def run_fingerprint(settings: TrainSettings, model_dir: Path, examples: list[Example]) -> str:
-    """Checkpoints are resumed only by a run with the same settings, model and data."""
+def run_fingerprint(settings: TrainSettings, model_dir: Path, examples: list[Example], processes: int = 1) -> str:
+    """Checkpoints are resumed only by a run with the same settings, model, data and process count."""
     h = hashlib.sha256(settings.fingerprint().encode())
     h.update(model_fingerprint(Path(model_dir) / "unet").encode())
     for ex in examples:
         h.update(f"{file_digest(ex.image_path)}\x1f{ex.caption}\x1e".encode())
+    if processes > 1:
+        h.update(f"processes={processes}".encode())
     return h.hexdigest()[:16]
 
 
@@ -102,10 +138,12 @@ def train_lora(
     aesthetic_dir: Path | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train (or resume) a LoRA; write <out_dir>/pytorch_lora_weights.safetensors."""
+    """Train (or resume) a LoRA; write <out_dir>/pytorch_lora_weights.safetensors. Under
+    `accelerate launch` each process trains on its share of every step (see processes.py)."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
-    device = device or models.pick_device()
+    procs = Processes.start(device)
+    device = procs.device
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     models.check_kolors_dir(model_dir)
@@ -116,40 +154,31 @@ def train_lora(
     examples = read_metadata(Path(dataset_dir))
     assign_sizes(examples, settings)
     cache_root = Path(cache_dir or out_dir / "cache")
-    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, model_dir, examples)
-    log.info("training on %d image(s), %d steps, device %s; checkpoints in %s", len(examples),
-             settings.steps, device, ckpt_root)
+    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, model_dir, examples, procs.world)
+    if procs.is_main:
+        log.info("training on %d image(s), %d steps, %d process(es), device %s; checkpoints in %s",
+                 len(examples), settings.steps, procs.world, device, ckpt_root)
 
-    texts = encode_texts(model_dir, [e.caption for e in examples] + validation_texts(val),
-                         cache_root, device, dtype)
-    vae_dtype = torch.float32 if device.type == "cpu" else dtype
-    load_vae = functools.cache(lambda: models.load_vae(model_dir, vae_dtype).to(device))
-    latents = None
-    if settings.crop != "random":
-        flips = (False, True) if settings.random_flip else (False,)
-        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device)
-    needs_vae = settings.crop == "random" or bool(val.every)
-    vae = load_vae() if needs_vae else None
-    if not needs_vae:
-        load_vae.cache_clear()
-        release(device)
-    batches = Batches(examples, texts, latents, vae, settings, device)
+    noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    with procs.main_first():  # rank 0 fills the caches, the others read them
+        batches = prepare_batches(model_dir, examples, settings, cache_root, device, dtype,
+                                  noise_scheduler.config.num_train_timesteps,
+                                  validating=bool(val.every) and procs.is_main)
 
     unet = models.load_unet(model_dir, dtype).to(device)
     params = add_lora(unet, settings)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
     alphas_cumprod = noise_scheduler.alphas_cumprod
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     warmup = max(1, settings.lr_warmup_steps)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda")
     validator = None
-    if val.every:
+    if val.every and procs.is_main:
         euler = EulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
-        validator = Validator(val, vae, euler, aesthetic_dir, texts, out_dir / "validation", device)
+        validator = Validator(val, batches.vae, euler, aesthetic_dir, batches.texts, out_dir / "validation", device)
 
     gen = torch.Generator().manual_seed(settings.seed)
     order = BatchOrder(examples, settings.batch_size)
@@ -164,32 +193,34 @@ def train_lora(
         order.load_state_dict(state["batch_order"])
         losses, validations, start_step = state["losses"], state["validations"], state["step"]
         log.info("resuming from checkpoint %s (step %d)", resumable[-1].name, start_step)
+    procs.barrier()  # every process has read the checkpoint before rank 0 writes the next one
 
-    started = time.monotonic()
+    started = logged = time.monotonic()
     bar = tqdm(range(start_step + 1, settings.steps + 1), desc="train", unit="step",
-               initial=start_step, total=settings.steps)
+               initial=start_step, total=settings.steps, disable=procs.world > 1)  # children log instead
     for step in bar:
         loss = 0.0
         for _ in range(settings.gradient_accumulation):
-            lat, embeds, pooled, time_ids = batches.make(order.next(gen), gen)
-            noise = sample_noise(lat.shape, settings.noise_offset, gen).to(device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (lat.shape[0],), generator=gen)
-            noisy = noise_scheduler.add_noise(lat, noise, t).to(device)
-            t = t.to(device)
+            # Every process draws all processes' micro-batches, in rank order, and keeps its own.
+            draw = [batches.draw(order, gen) for _ in range(procs.world)][procs.rank]
+            lat, embeds, pooled, time_ids = batches.make(draw)
+            noise, t = draw.noise.to(device), draw.timesteps.to(device)
+            noisy = noise_scheduler.add_noise(lat, noise, t)
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 pred = unet(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
                             added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
             micro = diffusion_loss(pred, noise, t, alphas_cumprod, settings.min_snr_gamma)
             micro = micro / settings.gradient_accumulation
-            if not math.isfinite(micro.item()):
-                last = ckpt.list_checkpoints(ckpt_root)
-                raise TrainingDiverged(
-                    f"train_lora: loss became {micro.item()} at step {step}; stopped. The last good "
-                    f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
-                    "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
-                )
             scaler.scale(micro).backward()
             loss += micro.item()
+        loss = procs.average(params, loss)
+        if not math.isfinite(loss):  # the same on every process: the loss is averaged
+            last = ckpt.list_checkpoints(ckpt_root)
+            raise TrainingDiverged(
+                f"train_lora: loss became {loss} at step {step}; stopped. The last good "
+                f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
+                "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
+            )
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         scaler.step(optimizer)
@@ -201,18 +232,22 @@ def train_lora(
         losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3)})
         rate = (step - start_step) / max(elapsed, 1e-9)
         bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
-        if step % max(1, settings.steps // 10) == 0 or step == settings.steps:
+        if procs.is_main and (step % max(1, settings.steps // 10) == 0 or step == settings.steps
+                              or time.monotonic() - logged >= LOG_EVERY_S):
+            logged = time.monotonic()
             log.info("step %d/%d loss %.5f, %.2f steps/s, ETA %.0f s", step, settings.steps, loss,
                      rate, (settings.steps - step) / max(rate, 1e-9))
-        validate = validator is not None and (step % val.every == 0 or step == settings.steps)
-        if validate:
-            validations.append(validator.run(unet, step))
+        validate = bool(val.every) and (step % val.every == 0 or step == settings.steps)
         if validate or step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
-            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                     "generator": gen.get_state(), "batch_order": order.state_dict(), "losses": losses,
-                     "validations": validations}
-            ckpt.save_checkpoint(ckpt_root, step, lora_state(unet), state)
-            ckpt.prune_states(ckpt_root)
+            if procs.is_main:
+                if validate:
+                    validations.append(validator.run(unet, step))
+                state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
+                         "generator": gen.get_state(), "batch_order": order.state_dict(), "losses": losses,
+                         "validations": validations}
+                ckpt.save_checkpoint(ckpt_root, step, lora_state(unet), state)
+                ckpt.prune_states(ckpt_root)
+            procs.barrier()
     bar.close()
 
     picked = settings.steps
@@ -220,8 +255,31 @@ def train_lora(
         picked = best_step(validations)
         load_lora_state(unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
         log.info("picked the checkpoint of step %d (best validation mean)", picked)
-    lora_file = save_lora(unet, out_dir)
+    lora_file = save_lora(unet, out_dir) if procs.is_main else out_dir / LORA_WEIGHT_NAME
+    procs.barrier()
     return TrainResult(lora_file, losses, validations, picked, start_step, time.monotonic() - started)
+
+
+def prepare_batches(
+    model_dir: Path, examples: list[Example], settings: TrainSettings, cache_root: Path, device: torch.device,
+    dtype: torch.dtype, num_timesteps: int, validating: bool,
+) -> Batches:
+    """Text embeddings (ChatGLM loaded only for uncached captions, then released) and, for center
+    crops, latents from the cache; the VAE stays loaded only for random crops or validation."""
+    texts = encode_texts(model_dir, [e.caption for e in examples] + validation_texts(settings.validation),
+                         cache_root, device, dtype)
+    vae_dtype = torch.float32 if device.type == "cpu" else dtype
+    load_vae = functools.cache(lambda: models.load_vae(model_dir, vae_dtype).to(device))
+    latents = None
+    if settings.crop != "random":
+        flips = (False, True) if settings.random_flip else (False,)
+        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device)
+    needs_vae = settings.crop == "random" or validating
+    vae = load_vae() if needs_vae else None
+    if not needs_vae:
+        load_vae.cache_clear()
+        release(device)
+    return Batches(examples, texts, latents, vae, settings, device, models.latent_geometry(model_dir), num_timesteps)
 
 
 __all__ = ["LORA_WEIGHT_NAME", "TrainResult", "TrainingDiverged", "train_lora", "precision_dtypes"]

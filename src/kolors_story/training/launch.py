@@ -1,0 +1,82 @@
+"""Start training in this process, or in N processes under `accelerate launch` (one per GPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kolors_story.errors import UserError
+from kolors_story.training.loop import TrainResult, train_lora
+from kolors_story.training.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/")  # a tqdm bar: " 25%|##   | 1/4"
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous, so two trainings on one host do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_command(processes: int, threads_per_process: int, cli_args: list[str]) -> list[str]:
+    """`accelerate launch` of `python -m kolors_story.training` with every choice made explicit
+    (no accelerate config file is read, so a stale ~/.cache/huggingface/accelerate cannot interfere)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--num_processes", str(processes), "--num_cpu_threads_per_process", str(threads_per_process),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "kolors_story.training", *cli_args]
+
+
+def train(
+    model_dir: Path,
+    dataset_dir: Path,
+    out_dir: Path,
+    settings: TrainSettings,
+    cache_dir: Path | None = None,
+    work_dir: Path | None = None,
+    aesthetic_dir: Path | None = None,
+    processes: int = 1,
+    threads: int | None = None,
+) -> TrainResult:
+    """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; the
+    child processes' output goes to this process's stderr (the rule's log)."""
+    if processes <= 1:
+        return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir)
+    with tempfile.TemporaryDirectory(prefix="kolors-train-") as tmp:
+        result_json = Path(tmp) / "result.json"
+        args = ["--model", str(model_dir), "--dataset", str(dataset_dir), "--out", str(out_dir),
+                "--settings", json.dumps(settings.to_dict()), "--result", str(result_json)]
+        for flag, value in (("--cache-dir", cache_dir), ("--work-dir", work_dir), ("--aesthetic", aesthetic_dir)):
+            if value is not None:
+                args += [flag, str(value)]
+        per_process = max(1, (threads or os.cpu_count() or 1) // processes)
+        command = accelerate_command(processes, per_process, args)
+        log.info("launching %d training processes: %s", processes, " ".join(command))
+        returncode = run_logged(command)
+        if returncode != 0 or not result_json.is_file():
+            raise UserError(
+                f"train_lora: the {processes} training processes failed (exit {returncode}); their "
+                "output is above in this log. Set train.processes: 1 to train in one process."
+            )
+        return TrainResult.from_json(result_json.read_text(encoding="utf-8"))
+
+
+def run_logged(command: list[str]) -> int:
+    """Run a command, passing each line it prints to this process's log (and so the rule's log)."""
+    child_log = logging.getLogger("kolors_story.training")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line and not PROGRESS_BAR.search(line):  # children log their progress as lines
+                child_log.info("%s", line)
+    return proc.returncode

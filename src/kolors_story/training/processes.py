@@ -1,0 +1,70 @@
+"""Data-parallel training: one process per GPU, started by `accelerate launch`.
+
+Every process draws the random numbers of *all* processes' micro-batches from the run's one
+generator and keeps its own share. So the generator, the batch order and every checkpoint are the
+same on all processes (rank 0 writes them, any process count can read them back), and N processes
+with gradient accumulation A follow exactly the draws of one process with accumulation N*A. The
+LoRA gradients and the step's loss are averaged with one all-reduce per optimizer step; the frozen
+UNet needs no DistributedDataParallel wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kolors_story import models
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, device: torch.device | None = None) -> "Processes":
+        """This process's place in the launch; a plain `python` run is a world of one."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls(0, 1, device or models.pick_device())
+        from accelerate import PartialState
+
+        # cpu=True on a host without CUDA gives the gloo backend (multi-process CPU runs, tests).
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes, torch.device(state.device))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (it fills the on-disk caches), then the others (they read)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def average(self, params: list[torch.nn.Parameter], loss: float) -> float:
+        """Average the parameters' gradients and the loss over all processes (one all-reduce);
+        returns the mean loss. Every process then takes the same optimizer step."""
+        if self.world == 1:
+            return loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+        return float(flat[-1])

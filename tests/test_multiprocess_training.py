@@ -1,0 +1,59 @@
+"""Data-parallel training under `accelerate launch`: 2 CPU processes (gloo) on the tiny Kolors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kolors_story.errors import UserError
+from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import checkpoints as ckpt
+from kolors_story.training.launch import train
+
+BASE = dict(steps=3, resolution=32, precision="fp32", rank=4, alpha=4, learning_rate=5e-3,
+            random_flip=True, checkpoint_every=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_kolors, training_folder, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    result = train(tiny_kolors, training_folder, tmp / "out", TrainSettings(**BASE), cache_dir=tmp / "cache",
+                   work_dir=tmp / "work", processes=2, threads=2)
+    return result, tmp
+
+
+def test_two_processes_train_like_one_process_with_twice_the_accumulation(two_processes, tiny_kolors,
+                                                                         training_folder, tmp_path):
+    """Each process takes its share of the same draws, so 2 processes x accumulation 1 follow one
+    process x accumulation 2: the same LoRA up to float summation order."""
+    result, _ = two_processes
+    one = train_lora(tiny_kolors, training_folder, tmp_path / "one",
+                     TrainSettings(**{**BASE, "gradient_accumulation": 2}), cache_dir=tmp_path / "cache")
+    two_lora, one_lora = load_file(result.lora_file), load_file(one.lora_file)
+    assert two_lora.keys() == one_lora.keys()
+    for key in one_lora:
+        torch.testing.assert_close(two_lora[key], one_lora[key], rtol=1e-4, atol=1e-6)
+    assert [r["loss"] for r in result.losses] == pytest.approx([r["loss"] for r in one.losses], rel=1e-5)
+
+
+def test_the_second_process_trains_on_other_batches(two_processes, tiny_kolors, training_folder, tmp_path):
+    """Had both processes used the same micro-batch, the run would equal a single process's run."""
+    result, _ = two_processes
+    alone = train_lora(tiny_kolors, training_folder, tmp_path / "alone", TrainSettings(**BASE),
+                       cache_dir=tmp_path / "cache")
+    two_lora, alone_lora = load_file(result.lora_file), load_file(alone.lora_file)
+    assert any(not torch.allclose(two_lora[k], alone_lora[k]) for k in alone_lora)
+
+
+def test_rank_zero_writes_checkpoints_and_the_result(two_processes):
+    result, tmp = two_processes
+    (run,) = (tmp / "work").iterdir()
+    assert [p.name for p in ckpt.list_checkpoints(run, resumable=False)] == ["step-000002", "step-000003"]
+    assert result.lora_file == tmp / "out" / "pytorch_lora_weights.safetensors"
+    assert [r["step"] for r in result.losses] == [1, 2, 3] and result.picked_step == 3
+
+
+def test_a_failing_launch_is_a_clear_error(training_folder, tmp_path):
+    with pytest.raises(UserError, match="2 training processes failed"):
+        train(tmp_path / "no-model", training_folder, tmp_path / "out", TrainSettings(**BASE), processes=2, threads=2)
