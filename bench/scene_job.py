@@ -1,4 +1,4 @@
-"""Scene-job cost on CPU with the full-size Kolors UNet (random weights, bf16), in one process.
+"""Scene-job cost on CPU with the full-size Kolors UNet (random weights, bf16 or fp32), in one process.
 
     .venv/bin/python bench/scene_job.py [--steps 4] [--size 256] [--candidates 4] [--repeats 2]
 
@@ -14,8 +14,10 @@ scheduler)`, random prompt embeds of the real shapes, Euler on Kolors' betas, CF
 
 Peak memory: process peak RSS (ru_maxrss) after each phase, the phase's own peak (VmHWM after a
 reset, where the kernel allows it) and the bytes of the recorded anchor features.
-Timings are CPU/bf16 on this machine; a GPU changes every ratio (batching pays off far more there).
-Writes bench/results/scene_job.json.
+Timings are CPU timings; a GPU changes every ratio (batching pays off far more there). On CPUs
+without bf16 kernels (AVX2 only) use --dtype fp32: bf16 is about 100x slower there. The README's
+numbers: `--dtype fp32 --repeats 1 --out bench/results/scene_job_fp32.json` (about 10 minutes on
+2 cores, 12 GiB). Writes bench/results/scene_job.json by default.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 rule score_images:
     input:
         panels=[scene_png(s) for s in SCENE_IDS],
+        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
         model=model_path("aesthetic"),
         model_check=f"{OUT}/models/aesthetic.json",
     output:
@@ -12,6 +13,7 @@ rule score_images:
     params:
         threshold=config["score"]["threshold"],
         characters={s: SCENES[s]["characters"] for s in SCENE_IDS},
+        compare=config["generate"]["consistency"]["enabled"] and config["generate"]["consistency"]["compare"],
     log:
         f"{LOGS}/score_images.log",
     conda:

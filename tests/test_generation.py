@@ -117,8 +117,8 @@ def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pi
     from kolors_story.generation import Consistency, render_anchor
 
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
-    settings = SamplerSettings(steps=3, candidates=2)
-    option = Consistency(strength=4.0, steps_fraction=1.0, max_tokens=64, selection_weight=2.0)
+    settings = SamplerSettings(steps=3, candidates=2, batch_candidates=False)  # one call per seed, as compare
+    option = Consistency(strength=4.0, steps_fraction=1.0, max_tokens=64, selection_weight=2.0, compare=True)
     anchor = render_anchor(tiny_kolors, lora, Scene("girl", "水墨画，少女", seed=0, width=32, height=32),
                            settings, option, tmp_path / "anchors/girl.safetensors", device=CPU)
     assert anchor.with_suffix(".png").is_file()
@@ -137,3 +137,9 @@ def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pi
     combined = [a + 2.0 * c for a, c in zip(shared["scores"], shared["anchor_similarity"])]
     assert shared["selection_scores"] == pytest.approx(combined)
     assert shared["chosen"] == int(np.argmax(combined))
+    # compare: the chosen seed again with sharing off is the plain run's candidate of that seed
+    assert plain["seeds"] == shared["seeds"] and "without_consistency" not in plain
+    without = np.asarray(Image.open(tmp_path / "shared" / shared["without_consistency"]))
+    chosen = shared["chosen"]
+    assert np.array_equal(without, np.asarray(Image.open(tmp_path / "plain" / f"{chosen}.png")))
+    assert not np.array_equal(without, np.asarray(Image.open(tmp_path / "shared" / f"{chosen}.png")))

@@ -150,3 +150,19 @@ def test_consistency_of_identical_images_is_one_and_only_shared_characters_pair(
     assert pairs[("a", "c")] < 1.0
     assert report["characters"]["prince"] == pytest.approx(pairs[("c", "d")])
     assert report["mean"] == pytest.approx(sum(pairs.values()) / 4)
+
+
+def test_consistency_comparison_pairs_the_with_and_without_reports():
+    from kolors_story.scoring import consistency_comparison, consistency_report
+
+    characters = {"a.png": ["girl"], "b.png": ["girl"], "c.png": ["prince"]}
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8])
+    with_option = consistency_report({"a.png": x, "b.png": x.clone(), "c.png": y}, characters)
+    without = consistency_report({"a.png": x, "b.png": y, "c.png": y}, characters)
+    comparison = consistency_comparison(with_option, without)
+    (pair,) = comparison["pairs"]
+    assert (pair["a"], pair["b"], pair["characters"]) == ("a.png", "b.png", ["girl"])
+    assert pair["with"] == pytest.approx(1.0) and pair["without"] == pytest.approx(0.6)
+    assert comparison["gain"] == pytest.approx(0.4) and comparison["mean_without"] == pytest.approx(0.6)
+    nothing = consistency_comparison(consistency_report({}, {}), consistency_report({}, {}))
+    assert nothing == {"mean_with": None, "mean_without": None, "gain": None, "pairs": []}

@@ -116,6 +116,10 @@ def test_scores_match_the_challenge_reference_evaluate(demo_run):
     assert set(consistency["characters"]) == {"girl", "prince"}
     assert {"s5_talk.png", "s6_ride.png"} <= {p["a"] for p in consistency["pairs"]} | {p["b"] for p in consistency["pairs"]}
     assert all(-1.0 <= p["similarity"] <= 1.0 for p in consistency["pairs"])
+    comparison = summary["consistency_comparison"]  # demo: generate.consistency.compare
+    assert len(comparison["pairs"]) == len(consistency["pairs"])
+    assert comparison["mean_with"] == pytest.approx(consistency["mean"])
+    assert comparison["gain"] == pytest.approx(comparison["mean_with"] - comparison["mean_without"])
     rows = (demo_run / "results/demo/scores.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == "image,score" and len(rows) == 1 + len(SCENES)
 

@@ -47,6 +47,10 @@ class Consistency:
     steps_fraction: float = 0.6
     max_tokens: int = 1024
     selection_weight: float = 0.0  # best-of-N picks by aesthetic + weight * similarity to anchors
+    compare: bool = False  # also render the chosen seed with sharing off (scores.json compares)
+
+
+WITHOUT_CONSISTENCY = "without_consistency.png"  # in the scene's candidates folder
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,9 @@ def render_scene(
         images += render(pipe, scene, settings, seeds, embeds)
         all_seeds += seeds
         all_scales += [scale] * len(seeds)
-    del pipe
+    compare = bool(anchors and consistency and consistency.compare and candidates_dir is not None)
+    if not compare:
+        del pipe  # frees the UNet before the predictor loads
     weight = consistency.selection_weight if (anchors and consistency) else 0.0
     scores, anchor_similarity = [None], [None]
     if len(images) > 1:
@@ -192,11 +198,27 @@ def render_scene(
         for k, image in enumerate(images):
             image.save(Path(candidates_dir) / f"{k}.png")
             record["files"].append(f"{k}.png")
+        if compare:
+            record["without_consistency"] = render_without_sharing(
+                pipe, scene, settings, all_seeds[chosen], all_scales[chosen], embeds, Path(candidates_dir))
         (Path(candidates_dir) / "candidates.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     if len(images) > 1:
         log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
                  ", ".join(f"{s:.3f}" for s in scores), chosen, all_seeds[chosen], all_scales[chosen])
     return record
+
+
+def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float,
+                           embeds: dict, out_dir: Path) -> str:
+    """The chosen panel's seed and LoRA scale rendered with attention sharing off: the same
+    picture as the run would give without the option, for the with/without comparison."""
+    from kolors_story.consistency import disable
+
+    disable(pipe)
+    pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    render(pipe, scene, settings, [seed], embeds)[0].save(out_dir / WITHOUT_CONSISTENCY)
+    log.info("scene %s: rendered seed %d without consistency for the comparison", scene.id, seed)
+    return WITHOUT_CONSISTENCY
 
 
 def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,

@@ -84,6 +84,19 @@ def consistency_report(embeddings: dict[str, torch.Tensor], characters: dict[str
             "characters": {k: sum(v) / len(v) for k, v in sorted(by_character.items())}}
 
 
+def consistency_comparison(with_option: dict, without_option: dict) -> dict:
+    """Two consistency_report()s of the same panels, rendered with and without the consistency
+    option: mean and per-pair similarity side by side, and the gain (with minus without)."""
+    without = {(p["a"], p["b"]): p["similarity"] for p in without_option["pairs"]}
+    pairs = [{"a": p["a"], "b": p["b"], "characters": p["characters"], "with": p["similarity"],
+              "without": without[(p["a"], p["b"])], "gain": p["similarity"] - without[(p["a"], p["b"])]}
+             for p in with_option["pairs"] if (p["a"], p["b"]) in without]
+    mean_with = sum(p["with"] for p in pairs) / len(pairs) if pairs else None
+    mean_without = sum(p["without"] for p in pairs) / len(pairs) if pairs else None
+    return {"mean_with": mean_with, "mean_without": mean_without,
+            "gain": None if not pairs else mean_with - mean_without, "pairs": pairs}
+
+
 def _check_unique_names(paths: list[Path]) -> None:
     seen: dict[str, Path] = {}
     for path in paths:

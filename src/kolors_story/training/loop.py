@@ -165,55 +165,19 @@ def train_lora(
                                   noise_scheduler.config.num_train_timesteps,
                                   validating=bool(val.every) and procs.is_main)
 
-    unet = models.load_unet(model_dir, dtype).to(device)
-    params = add_lora(unet, settings)
-    if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
-    warmup = max(1, settings.lr_warmup_steps)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda")
+    run = TrainState.create(model_dir, settings, examples, dtype, device)
     validator = None
     if val.every and procs.is_main:
         euler = EulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
         validator = Validator(val, batches.vae, euler, aesthetic_dir, batches.texts, out_dir / "validation", device)
-
-    gen = torch.Generator().manual_seed(settings.seed)
-    order = BatchOrder(examples, settings.batch_size)
-    losses, validations, start_step = [], [], 0
-    resumable = ckpt.list_checkpoints(ckpt_root)
-    if resumable:
-        lora, state = ckpt.load_checkpoint(resumable[-1])
-        load_lora_state(unet, lora)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["generator"])
-        order.load_state_dict(state["batch_order"])
-        losses, validations, start_step = state["losses"], state["validations"], state["step"]
-        log.info("resuming from checkpoint %s (step %d)", resumable[-1].name, start_step)
+    start_step = run.resume(ckpt_root)
     procs.barrier()  # every process has read the checkpoint before rank 0 writes the next one
 
     started = logged = time.monotonic()
     bar = tqdm(range(start_step + 1, settings.steps + 1), desc="train", unit="step",
                initial=start_step, total=settings.steps, disable=procs.world > 1)  # children log instead
     for step in bar:
-        loss = 0.0
-        for _ in range(settings.gradient_accumulation):
-            # Every process draws all processes' micro-batches, in rank order, and keeps its own.
-            draw = [batches.draw(order, gen) for _ in range(procs.world)][procs.rank]
-            lat, embeds, pooled, time_ids = batches.make(draw)
-            noise, t = draw.noise.to(device), draw.timesteps.to(device)
-            noisy = noise_scheduler.add_noise(lat, noise, t)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                pred = unet(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
-                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
-            micro = diffusion_loss(pred, noise, t, alphas_cumprod, settings.min_snr_gamma)
-            micro = micro / settings.gradient_accumulation
-            scaler.scale(micro).backward()
-            loss += micro.item()
-        loss = procs.average(params, loss)
+        loss = procs.average(run.params, accumulate_gradients(run, batches, procs, noise_scheduler, autocast_dtype))
         if not math.isfinite(loss):  # the same on every process: the loss is averaged
             last = ckpt.list_checkpoints(ckpt_root)
             raise TrainingDiverged(
@@ -221,15 +185,9 @@ def train_lora(
                 f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
                 "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
             )
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = lr_schedule.get_last_lr()[0]
-        lr_schedule.step()
+        lr = run.optimizer_step()
         elapsed = time.monotonic() - started
-        losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3)})
+        run.losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3)})
         rate = (step - start_step) / max(elapsed, 1e-9)
         bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
         if procs.is_main and (step % max(1, settings.steps // 10) == 0 or step == settings.steps
@@ -241,23 +199,104 @@ def train_lora(
         if validate or step == settings.steps or (settings.checkpoint_every and step % settings.checkpoint_every == 0):
             if procs.is_main:
                 if validate:
-                    validations.append(validator.run(unet, step))
-                state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-                         "generator": gen.get_state(), "batch_order": order.state_dict(), "losses": losses,
-                         "validations": validations}
-                ckpt.save_checkpoint(ckpt_root, step, lora_state(unet), state)
+                    run.validations.append(validator.run(run.unet, step))
+                ckpt.save_checkpoint(ckpt_root, step, lora_state(run.unet), run.state_dict(step))
                 ckpt.prune_states(ckpt_root)
             procs.barrier()
     bar.close()
 
     picked = settings.steps
-    if val.pick_best and validations:
-        picked = best_step(validations)
-        load_lora_state(unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
+    if val.pick_best and run.validations:
+        picked = best_step(run.validations)
+        load_lora_state(run.unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
         log.info("picked the checkpoint of step %d (best validation mean)", picked)
-    lora_file = save_lora(unet, out_dir) if procs.is_main else out_dir / LORA_WEIGHT_NAME
+    lora_file = save_lora(run.unet, out_dir) if procs.is_main else out_dir / LORA_WEIGHT_NAME
     procs.barrier()
-    return TrainResult(lora_file, losses, validations, picked, start_step, time.monotonic() - started)
+    return TrainResult(lora_file, run.losses, run.validations, picked, start_step, time.monotonic() - started)
+
+
+@dataclass
+class TrainState:
+    """The UNet with its LoRA and everything a checkpoint restores: optimizer, LR schedule, loss
+    scaler, the run's one generator, the batch order, the loss and validation history."""
+
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    order: BatchOrder
+    settings: TrainSettings
+    dtype: torch.dtype
+    losses: list[dict] = field(default_factory=list)
+    validations: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, model_dir: Path, settings: TrainSettings, examples: list[Example], dtype: torch.dtype,
+               device: torch.device) -> "TrainState":
+        unet = models.load_unet(model_dir, dtype).to(device)
+        params = add_lora(unet, settings)
+        if settings.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+        warmup = max(1, settings.lr_warmup_steps)
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda")
+        return cls(unet, params, optimizer, lr_schedule, scaler, torch.Generator().manual_seed(settings.seed),
+                   BatchOrder(examples, settings.batch_size), settings, dtype)
+
+    def state_dict(self, step: int) -> dict:
+        return {"step": step, "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
+                "generator": self.gen.get_state(), "batch_order": self.order.state_dict(), "losses": self.losses,
+                "validations": self.validations}
+
+    def resume(self, ckpt_root: Path) -> int:
+        """Load the newest resumable checkpoint, if any; returns its step (0: a fresh start)."""
+        resumable = ckpt.list_checkpoints(ckpt_root)
+        if not resumable:
+            return 0
+        lora, state = ckpt.load_checkpoint(resumable[-1])
+        load_lora_state(self.unet, lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_scheduler"])
+        self.gen.set_state(state["generator"])
+        self.order.load_state_dict(state["batch_order"])
+        self.losses, self.validations = state["losses"], state["validations"]
+        log.info("resuming from checkpoint %s (step %d)", resumable[-1].name, state["step"])
+        return state["step"]
+
+    def optimizer_step(self) -> float:
+        """Clip, step (through the fp16 loss scaler when on), advance the LR; returns the step's LR."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        return lr
+
+
+def accumulate_gradients(run: TrainState, batches: Batches, procs: Processes, noise_scheduler,
+                         autocast_dtype: torch.dtype | None) -> float:
+    """Forward and backward over this process's micro-batches of one step; returns its loss."""
+    settings, device, dtype, loss = run.settings, batches.device, run.dtype, 0.0
+    for _ in range(settings.gradient_accumulation):
+        # Every process draws all processes' micro-batches, in rank order, and keeps its own.
+        draw = [batches.draw(run.order, run.gen) for _ in range(procs.world)][procs.rank]
+        lat, embeds, pooled, time_ids = batches.make(draw)
+        noise, t = draw.noise.to(device), draw.timesteps.to(device)
+        noisy = noise_scheduler.add_noise(lat, noise, t)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            pred = run.unet(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
+                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+        micro = diffusion_loss(pred, noise, t, noise_scheduler.alphas_cumprod, settings.min_snr_gamma)
+        micro = micro / settings.gradient_accumulation
+        run.scaler.scale(micro).backward()
+        loss += micro.item()
+    return loss
 
 
 def prepare_batches(
