@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,7 +16,7 @@ from safetensors.torch import load_file
 from kolors_story.errors import UserError
 from kolors_story.training import TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.training.launch import train
+from kolors_story.training.launch import accelerate_command, train
 
 BASE = dict(steps=3, resolution=32, precision="fp32", rank=4, alpha=4, learning_rate=5e-3,
             random_flip=True, checkpoint_every=2, seed=3)
@@ -57,3 +64,44 @@ def test_rank_zero_writes_checkpoints_and_the_result(two_processes):
 def test_a_failing_launch_is_a_clear_error(training_folder, tmp_path):
     with pytest.raises(UserError, match="2 training processes failed"):
         train(tmp_path / "no-model", training_folder, tmp_path / "out", TrainSettings(**BASE), processes=2, threads=2)
+
+
+def test_killed_two_process_training_resumes_to_bitwise_the_uninterrupted_lora(tiny_kolors, training_folder, tmp_path):
+    settings = TrainSettings(**{**BASE, "steps": 30, "checkpoint_every": 5})
+    out = tmp_path / "interrupted"
+    args = ["--model", str(tiny_kolors), "--dataset", str(training_folder), "--out", str(out),
+            "--settings", json.dumps(settings.to_dict()), "--cache-dir", str(tmp_path / "cache")]
+    # Its own session, so one killpg takes the launcher and both training processes at once.
+    proc = subprocess.Popen(accelerate_command(2, 1, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not ckpt.list_checkpoints(next(iter((out / "work").glob("*")), out / "none")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher; torchrun put each rank in its own session
+    proc.communicate()
+    while processes_mentioning(str(out)):  # the ranks die with their launcher (PR_SET_PDEATHSIG)
+        assert time.monotonic() < deadline, "training ranks outlived their killed launcher"
+        time.sleep(0.05)
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "finished before the kill"
+
+    resumed = train(tiny_kolors, training_folder, out, settings, cache_dir=tmp_path / "cache", processes=2, threads=2)
+    assert 0 < resumed.resumed_from < 30
+    straight = train(tiny_kolors, training_folder, tmp_path / "straight", settings, cache_dir=tmp_path / "cache",
+                     processes=2, threads=2)
+    first, second = load_file(resumed.lora_file), load_file(straight.lora_file)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert [r["loss"] for r in resumed.losses] == [r["loss"] for r in straight.losses]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of live processes whose command line contains `text` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # exited meanwhile
+            pass
+    return pids

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kolors_story.errors import UserError
 from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training.processes import exit_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched:
+        exit_with_parent()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(levelname)s rank {rank} %(name)s: %(message)s" if launched
                         else "%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from kolors_story.errors import UserError
 from kolors_story.training.loop import TrainResult, train_lora
+from kolors_story.training.processes import exit_with_parent
 from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ def train(
 def run_logged(command: list[str]) -> int:
     """Run a command, passing each line it prints to this process's log (and so the rule's log)."""
     child_log = logging.getLogger("kolors_story.training")
+    # SIGTERM when this process dies: the launcher then stops its ranks, no orphaned training.
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace", bufsize=1) as proc:
+                          errors="replace", bufsize=1, preexec_fn=lambda: exit_with_parent(signal.SIGTERM)) as proc:
         for line in proc.stdout:
             line = line.rstrip()
             if line and not PROGRESS_BAR.search(line):  # children log their progress as lines

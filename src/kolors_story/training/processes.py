@@ -11,7 +11,10 @@ UNet needs no DistributedDataParallel wrapper.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,3 +71,20 @@ class Processes:
             p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
             offset += g.numel()
         return float(flat[-1])
+
+
+# Resolved at import: exit_with_parent also runs between fork and exec (Popen's preexec_fn), where
+# loading a library could deadlock on a lock another thread held at the fork.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def exit_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; elsewhere a no-op).
+    torchrun starts each rank in its own session, so a SIGKILLed launcher (a killed Snakemake job)
+    would otherwise leave the ranks training, and writing checkpoints, beside the rerun."""
+    if _PRCTL is None:
+        return
+    parent = os.getppid()
+    _PRCTL(1, sig)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
