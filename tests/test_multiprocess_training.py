@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kolors_story.errors import UserError
 from kolors_story.training import TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.training.launch import accelerate_command, train
+from kolors_story.training.launch import accelerate_command, check_process_count, train
 
 BASE = dict(steps=3, resolution=32, precision="fp32", rank=4, alpha=4, learning_rate=5e-3,
             random_flip=True, checkpoint_every=2, seed=3)
@@ -59,6 +59,13 @@ def test_rank_zero_writes_checkpoints_and_the_result(two_processes):
     assert [p.name for p in ckpt.list_checkpoints(run, resumable=False)] == ["step-000002", "step-000003"]
     assert result.lora_file == tmp / "out" / "pytorch_lora_weights.safetensors"
     assert [r["step"] for r in result.losses] == [1, 2, 3] and result.picked_step == 3
+
+
+def test_more_processes_than_gpus_is_refused_and_cpu_hosts_may_use_several():
+    with pytest.raises(UserError, match="train.processes is 4 but this host shows 2 GPU"):
+        check_process_count(4, 2)
+    check_process_count(2, 2)
+    check_process_count(2, 0)  # no GPU: processes share the CPU over gloo
 
 
 def test_a_failing_launch_is_a_clear_error(training_folder, tmp_path):

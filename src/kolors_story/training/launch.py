@@ -38,6 +38,21 @@ def accelerate_command(processes: int, threads_per_process: int, cli_args: list[
             "-m", "kolors_story.training", *cli_args]
 
 
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_process_count(processes: int, gpus: int) -> None:
+    """One process per GPU; without any GPU, processes share the CPU (gloo), as in the tests."""
+    if gpus and processes > gpus:
+        raise UserError(
+            f"train.processes is {processes} but this host shows {gpus} GPU(s) (CUDA_VISIBLE_DEVICES); "
+            f"set train.processes to at most {gpus}."
+        )
+
+
 def train(
     model_dir: Path,
     dataset_dir: Path,
@@ -53,6 +68,7 @@ def train(
     child processes' output goes to this process's stderr (the rule's log)."""
     if processes <= 1:
         return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir)
+    check_process_count(processes, visible_gpus())
     with tempfile.TemporaryDirectory(prefix="kolors-train-") as tmp:
         result_json = Path(tmp) / "result.json"
         args = ["--model", str(model_dir), "--dataset", str(dataset_dir), "--out", str(out_dir),
