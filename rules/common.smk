@@ -21,6 +21,7 @@ except UserError as err:
 RUN = config["run"]
 OUT = f"results/{RUN}"
 LOGS = f"{OUT}/logs"
+CACHE = "resources/cache"  # content-keyed caches (text embeddings, latents, prompts); not outputs
 SCENES = scene_settings(config)
 SCENE_IDS = list(SCENES)
 ENV = "../envs/kolors-story.yaml"

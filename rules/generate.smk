@@ -1,4 +1,6 @@
-# One job per story scene (GPU), then the panels tiled into one story image.
+# One job per story scene (GPU), then the panels tiled into one story image. Prompt embeddings are
+# cached under CACHE: a rerun with other sampler settings, seeds or LoRA does not load the 6B text
+# encoder again.
 
 
 rule generate_scene:
@@ -11,6 +13,7 @@ rule generate_scene:
         scene=scene_params,
         sampler=SAMPLER,
         consistency=lambda wc: CONSISTENCY if scene_anchors(wc) else None,
+        cache_dir=CACHE,
     resources:
         gpu=1,
     log:
@@ -32,6 +35,7 @@ rule render_anchor:
         anchor=anchor_params,
         sampler=SAMPLER,
         consistency=ANCHOR_CONSISTENCY,
+        cache_dir=CACHE,
     resources:
         gpu=1,
     log:

@@ -37,7 +37,7 @@ else:
         params:
             train={k: v for k, v in config["train"].items() if k not in ("use_lora", "processes")},
             processes=config["train"]["processes"],
-            cache_dir="resources/cache",
+            cache_dir=CACHE,
             work_dir=f"{OUT}/lora/work",
         threads: workflow.cores
         resources:

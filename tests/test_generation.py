@@ -143,3 +143,25 @@ def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pi
     chosen = shared["chosen"]
     assert np.array_equal(without, np.asarray(Image.open(tmp_path / "plain" / f"{chosen}.png")))
     assert not np.array_equal(without, np.asarray(Image.open(tmp_path / "shared" / f"{chosen}.png")))
+
+
+def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tiny_kolors, lora, tmp_path, caplog):
+    settings = SamplerSettings(steps=2)
+    scene = Scene("s1", "水墨画，山水", "丑陋", seed=4, width=32, height=32)
+    cache = tmp_path / "cache"
+
+    def run(name, scene=scene, cache_dir=cache):
+        caplog.clear()
+        render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", device=CPU, cache_dir=cache_dir)
+        return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    with caplog.at_level("INFO", logger="kolors_story.generation"):
+        uncached = run("uncached", cache_dir=None)
+        first = run("first")
+        assert "ChatGLM not loaded" not in caplog.text
+        second = run("second")
+        assert "ChatGLM not loaded" in caplog.text
+        run("other_negative", Scene("s1", scene.prompt, "模糊", seed=4, width=32, height=32))
+        assert "ChatGLM not loaded" not in caplog.text
+    assert np.array_equal(uncached, first) and np.array_equal(first, second)
+    assert len(list((cache / "prompts").rglob("*.safetensors"))) == 2

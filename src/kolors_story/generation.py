@@ -78,15 +78,22 @@ def make_scheduler(name: str, base_config: dict):
     raise ValueError(f"unknown sampler {name!r}; use euler, ddim or dpmpp_2m")
 
 
-def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.device | None = None):
-    """The stock pipeline, on the CPU: the caller decides what goes to the device and when."""
+def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else models.torch_dtype(settings.precision)
+
+
+def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.device | None = None,
+                  text_encoder: bool = True):
+    """The stock pipeline, on the CPU: the caller decides what goes to the device and when.
+    text_encoder=False skips ChatGLM and its tokenizer (prompt embeddings come from elsewhere)."""
     from diffusers import KolorsPipeline
 
     device = device or models.pick_device()
     models.check_kolors_dir(Path(model_dir))
-    dtype = torch.float32 if device.type == "cpu" else models.torch_dtype(settings.precision)
+    skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
     pipe = KolorsPipeline.from_pretrained(
-        str(model_dir), torch_dtype=dtype, variant=models.weight_variant(Path(model_dir))
+        str(model_dir), torch_dtype=pipeline_dtype(settings, device), variant=models.weight_variant(Path(model_dir)),
+        **skip,
     )
     pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(desc="denoise", leave=False)
@@ -115,6 +122,31 @@ def encode_and_drop_text_encoder(pipe, scene: Scene, device: torch.device) -> di
         torch.cuda.empty_cache()
     return {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
             "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
+                            cache_dir: Path | None = None) -> tuple[object, dict]:
+    """The pipeline without its text encoder, and the scene's prompt embeddings. With cache_dir,
+    embeddings are kept on disk per text encoder, dtype, prompt and negative prompt, so a rerun
+    with other seeds, sampler settings or LoRA never loads the 6B ChatGLM again."""
+    from kolors_story.training.caches import TensorCache, model_fingerprint
+
+    cache = key = None
+    if cache_dir is not None:
+        namespace = model_fingerprint(Path(model_dir) / "text_encoder")
+        cache = TensorCache(Path(cache_dir) / "prompts" / namespace)
+        zeros = models.read_model_index(Path(model_dir)).get("force_zeros_for_empty_prompt", True)
+        key = TensorCache.key(pipeline_dtype(settings, device), zeros, scene.prompt, scene.negative_prompt)
+        cached = cache.get(key)
+        if cached is not None:
+            log.info("scene %s: prompt embeddings from the cache (%s); ChatGLM not loaded", scene.id, cache.root)
+            pipe = load_pipeline(model_dir, settings, device, text_encoder=False)
+            return pipe, {k: v.to(device) for k, v in cached.items()}
+    pipe = load_pipeline(model_dir, settings, device)
+    embeds = encode_and_drop_text_encoder(pipe, scene, device)
+    if cache is not None:
+        cache.put(key, embeds)
+    return pipe, embeds
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:
@@ -151,13 +183,13 @@ def render_scene(
     device: torch.device | None = None,
     anchors: list[Path] = (),
     consistency: Consistency | None = None,
+    cache_dir: Path | None = None,
 ) -> dict:
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record
     of candidates: seeds, scores and the chosen index. With anchors (one per character the scene
     shows), self-attention is shared with them for consistent characters."""
     device = device or models.pick_device()
-    pipe = load_pipeline(model_dir, settings, device)
-    embeds = encode_and_drop_text_encoder(pipe, scene, device)
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
     pipe.to(device)
     scales = lora_scales(settings)
     load_style_lora(pipe, lora_file, scales[0])
@@ -222,14 +254,14 @@ def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: 
 
 
 def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,
-                  consistency: Consistency, out_path: Path, device: torch.device | None = None) -> Path:
+                  consistency: Consistency, out_path: Path, device: torch.device | None = None,
+                  cache_dir: Path | None = None) -> Path:
     """Render a character's anchor with the scenes' sampler and LoRA, recording the
     self-attention features the scene jobs will share (out_path: .safetensors, image beside)."""
     from kolors_story.consistency import record_anchor, save_anchor
 
     device = device or models.pick_device()
-    pipe = load_pipeline(model_dir, settings, device)
-    embeds = encode_and_drop_text_encoder(pipe, scene, device)
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
     pipe.to(device)
     load_style_lora(pipe, lora_file, lora_scales(settings)[0])
     image, features, meta = record_anchor(
