@@ -50,6 +50,19 @@ def test_changing_one_caption_reencodes_one_caption_and_no_image(tiny_kolors, tm
     assert cache_files(cache, "latents") == latents
 
 
+def test_text_cache_keeps_embeddings_of_each_encoder_dtype_apart(tiny_kolors, tmp_path):
+    from kolors_story.training.encoding import encode_texts
+
+    cpu = torch.device("cpu")
+    fp32 = encode_texts(tiny_kolors, ["水墨画"], tmp_path, cpu, torch.float32)
+    assert len(cache_files(tmp_path, "text")) == 1
+    bf16 = encode_texts(tiny_kolors, ["水墨画"], tmp_path, cpu, torch.bfloat16)
+    assert len(cache_files(tmp_path, "text")) == 2
+    assert not torch.equal(fp32["水墨画"][0], bf16["水墨画"][0])
+    again = encode_texts(tiny_kolors, ["水墨画"], tmp_path, cpu, torch.float32)
+    assert len(cache_files(tmp_path, "text")) == 2 and torch.equal(again["水墨画"][0], fp32["水墨画"][0])
+
+
 def test_cached_run_equals_uncached_run(tiny_kolors, training_folder, tmp_path):
     settings = TrainSettings(steps=3, random_flip=True, **BASE)
     cold = train_lora(tiny_kolors, training_folder, tmp_path / "cold", settings, cache_dir=tmp_path / "c")

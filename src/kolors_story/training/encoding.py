@@ -32,7 +32,8 @@ def encode_texts(
     cached yet, and released before returning: it is never resident beside the UNet."""
     cache = TensorCache(Path(cache_root) / "text" / model_fingerprint(Path(model_dir) / "text_encoder"))
     distinct = sorted(set(texts))
-    found = {t: cache.get(TensorCache.key(t)) for t in distinct}
+    # The dtype is part of the key: embeddings of a bf16 encoder are not those of an fp32 one.
+    found = {t: cache.get(TensorCache.key(dtype, t)) for t in distinct}
     missing = [t for t, v in found.items() if v is None]
     log.info("text embeddings: %d distinct, %d cached, %d to encode", len(distinct),
              len(distinct) - len(missing), len(missing))
@@ -42,7 +43,7 @@ def encode_texts(
         for text in tqdm(missing, desc="encode texts", leave=False):
             embeds, pooled = encode_prompts(tokenizer, encoder, [text], device)
             found[text] = {"embeds": embeds[0].float(), "pooled": pooled[0].float()}
-            cache.put(TensorCache.key(text), found[text])
+            cache.put(TensorCache.key(dtype, text), found[text])
         del encoder
         release(device)
     return {t: (v["embeds"].cpu(), v["pooled"].cpu()) for t, v in found.items()}
@@ -56,7 +57,7 @@ def encode_latents(vae, pixels: torch.Tensor, device: torch.device) -> torch.Ten
 
 def cache_latents(
     get_vae: Callable[[], Any], model_dir: Path, examples: list[Example], flips: tuple[bool, ...], cache_root: Path,
-    device: torch.device,
+    device: torch.device, vae_dtype: torch.dtype = torch.float32,
 ) -> dict[tuple[int, bool], torch.Tensor]:
     """Center-cropped latents per (example, flip), encoded once per image content and size.
     `get_vae` is called only when some latent is not cached yet."""
@@ -65,7 +66,7 @@ def cache_latents(
     for i, ex in enumerate(tqdm(examples, desc="latents", leave=False)):
         digest = file_digest(ex.image_path)
         for flip in flips:
-            key = TensorCache.key(digest, ex.target_size, "center", flip)
+            key = TensorCache.key(digest, ex.target_size, "center", flip, vae_dtype)
             hit = cache.get(key)
             if hit is None:
                 pixels = load_pixels(ex, crop_origin(ex, "center", None), flip)

@@ -312,7 +312,7 @@ def prepare_batches(
     latents = None
     if settings.crop != "random":
         flips = (False, True) if settings.random_flip else (False,)
-        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device)
+        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device, vae_dtype)
     needs_vae = settings.crop == "random" or validating
     vae = load_vae() if needs_vae else None
     if not needs_vae:
