@@ -31,9 +31,14 @@ def _limit_threads(threads: int) -> None:
 
 
 def run_rule(main: Callable[[Any], None], snakemake: Any) -> None:
-    """Run a rule's main(snakemake); a UserError ends the job with its message, not a traceback."""
+    """Run a rule's main(snakemake); a UserError ends the job with its message, not a traceback.
+    A job that declares `resources: gpu=1` takes a GPU no other job holds (hosts with several)."""
     setup_logging(snakemake.log[0] if snakemake.log else None)
     _limit_threads(snakemake.threads)
+    if getattr(snakemake.resources, "gpu", 0) == 1:
+        from kolors_story.gpu_slots import use_free_gpu
+
+        use_free_gpu()
     try:
         main(snakemake)
     except UserError as err:
