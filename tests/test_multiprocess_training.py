@@ -79,7 +79,7 @@ def test_killed_two_process_training_resumes_to_bitwise_the_uninterrupted_lora(t
     args = ["--model", str(tiny_kolors), "--dataset", str(training_folder), "--out", str(out),
             "--settings", json.dumps(settings.to_dict()), "--cache-dir", str(tmp_path / "cache")]
     # Its own session, so one killpg takes the launcher and both training processes at once.
-    proc = subprocess.Popen(accelerate_command(2, 1, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(accelerate_command(2, 1, args, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     while not ckpt.list_checkpoints(next(iter((out / "work").glob("*")), out / "none")):

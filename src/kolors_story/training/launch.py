@@ -29,13 +29,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_command(processes: int, threads_per_process: int, cli_args: list[str]) -> list[str]:
-    """`accelerate launch` of `python -m kolors_story.training` with every choice made explicit
-    (no accelerate config file is read, so a stale ~/.cache/huggingface/accelerate cannot interfere)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-            "--num_processes", str(processes), "--num_cpu_threads_per_process", str(threads_per_process),
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            "-m", "kolors_story.training", *cli_args]
+# Our own accelerate config: without --config_file, accelerate fills options we leave unset (GPU
+# ids, rendezvous address...) from the user's ~/.cache/huggingface/accelerate/default_config.yaml.
+ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: {processes}
+mixed_precision: 'no'
+use_cpu: false
+"""
+
+
+def accelerate_command(processes: int, threads_per_process: int, cli_args: list[str], config_dir: Path) -> list[str]:
+    """`accelerate launch` of `python -m kolors_story.training` with every choice made explicit.
+    Writes the config file it names into `config_dir`. Mixed precision stays ours (autocast)."""
+    config = Path(config_dir) / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG.format(processes=processes), encoding="utf-8")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu",
+            "--num_machines", "1", "--num_processes", str(processes),
+            "--num_cpu_threads_per_process", str(threads_per_process), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "kolors_story.training", *cli_args]
 
 
 def visible_gpus() -> int:
@@ -77,7 +90,7 @@ def train(
             if value is not None:
                 args += [flag, str(value)]
         per_process = max(1, (threads or os.cpu_count() or 1) // processes)
-        command = accelerate_command(processes, per_process, args)
+        command = accelerate_command(processes, per_process, args, Path(tmp))
         log.info("launching %d training processes: %s", processes, " ".join(command))
         returncode = run_logged(command)
         if returncode != 0 or not result_json.is_file():
