@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--vae-dtype", choices=sorted(VAE_DTYPES), default="fp32",
                     help="bf16 decode is pathologically slow on this CPU, hence fp32 (default)")
+    ap.add_argument("--only", choices=["best_of_n", "consistency"], help="run one of the two measurements")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="UNet/embeds dtype; bf16 is very slow on CPUs without AVX512-BF16/AMX (AVX2 only here)")
     args = ap.parse_args(argv)
@@ -164,65 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["warmup_1step_single_s"] = round(t_w, 2)
         memory("warmup", mem)
 
-        # ---------------------------------------------------------------- (1) best-of-N
-        reset_peak_rss()
-        t_single, runs_single = median_runs(lambda: render(pipe, scene, single, seeds, embeds), args.repeats)
-        log(f"{args.candidates} single calls: {runs_single} s")
-        memory("best_of_n_single_calls", mem)
-        reset_peak_rss()
-        t_batch, runs_batch = median_runs(lambda: render(pipe, scene, batched, seeds, embeds), args.repeats)
-        log(f"1 batched call of {args.candidates}: {runs_batch} s")
-        memory("best_of_n_batched", mem)
-        n = args.candidates
-        result["best_of_n"] = {
-            "single_calls_total_s": round(t_single, 3), "single_calls_runs_s": runs_single,
-            "batched_total_s": round(t_batch, 3), "batched_runs_s": runs_batch,
-            "single_s_per_image": round(t_single / n, 3), "batched_s_per_image": round(t_batch / n, 3),
-            "ratio_batched_vs_single": round(t_batch / t_single, 3),
-            "ratio_baseline": f"{n} single pipeline calls (batch_candidates=False)",
-            "unet_batch_batched": 2 * n, "unet_batch_single": 2,
-        }
-
-        # ---------------------------------------------------------------- (2) consistency
-        reset_peak_rss()
-        t_anchor, (_, features, meta) = timed(lambda: record_anchor(
-            pipe, embeds, seed=7, width=args.size, height=args.size, steps=args.steps,
-            guidance_scale=args.guidance, max_tokens=1024, steps_fraction=0.6))
-        anchor_bytes = sum(t.numel() * t.element_size() for t in features.values())
-        log(f"anchor recorded in {t_anchor:.1f} s: {len(features)} tensors, {anchor_bytes / 2**20:.1f} MiB, "
-            f"{meta['recorded_steps']} of {meta['steps']} steps, tokens/layer {sorted(set(meta['tokens'].values()))}")
-        memory("anchor_record", mem)
-        from kolors_story.consistency import Anchor
-
-        anchor = Anchor(features, meta)
-        one = SamplerSettings(steps=args.steps, guidance_scale=args.guidance, candidates=1)
-
-        reset_peak_rss()
-        t_plain, runs_plain = median_runs(lambda: render(pipe, scene, one, [scene.seed], embeds), args.repeats)
-        log(f"scene image without consistency: {runs_plain} s")
-        memory("scene_without_consistency", mem)
-
-        reset_peak_rss()
-        state = enable_sharing(pipe, [anchor], strength=1.0, steps_fraction=0.6)
-        try:
-            t_shared, runs_shared = median_runs(lambda: render(pipe, scene, one, [scene.seed], embeds),
-                                                args.repeats)
-        finally:
-            disable(pipe)
-        log(f"scene image with consistency: {runs_shared} s ({state.n_active_steps} of {args.steps} steps shared)")
-        memory("scene_with_consistency", mem)
-        result["consistency"] = {
-            "anchor_record_s": round(t_anchor, 3),
-            "anchor_features_bytes": anchor_bytes, "anchor_features_mib": round(anchor_bytes / 2**20, 2),
-            "anchor_tensors": len(features), "anchor_layers": len(meta["layers"]),
-            "recorded_steps": meta["recorded_steps"], "tokens_per_layer": sorted(set(meta["tokens"].values())),
-            "shared_steps": state.n_active_steps, "strength": 1.0, "steps_fraction": 0.6, "max_tokens": 1024,
-            "without_s_per_image": round(t_plain, 3), "without_runs_s": runs_plain,
-            "with_s_per_image": round(t_shared, 3), "with_runs_s": runs_shared,
-            "ratio_with_vs_without": round(t_shared / t_plain, 3),
-            "ratio_baseline": "the same single scene image without consistency (plain processors)",
-            "anchor_record_vs_plain_image": round(t_anchor / t_plain, 3),
-        }
+        if args.only != "consistency":
+            result["best_of_n"] = measure_best_of_n(pipe, scene, single, batched, seeds, embeds, args, mem)
+        if args.only != "best_of_n":
+            result["consistency"] = measure_consistency(pipe, scene, embeds, args, mem)
     result["memory"] = mem
     result["peak_rss_gib"] = gib(max(_PEAK[0], ru_maxrss_bytes()))
     result["total_runtime_s"] = round(time.perf_counter() - t_start, 1)
@@ -235,13 +181,73 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def print_table(r: dict) -> None:
-    s, b, c = r["settings"], r["best_of_n"], r["consistency"]
-    n = s["candidates"]
-    rows = [
-        ("best-of-N", f"{n} single calls, s/image", f"{b['single_s_per_image']:.2f}", "baseline"),
-        ("best-of-N", f"1 batched call of {n}, s/image", f"{b['batched_s_per_image']:.2f}",
-         f"x{b['ratio_batched_vs_single']:.2f} vs {n} single calls"),
+def measure_best_of_n(pipe, scene, single, batched, seeds, embeds, args, mem: dict) -> dict:
+    """N candidates as one batched pipeline call vs N single calls."""
+    reset_peak_rss()
+    t_single, runs_single = median_runs(lambda: render(pipe, scene, single, seeds, embeds), args.repeats)
+    log(f"{args.candidates} single calls: {runs_single} s")
+    memory("best_of_n_single_calls", mem)
+    reset_peak_rss()
+    t_batch, runs_batch = median_runs(lambda: render(pipe, scene, batched, seeds, embeds), args.repeats)
+    log(f"1 batched call of {args.candidates}: {runs_batch} s")
+    memory("best_of_n_batched", mem)
+    n = args.candidates
+    return {
+        "single_calls_total_s": round(t_single, 3), "single_calls_runs_s": runs_single,
+        "batched_total_s": round(t_batch, 3), "batched_runs_s": runs_batch,
+        "single_s_per_image": round(t_single / n, 3), "batched_s_per_image": round(t_batch / n, 3),
+        "ratio_batched_vs_single": round(t_batch / t_single, 3),
+        "ratio_baseline": f"{n} single pipeline calls (batch_candidates=False)",
+        "unet_batch_batched": 2 * n, "unet_batch_single": 2,
+    }
+
+
+def measure_consistency(pipe, scene, embeds, args, mem: dict) -> dict:
+    """One scene image with anchor sharing vs the same image without; the anchor's own cost."""
+    from kolors_story.consistency import Anchor
+
+    reset_peak_rss()
+    t_anchor, (_, features, meta) = timed(lambda: record_anchor(
+        pipe, embeds, seed=7, width=args.size, height=args.size, steps=args.steps,
+        guidance_scale=args.guidance, max_tokens=1024, steps_fraction=0.6))
+    anchor_bytes = sum(t.numel() * t.element_size() for t in features.values())
+    log(f"anchor recorded in {t_anchor:.1f} s: {len(features)} tensors, {anchor_bytes / 2**20:.1f} MiB, "
+        f"{meta['recorded_steps']} of {meta['steps']} steps, tokens/layer {sorted(set(meta['tokens'].values()))}")
+    memory("anchor_record", mem)
+    anchor = Anchor(features, meta)
+    one = SamplerSettings(steps=args.steps, guidance_scale=args.guidance, candidates=1)
+    # Alternate without/with, so slow phases of a shared machine hit both alike.
+    plain_runs, shared_runs, state = [], [], None
+    for _ in range(args.repeats):
+        reset_peak_rss()
+        plain_runs.append(round(timed(lambda: render(pipe, scene, one, [scene.seed], embeds))[0], 3))
+        memory("scene_without_consistency", mem)
+        reset_peak_rss()
+        state = enable_sharing(pipe, [anchor], strength=1.0, steps_fraction=0.6)
+        try:
+            shared_runs.append(round(timed(lambda: render(pipe, scene, one, [scene.seed], embeds))[0], 3))
+        finally:
+            disable(pipe)
+        memory("scene_with_consistency", mem)
+    log(f"scene image without consistency: {plain_runs} s; with: {shared_runs} s "
+        f"({state.n_active_steps} of {args.steps} steps shared)")
+    t_plain, t_shared = statistics.median(plain_runs), statistics.median(shared_runs)
+    return {
+        "anchor_record_s": round(t_anchor, 3),
+        "anchor_features_bytes": anchor_bytes, "anchor_features_mib": round(anchor_bytes / 2**20, 2),
+        "anchor_tensors": len(features), "anchor_layers": len(meta["layers"]),
+        "recorded_steps": meta["recorded_steps"], "tokens_per_layer": sorted(set(meta["tokens"].values())),
+        "shared_steps": state.n_active_steps, "strength": 1.0, "steps_fraction": 0.6, "max_tokens": 1024,
+        "without_s_per_image": round(t_plain, 3), "without_runs_s": plain_runs,
+        "with_s_per_image": round(t_shared, 3), "with_runs_s": shared_runs,
+        "ratio_with_vs_without": round(t_shared / t_plain, 3),
+        "ratio_baseline": "the same single scene image without consistency (plain processors)",
+        "anchor_record_vs_plain_image": round(t_anchor / t_plain, 3),
+    }
+
+
+def consistency_rows(c: dict) -> list[tuple[str, str, str, str]]:
+    return [
         ("consistency", "anchor record (once per character), s", f"{c['anchor_record_s']:.2f}",
          f"x{c['anchor_record_vs_plain_image']:.2f} vs plain image"),
         ("consistency", "scene image without, s/image", f"{c['without_s_per_image']:.2f}", "baseline"),
@@ -250,6 +256,20 @@ def print_table(r: dict) -> None:
         ("memory", "anchor features, MiB", f"{c['anchor_features_mib']:.1f}",
          f"{c['anchor_tensors']} tensors, {c['recorded_steps']} steps"),
     ]
+
+
+def print_table(r: dict) -> None:
+    s, rows = r["settings"], []
+    n = s["candidates"]
+    if "best_of_n" in r:
+        b = r["best_of_n"]
+        rows += [
+            ("best-of-N", f"{n} single calls, s/image", f"{b['single_s_per_image']:.2f}", "baseline"),
+            ("best-of-N", f"1 batched call of {n}, s/image", f"{b['batched_s_per_image']:.2f}",
+             f"x{b['ratio_batched_vs_single']:.2f} vs {n} single calls"),
+        ]
+    if "consistency" in r:
+        rows += consistency_rows(r["consistency"])
     for phase, m in r["memory"].items():
         rows.append(("memory", f"peak RSS after {phase}, GiB", f"{m['process_peak_gib']:.2f}",
                      f"this phase's peak {m['phase_peak_gib']}" if m["phase_peak_gib"] is not None else ""))
