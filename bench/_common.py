@@ -97,24 +97,15 @@ def chatglm_config(num_layers: int):
 
 
 def build_text_encoder(num_layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights.
-
-    ChatGLMModel never initialises its weights (FACTS.md): build with empty_init=False and then set
-    every parameter here (RMSNorm weights 1, biases 0, matrices N(0, 0.02)).
-    """
+    """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights (the tiny model's
+    initialisation, drawn in `dtype`)."""
     from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    from kolors_story.tiny_kolors import init_chatglm_
 
     with default_dtype(dtype):
         model = ChatGLMModel(chatglm_config(num_layers), empty_init=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+    init_chatglm_(model, seed)
     return model.eval()
 
 

@@ -215,11 +215,12 @@ def render_scene(
     if not compare:
         del pipe  # frees the UNet before the predictor loads
     weight = consistency.selection_weight if (anchors and consistency) else 0.0
-    scores, anchor_similarity = [None], [None]
+    scores = anchor_similarity = combined = [None]
+    chosen = 0
     if len(images) > 1:
         scores, anchor_similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
-    combined = [a + weight * (c or 0.0) for a, c in zip(scores, anchor_similarity)] if len(images) > 1 else [None]
-    chosen = max(range(len(images)), key=lambda k: combined[k]) if len(images) > 1 else 0
+        combined = [a + weight * (c or 0.0) for a, c in zip(scores, anchor_similarity)]
+        chosen = max(range(len(images)), key=lambda k: combined[k])
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     images[chosen].save(out_path)
     record = {"scene": scene.id, "seeds": all_seeds, "lora_scales": all_scales, "scores": scores,
@@ -242,8 +243,8 @@ def render_scene(
 
 def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float,
                            embeds: dict, out_dir: Path) -> str:
-    """The chosen panel's seed and LoRA scale rendered with attention sharing off: the same
-    picture as the run would give without the option, for the with/without comparison."""
+    """The kept candidate's seed and LoRA scale rendered with attention sharing off: that panel as
+    it would look without the option, everything else equal (the with/without comparison)."""
     from kolors_story.consistency import disable
 
     disable(pipe)
@@ -280,7 +281,7 @@ def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, devi
                      anchors: list[Path] = ()) -> tuple[list[float], list[float | None]]:
     """Aesthetic score of each candidate and, given anchors, its mean CLIP cosine similarity to the
     anchor images of the scene's characters (same vision tower, no extra model)."""
-    from kolors_story.scoring import AestheticScorer
+    from kolors_story.scoring import AestheticScorer, cosine
 
     if aesthetic_dir is None:
         raise ValueError("best-of-N needs the aesthetic predictor (aesthetic_dir)")
@@ -288,9 +289,11 @@ def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, devi
     scored = [scorer.score_and_embed(image) for image in images]
     if not anchors:
         return [s for s, _ in scored], [None] * len(images)
-    refs = [scorer.score_and_embed(Image.open(Path(p).with_suffix(".png")))[1] for p in anchors]
-    similarity = [sum(float(torch.nn.functional.cosine_similarity(e, r, dim=0)) for r in refs) / len(refs)
-                  for _, e in scored]
+    refs = []
+    for path in anchors:
+        with Image.open(Path(path).with_suffix(".png")) as image:
+            refs.append(scorer.score_and_embed(image)[1])
+    similarity = [sum(cosine(e, r) for r in refs) / len(refs) for _, e in scored]
     return [s for s, _ in scored], similarity
 
 

@@ -64,6 +64,11 @@ class AestheticScorer:
         return scores, embeddings
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two image embeddings (1.0 = same direction)."""
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=0))
+
+
 def consistency_report(embeddings: dict[str, torch.Tensor], characters: dict[str, list[str]]) -> dict:
     """Cosine similarity of CLIP image embeddings between every two panels that show the same
     character: per pair, per character and overall mean (1.0 = identical images)."""
@@ -74,8 +79,7 @@ def consistency_report(embeddings: dict[str, torch.Tensor], characters: dict[str
             shared = sorted(set(characters.get(a, [])) & set(characters.get(b, [])))
             if not shared:
                 continue
-            similarity = float(torch.dot(embeddings[a], embeddings[b]) /
-                               (embeddings[a].norm() * embeddings[b].norm()))
+            similarity = cosine(embeddings[a], embeddings[b])
             pairs.append({"a": a, "b": b, "characters": shared, "similarity": similarity})
             for name in shared:
                 by_character.setdefault(name, []).append(similarity)

@@ -40,8 +40,10 @@ def kolors_tokenizer_dir() -> Path:
     return path
 
 
-def _init_chatglm_(model: torch.nn.Module, seed: int) -> None:
-    # ChatGLMModel leaves its weights uninitialised (FACTS.md): set every parameter ourselves.
+def init_chatglm_(model: torch.nn.Module, seed: int) -> None:
+    """ChatGLMModel leaves its weights uninitialised (FACTS.md): RMSNorm weights 1, biases 0,
+    matrices N(0, 0.02) from a seeded generator, drawn in the parameter's own dtype (no fp32 copy
+    of a full-width matrix; in fp32 the values equal randn * 0.02 bit for bit)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -50,7 +52,7 @@ def _init_chatglm_(model: torch.nn.Module, seed: int) -> None:
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                param.normal_(0.0, 0.02, generator=gen)
 
 
 def build_text_encoder(seed: int):
@@ -71,7 +73,7 @@ def build_text_encoder(seed: int):
         torch_dtype="float32",
     )
     model = ChatGLMModel(config, empty_init=False)
-    _init_chatglm_(model, seed)
+    init_chatglm_(model, seed)
     return model.eval()
 
 

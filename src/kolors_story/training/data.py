@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from kolors_story.errors import UserError
+from kolors_story.training.caches import file_digest
 from kolors_story.training.settings import TrainSettings
 
 
@@ -20,6 +22,11 @@ class Example:
     caption: str
     original_size: tuple[int, int] = (0, 0)  # (height, width), Kolors' SDXL-style conditioning
     target_size: tuple[int, int] = (0, 0)  # (height, width) of the crop the UNet sees
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the image file, read once: the run fingerprint and the latent cache both key on it."""
+        return file_digest(self.image_path)
 
 
 def read_metadata(dataset_dir: Path) -> list[Example]:

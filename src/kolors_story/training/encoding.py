@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from kolors_story import models
 from kolors_story.text_encoding import encode_prompts
-from kolors_story.training.caches import TensorCache, file_digest, model_fingerprint
+from kolors_story.training.caches import TensorCache, model_fingerprint
 from kolors_story.training.data import Example, crop_origin, load_pixels
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ def cache_latents(
     cache = TensorCache(Path(cache_root) / "latents" / model_fingerprint(Path(model_dir) / "vae"))
     latents = {}
     for i, ex in enumerate(tqdm(examples, desc="latents", leave=False)):
-        digest = file_digest(ex.image_path)
         for flip in flips:
-            key = TensorCache.key(digest, ex.target_size, "center", flip, vae_dtype)
+            key = TensorCache.key(ex.digest, ex.target_size, "center", flip, vae_dtype)
             hit = cache.get(key)
             if hit is None:
                 pixels = load_pixels(ex, crop_origin(ex, "center", None), flip)

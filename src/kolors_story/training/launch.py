@@ -77,8 +77,8 @@ def train(
     processes: int = 1,
     threads: int | None = None,
 ) -> TrainResult:
-    """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; the
-    child processes' output goes to this process's stderr (the rule's log)."""
+    """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; each
+    line the processes print goes to this process's log (the rule's log)."""
     if processes <= 1:
         return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir)
     check_process_count(processes, visible_gpus())

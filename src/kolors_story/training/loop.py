@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from kolors_story import models
 from kolors_story.errors import UserError
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.training.caches import file_digest, model_fingerprint
+from kolors_story.training.caches import model_fingerprint
 from kolors_story.training.data import (
     BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata,
 )
@@ -122,7 +122,7 @@ def run_fingerprint(settings: TrainSettings, model_dir: Path, examples: list[Exa
     h = hashlib.sha256(settings.fingerprint().encode())
     h.update(model_fingerprint(Path(model_dir) / "unet").encode())
     for ex in examples:
-        h.update(f"{file_digest(ex.image_path)}\x1f{ex.caption}\x1e".encode())
+        h.update(f"{ex.digest}\x1f{ex.caption}\x1e".encode())
     if processes > 1:
         h.update(f"processes={processes}".encode())
     return h.hexdigest()[:16]
