@@ -179,3 +179,103 @@ def test_modelscope_offline_fails_fast_with_a_fix(tmp_path):
     assert "dataset.source: local" in message and "dataset.path" in message
     assert elapsed < 60, f"took {elapsed:.0f} s"
     assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
+# ---------------------------------------------------------------- every download failure is a UserError
+
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch):
+    """MODELSCOPE_ENDPOINT at a closed local port, read afresh: the hub client caches its config
+    per process, so that cache is cleared here and restored by monkeypatch afterwards."""
+    import modelscope_hub.config
+
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", CLOSED_ENDPOINT)
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+    return CLOSED_ENDPOINT
+
+
+def _download(tmp_path, dataset_id="AI-ModelScope/lowres_anime"):
+    return download_modelscope_dataset(
+        dataset_id, "default", "train", tmp_path / "images", None, "{caption}", "二次元", 2, tmp_path / "cache"
+    )
+
+
+def _assert_names_id_and_fix(message: str, dataset_id="AI-ModelScope/lowres_anime"):
+    assert repr(dataset_id) in message
+    assert "dataset.source: local" in message and "dataset.path" in message
+
+
+def test_preflight_uses_the_endpoint_the_download_uses(closed_endpoint, tmp_path):
+    """MODELSCOPE_ENDPOINT moves MsDataset.load, so it moves the connection check too."""
+    from kolors_story.dataset import _hub_endpoint
+
+    assert _hub_endpoint() == closed_endpoint
+    started = time.monotonic()
+    with pytest.raises(UserError) as info:
+        _download(tmp_path)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    _assert_names_id_and_fix(message)
+    assert f"cannot connect to {closed_endpoint}" in message
+
+
+def test_real_msdataset_load_failure_becomes_user_error(closed_endpoint, tmp_path, monkeypatch):
+    """Without the preflight the real MsDataset.load runs against the closed port (~15 s of retries)."""
+    import kolors_story.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "_offline_reason", lambda: None)
+    started = time.monotonic()
+    with pytest.raises(UserError) as info:
+        _download(tmp_path)
+    assert time.monotonic() - started < 60
+    _assert_names_id_and_fix(str(info.value))
+    assert isinstance(info.value.__cause__, OSError)  # modelscope_hub's NetworkError
+    assert "127.0.0.1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("Unknown split 'train'. Should be one of ['validation']."),
+        KeyError("Data"),
+        TypeError("exceptions must derive from BaseException"),  # modelscope raises plain strings
+        RuntimeError("fsspec: unexpected end of stream"),
+        FileNotFoundError("dataset_infos.json"),
+        ModuleNotFoundError("No module named 'oss2'", name="oss2"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_any_download_exception_becomes_user_error(tmp_path, monkeypatch, error):
+    import kolors_story.dataset as dataset_module
+
+    def broken_load(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dataset_module, "_offline_reason", lambda: None)
+    monkeypatch.setattr(dataset_module, "_msdataset_load", broken_load)
+    with pytest.raises(UserError) as info:
+        _download(tmp_path, "owner/some-dataset")
+    message = str(info.value)
+    _assert_names_id_and_fix(message, "owner/some-dataset")
+    assert type(error).__name__ in message and info.value.__cause__ is error
+    if isinstance(error, ImportError):
+        assert "make env" in message
+
+
+def test_download_arguments_reach_msdataset_load(tmp_path, monkeypatch):
+    import kolors_story.dataset as dataset_module
+
+    calls = []
+
+    def fake_load(dataset_id, subset, split, cache_dir):
+        calls.append((dataset_id, subset, split, cache_dir))
+        return [{"image": Image.new("RGB", (4, 4))}]
+
+    monkeypatch.setattr(dataset_module, "_offline_reason", lambda: None)
+    monkeypatch.setattr(dataset_module, "_msdataset_load", fake_load)
+    rows = _download(tmp_path)
+    assert calls == [("AI-ModelScope/lowres_anime", "default", "train", tmp_path / "cache")]
+    assert [r["text"] for r in rows] == ["二次元"]

@@ -155,6 +155,16 @@ def copy_into_run(rows: list[dict], images_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------- ModelScope
 
 
+def _hub_endpoint() -> str:
+    """The endpoint MsDataset.load talks to: HubApi's (it honours MODELSCOPE_ENDPOINT).
+
+    Not `modelscope.hub.utils.utils.get_endpoint()`, which ignores MODELSCOPE_ENDPOINT.
+    """
+    from modelscope.hub.api import HubApi
+
+    return HubApi().endpoint
+
+
 def _offline_reason() -> str | None:
     """Why the ModelScope hub cannot be reached, or None if a TCP connection opens.
 
@@ -162,9 +172,7 @@ def _offline_reason() -> str | None:
     PREFLIGHT_TIMEOUT_S answers in seconds. Behind a proxy a direct connect proves nothing,
     so the check is skipped there and the client's own error is reported instead.
     """
-    from modelscope.hub.utils.utils import get_endpoint
-
-    endpoint = get_endpoint()
+    endpoint = _hub_endpoint()
     if urllib.request.getproxies().get(urlparse(endpoint).scheme or "https"):
         return None
     parsed = urlparse(endpoint)
@@ -179,9 +187,42 @@ def _offline_reason() -> str | None:
 def _hub_error(dataset_id: str, reason: str) -> UserError:
     return UserError(
         f"Could not load ModelScope dataset {dataset_id!r} (dataset.id): {reason}. "
-        "Without network access, set `dataset.source: local` and `dataset.path` to a folder of images "
+        "Check dataset.id, dataset.subset and dataset.split; without network access, set "
+        "`dataset.source: local` and `dataset.path` to a folder of images "
         "(captions from metadata.csv/metadata.jsonl or <name>.txt sidecars)."
     )
+
+
+def _msdataset_load(dataset_id: str, subset: str | None, split: str, cache_dir: Path) -> Any:
+    """The one call that downloads a ModelScope dataset (split out so tests can replace it)."""
+    from modelscope.msdatasets import MsDataset
+
+    return MsDataset.load(dataset_id, subset_name=subset, split=split, cache_dir=str(cache_dir))
+
+
+def _load_modelscope_dataset(dataset_id: str, subset: str | None, split: str, cache_dir: Path) -> Any:
+    """MsDataset.load, with every failure turned into the UserError that names the id and the fix.
+
+    Not only modelscope's own errors: the download goes through datasets, huggingface_hub,
+    fsspec/aiohttp, requests and oss2, each with its own exception types, and modelscope itself
+    sometimes raises a plain string (a TypeError).
+    """
+    started = time.monotonic()
+    try:
+        reason = _offline_reason()
+        if reason:
+            raise _hub_error(dataset_id, reason)
+        return _msdataset_load(dataset_id, subset, split, cache_dir)
+    except UserError:
+        raise
+    except ImportError as exc:  # a lazily imported package (oss2 for legacy-format datasets) is missing
+        raise _hub_error(
+            dataset_id,
+            f"{type(exc).__name__}: {exc}; this environment lacks a package MsDataset.load imports "
+            "(reinstall it with `make env`, i.e. pip install -r requirements.txt -c constraints.txt)",
+        ) from exc
+    except Exception as exc:
+        raise _hub_error(dataset_id, f"{type(exc).__name__}: {exc} (after {time.monotonic() - started:.0f} s)") from exc
 
 
 def _to_rgb(value: Any, column: str, index: int) -> Image.Image:
@@ -244,23 +285,11 @@ def download_modelscope_dataset(
     """Load a ModelScope dataset and save its images as `out_images_dir/<index>.jpg` rows.
 
     Captions come from `caption_column`, else `default_caption` (the challenge baseline gave
-    every image "二次元"). Without network this fails within seconds with a UserError.
+    every image "二次元"). Any failure of the download is a UserError that names the id and
+    `dataset.source: local`; without network it comes within seconds.
     """
     check_caption_template(caption_template)
-    started = time.monotonic()
-    reason = _offline_reason()
-    if reason:
-        raise _hub_error(dataset_id, reason)
-    from modelscope.msdatasets import MsDataset
-
-    try:
-        dataset = MsDataset.load(dataset_id, subset_name=subset, split=split, cache_dir=str(cache_dir))
-    except (OSError, ConnectionError) as exc:
-        raise _hub_error(dataset_id, f"{type(exc).__name__}: {exc} (after {time.monotonic() - started:.0f} s)") from exc
-    except Exception as exc:  # HubError and friends: unknown id, subset or split
-        if type(exc).__module__.startswith(("modelscope", "requests", "urllib3")):
-            raise _hub_error(dataset_id, f"{type(exc).__name__}: {exc}") from exc
-        raise
+    dataset = _load_modelscope_dataset(dataset_id, subset, split, cache_dir)
     try:
         total = len(dataset)
     except TypeError:  # streaming datasets have no length
