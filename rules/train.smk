@@ -12,6 +12,8 @@ if config["train"]["use_lora"]:
         output:
             lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
             diffsynth=f"{OUT}/lora/diffsynth_lora.ckpt",
+        params:
+            diffsynth_alpha=config["train"]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
         log:
             f"{LOGS}/import_lora.log",
         conda:
@@ -35,7 +37,9 @@ else:
             ),
             summary=f"{OUT}/lora/training_summary.json",
         params:
-            train={k: v for k, v in config["train"].items() if k not in ("use_lora", "processes")},
+            # diffsynth_alpha only matters with init_lora: leave other runs' params (reruns) alone
+            train={k: v for k, v in config["train"].items() if k not in ("use_lora", "processes")
+                   and (k != "diffsynth_alpha" or config["train"]["init_lora"])},
             processes=config["train"]["processes"],
             cache_dir=CACHE,
             work_dir=f"{OUT}/lora/work",

@@ -1,11 +1,18 @@
 """LoRA interop: the trainer's diffusers files <-> DiffSynth-Studio 1.1 (the challenge baseline)."""
 
+import json
+import os
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kolors_story import lora_io
@@ -13,6 +20,7 @@ from kolors_story.errors import UserError
 from kolors_story.tiny_kolors import TEXT_WIDTH, build_unet
 from kolors_story.training import TrainSettings, add_lora, save_lora
 
+ROOT = Path(__file__).resolve().parents[1]
 TARGET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
@@ -68,15 +76,18 @@ def trained(tmp_path_factory):
 def test_diffusers_to_diffsynth_and_back_keeps_the_unet_output(trained, tmp_path):
     unet, lora_file = trained
     weights = lora_io.read_lora(lora_file, build_unet(0))
-    assert (weights.source_format, weights.rank, weights.alpha) == ("diffusers", 4, 2.0)
+    # the published file has alpha/rank (2/4) folded into B and says alpha = rank
+    assert (weights.source_format, weights.rank, weights.alpha) == ("diffusers", 4, 4.0)
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight"
+    trained_b = unet.get_submodule(key[: -len(".lora_B.weight")]).lora_B["default"].weight
+    assert torch.equal(weights.state[key], trained_b.detach() * 0.5)
 
     ckpt = lora_io.write_diffsynth_lora(weights, tmp_path / "epoch=0-step=500.ckpt")
     raw = torch.load(ckpt, weights_only=True)
     assert "blocks.7.transformer_blocks.0.attn1.to_out.lora_B.default.weight" in raw
-    imported = lora_io.read_lora(ckpt, build_unet(0))
+    imported = lora_io.read_lora(ckpt, build_unet(0))  # no diffsynth_alpha: DiffSynth's scale 1
     assert (imported.source_format, imported.rank, imported.alpha) == ("diffsynth", 4, 4.0)
-    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight"
-    assert torch.equal(imported.state[key], weights.state[key] * 0.5)  # scale folded into B
+    assert torch.equal(imported.state[key], weights.state[key])
 
     back = lora_io.read_lora(lora_io.write_diffusers_lora(imported, tmp_path / "back"), build_unet(0))
     fresh = build_unet(0)
@@ -128,7 +139,7 @@ def test_converted_diffsynth_lora_loads_in_stock_pipeline_at_diffsynth_scale(tin
     from diffsynth.models.lora import GeneralLoRAFromPeft
     from diffusers import KolorsPipeline
 
-    pipe = KolorsPipeline.from_pretrained(str(tiny_kolors))
+    pipe = KolorsPipeline.from_pretrained(str(tiny_kolors), variant="fp16")  # stock loader, real layout
 
     def render():
         return pipe("水墨画，山水", height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
@@ -155,6 +166,188 @@ def test_converted_diffsynth_lora_loads_in_stock_pipeline_at_diffsynth_scale(tin
     assert loader.match(view, state) is not None
     loader.load(view, state, alpha=1.0)
     np.testing.assert_allclose(render(), styled, atol=2e-4)
+
+
+# ---------------------------------------------------------------- strength that survives every loader
+def randomize_lora_b(unet, seed: int) -> None:
+    """Trained-looking adapter: lora_B is zero at init, so give it seeded values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+
+
+def tiny_pipeline(tiny_kolors):
+    from diffusers import KolorsPipeline
+
+    # fp32 throughout, so only folding can make the loaded LoRA differ from the trained one
+    return KolorsPipeline.from_pretrained(str(tiny_kolors), variant="fp16", torch_dtype=torch.float32)
+
+
+def render_np(pipe) -> np.ndarray:
+    return pipe("水墨画，山水", height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def loaded_with_stock_loader(tiny_kolors, folder):
+    pipe = tiny_pipeline(tiny_kolors)
+    pipe.load_lora_weights(str(folder), weight_name=lora_io.LORA_WEIGHT_NAME, adapter_name="style")
+    return pipe
+
+
+@pytest.mark.parametrize("alpha, bitwise", [(2.0, True), (3.0, False)])
+def test_published_lora_gives_the_same_image_with_or_without_its_metadata(tiny_kolors, tmp_path, alpha, bitwise):
+    """Rank 4: alpha 2 is scale 0.5, a power of two, so B * 0.5 is exact and (0.5 B) A x equals
+    0.5 (B A x) bit for bit: bitwise. Alpha 3 (0.75) rounds B once in fp32: allclose."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    reference = tiny_pipeline(tiny_kolors)
+    add_lora(reference.unet, TrainSettings(rank=4, alpha=alpha))
+    randomize_lora_b(reference.unet, seed=1)
+    expected_image, expected_unet = render_np(reference), unet_output(reference.unet)  # peft at alpha/rank
+    saved = save_lora(reference.unet, tmp_path / "saved")
+    stripped = tmp_path / "stripped" / lora_io.LORA_WEIGHT_NAME
+    stripped.parent.mkdir()
+    save_file(load_file(saved), stripped)  # the same tensors, no metadata
+    with safe_open(str(stripped), framework="pt") as f:
+        assert not f.metadata()
+
+    base = render_np(tiny_pipeline(tiny_kolors))
+    assert np.abs(expected_image - base).max() > 1e-3  # the LoRA matters
+    for folder in (saved.parent, stripped.parent):
+        pipe = loaded_with_stock_loader(tiny_kolors, folder)
+        config = pipe.unet.peft_config["style"]
+        assert (config.r, config.lora_alpha) == (4, 4)  # metadata or diffusers' default alpha = r
+        image, out = render_np(pipe), unet_output(pipe.unet)
+        if bitwise:
+            assert np.array_equal(image, expected_image) and torch.equal(out, expected_unet)
+        else:
+            np.testing.assert_allclose(image, expected_image, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out, expected_unet, rtol=1e-5, atol=1e-6)
+
+    # control: the unfolded tensors without metadata load at scale 1, not alpha/rank
+    unfolded = convert_state_dict_to_diffusers(get_peft_model_state_dict(reference.unet))
+    (tmp_path / "unfolded").mkdir()
+    save_file({f"unet.{k}": v.contiguous() for k, v in unfolded.items()},
+              tmp_path / "unfolded" / lora_io.LORA_WEIGHT_NAME)
+    wrong = render_np(loaded_with_stock_loader(tiny_kolors, tmp_path / "unfolded"))
+    assert np.abs(wrong - expected_image).max() > 1e-3
+
+
+def test_folding_leaves_the_adapter_and_its_checkpoint_state_alone(trained, tmp_path):
+    """Checkpoints store lora_state (peft tensors at alpha/rank); only the published file is folded."""
+    from kolors_story.training.lora_file import lora_state
+
+    unet, _ = trained
+    state = lora_state(unet)
+    published = load_file(save_lora(unet, tmp_path))
+    after = lora_state(unet)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert unet.peft_config["default"].lora_alpha == 2.0
+    for key, value in state.items():
+        name = "unet." + key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+        assert torch.equal(published[name], value * 0.5 if ".lora_B." in key else value)
+
+
+def test_our_importers_read_the_trained_strength_from_the_published_file(trained):
+    unet, lora_file = trained
+    expected = unet_output(unet)
+    read_back = build_unet(0)
+    lora_io.apply_to_unet(lora_io.read_lora(lora_file, read_back), read_back)
+    started = build_unet(0)
+    add_lora(started, TrainSettings(rank=16, alpha=8.0, init_lora=str(lora_file)))  # the file's rank wins
+    assert started.peft_config["default"].r == 4
+    for other in (read_back, started):
+        assert torch.equal(unet_output(other), expected)  # scale 0.5: exact, see above
+
+
+def diffsynth_merged_output(state: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """What DiffSynth's own loader gives: ModelManager.load_lora(path, lora_alpha=scale) merges
+    scale * B @ A into the UNet's weights."""
+    from diffsynth.models.lora import GeneralLoRAFromPeft
+
+    unet = build_unet(0)
+    GeneralLoRAFromPeft().load(DiffSynthView(unet), state, alpha=scale)
+    return unet_output(unet)
+
+
+@pytest.mark.parametrize("setting, scale", [(None, 1.0), (2.0, 0.5), (1.0, 0.25)])
+def test_imported_diffsynth_lora_is_applied_at_the_configured_alpha(setting, scale, tiny_kolors, tmp_path):
+    state = diffsynth_lora(build_unet(0), rank=4, seed=5)
+    ckpt = tmp_path / "epoch=0-step=500.ckpt"
+    torch.save(state, ckpt)
+
+    # train.use_lora: rule import_lora runs convert_lora with train.diffsynth_alpha
+    weights = lora_io.convert_lora(ckpt, tiny_kolors, diffusers_dir=tmp_path / "diffusers",
+                                   diffsynth_file=tmp_path / "diffsynth_lora.ckpt", diffsynth_alpha=setting)
+    assert (weights.rank, weights.scale) == (4, scale)
+    written = tmp_path / "diffusers" / lora_io.LORA_WEIGHT_NAME
+    imported = build_unet(0)
+    lora_io.apply_to_unet(lora_io.read_lora(written, imported), imported)
+    expected = diffsynth_merged_output(state, scale)
+    torch.testing.assert_close(unet_output(imported), expected, rtol=1e-4, atol=1e-5)
+    assert (expected - diffsynth_merged_output(state, 2 * scale)).abs().max() > 1e-3  # the scale matters
+    # the exported .ckpt, at DiffSynth's default lora_alpha=1.0, applies the same strength
+    exported = torch.load(tmp_path / "diffsynth_lora.ckpt", weights_only=True)
+    torch.testing.assert_close(diffsynth_merged_output(exported, 1.0), expected, rtol=1e-4, atol=1e-5)
+
+    # train.init_lora: the trainer starts from it at the same alpha
+    started = build_unet(0)
+    add_lora(started, TrainSettings(rank=4, init_lora=str(ckpt), diffsynth_alpha=setting))
+    assert started.peft_config["default"].lora_alpha == (4.0 if setting is None else setting)
+    torch.testing.assert_close(unet_output(started), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_diffsynth_alpha_default_is_the_baselines_render_alpha_everywhere():
+    from kolors_story.config import load_schema
+
+    schema = load_schema(ROOT / "schemas/config.schema.yaml")
+    prop = schema["properties"]["train"]["properties"]["diffsynth_alpha"]
+    config = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    assert prop["default"] == config["train"]["diffsynth_alpha"] == TrainSettings().diffsynth_alpha == 2.0
+    assert "lora_alpha=2.0" in prop["description"]
+
+
+SAVE_TWICE = """
+import hashlib, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from kolors_story.tiny_kolors import build_unet
+from kolors_story.training import TrainSettings, add_lora, save_lora
+unet = build_unet(0)
+add_lora(unet, TrainSettings(rank=4, alpha=2.0))
+gen = torch.Generator().manual_seed(1)
+with torch.no_grad():
+    for name, param in unet.named_parameters():
+        if ".lora_B." in name:
+            param.copy_(torch.randn(param.shape, generator=gen))
+print(",".join(set(TrainSettings().target_modules)))  # this process's set order
+for i in range(3):
+    print(hashlib.sha256(save_lora(unet, Path(sys.argv[1]) / str(i)).read_bytes()).hexdigest())
+"""
+
+
+def test_saved_lora_is_byte_identical_across_saves_and_processes(tmp_path):
+    """diffusers writes target_modules as list(set) (order follows PYTHONHASHSEED) and
+    safetensors writes metadata keys in HashMap order (it changes from save to save)."""
+    runs = []
+    for hash_seed in ("1", "2"):  # list(set) orders differ under these two seeds
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-c", SAVE_TWICE, str(tmp_path / hash_seed)], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+        runs.append(proc.stdout.split())
+    assert runs[0][0] != runs[1][0]  # the unsorted set orders really differ
+    assert len({digest for run in runs for digest in run[1:]}) == 1
+    path = tmp_path / "1" / "0" / lora_io.LORA_WEIGHT_NAME
+    size = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + size])
+    assert list(header["__metadata__"]) == ["format", "lora_adapter_metadata"]
+    packed = json.loads(header["__metadata__"]["lora_adapter_metadata"])
+    assert packed["unet.target_modules"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert (packed["unet.r"], packed["unet.lora_alpha"]) == (4, 4.0)
 
 
 def test_full_size_kolors_names_match_diffsynth_and_the_baseline_file(tmp_path):

@@ -5,14 +5,18 @@ Two formats meet here (../shared/FACTS.md):
 * diffusers: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora.down.weight` /
   `.lora.up.weight` (or peft's `.lora_A.weight` / `.lora_B.weight`), the peft LoraConfig (r,
   lora_alpha, target modules) in the safetensors metadata. Applied scale: lora_alpha / r; with no
-  metadata diffusers uses lora_alpha = r.
+  metadata (diffusers before 0.34.0, a copy whose metadata was stripped, other tools) loaders use
+  lora_alpha = r. So the files written here have alpha/r folded into lora_B and lora_alpha = r:
+  every loader applies the same strength. Their bytes depend only on the tensors (sorted target
+  modules, sorted safetensors metadata keys).
 * DiffSynth-Studio 1.1 (the challenge baseline's trainer): a Lightning `.ckpt` that is a plain
   `{name: tensor}` dict (its `on_save_checkpoint` clears the checkpoint and stores only the
   trainable LoRA tensors at the top level), names in DiffSynth's own UNet layout plus peft
   suffixes, `blocks.7.transformer_blocks.0.attn1.to_q.lora_A.default.weight`. No alpha is stored:
   DiffSynth's loader (`GeneralLoRAFromPeft.load`, via `ModelManager.load_lora(path,
   lora_alpha=1.0)`) adds `lora_alpha * B @ A`, so with its default the scale is 1, whatever
-  rank/alpha the LoRA was trained with.
+  rank/alpha the LoRA was trained with. Readers give such a file the alpha they are told
+  (config `train.diffsynth_alpha`), else alpha = rank (DiffSynth's scale 1).
 
 Module names are translated with DiffSynth's own `SDXLUNetStateDictConverter.from_diffusers`, run
 over this UNet's parameter names, so the map is exactly the one DiffSynth uses for Kolors.
@@ -25,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -239,13 +243,14 @@ def _parse_keys(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict[str,
     return parsed, diffusers_style
 
 
-def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None) -> LoraWeights:
+def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
+              diffsynth_alpha: float | None = None) -> LoraWeights:
     """Read a diffusers or DiffSynth-Studio LoRA file and check it against `unet`.
 
-    DiffSynth files get alpha = rank (scale 1, what DiffSynth's `load_lora` applies with its
-    default lora_alpha=1.0); diffusers files get r/lora_alpha from their metadata, else alpha =
-    rank (as diffusers does). `alpha` overrides both (e.g. the baseline's training alpha, to apply
-    a DiffSynth LoRA at its training scale alpha/rank). Every key must name a Linear/Conv2d layer
+    DiffSynth files store no alpha: they get `diffsynth_alpha` (config `train.diffsynth_alpha`),
+    or alpha = rank when it is None (scale 1, what DiffSynth's `load_lora` applies with its
+    default lora_alpha=1.0). Diffusers files get r/lora_alpha from their metadata, else alpha =
+    rank (as diffusers does). `alpha` overrides both. Every key must name a Linear/Conv2d layer
     of this UNet, in either naming, with matching shapes; otherwise UserError.
     """
     path = Path(path)
@@ -299,6 +304,8 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None) -> 
     config = _metadata_config(metadata, path) if source == "diffusers" else None
     if config:
         lora_alpha = _alpha_from_config(config, rank, path)
+    if source == "diffsynth" and diffsynth_alpha is not None:
+        lora_alpha = float(diffsynth_alpha)
     if alpha is not None:
         lora_alpha = float(alpha)
     ds_names = {m: ds for m, ds in module_map.items() if m in set(adapted)}
@@ -336,20 +343,61 @@ def _lora_config(weights: LoraWeights):
     return LoraConfig(r=weights.rank, lora_alpha=weights.alpha, target_modules=weights.targets())
 
 
+def folded(weights: LoraWeights) -> LoraWeights:
+    """The same update with its scale alpha/rank multiplied into lora_B and alpha = rank (scale
+    1), so a loader that never sees the alpha (no metadata: alpha = rank) applies the same
+    strength. Bitwise the same output for power-of-two scales (4/16, 2/4: exact in fp32),
+    otherwise one fp32 rounding of B."""
+    scale = weights.scale
+    if scale == 1.0:
+        return weights
+    state = {k: (v * scale).contiguous() if k.endswith(".lora_B.weight") else v
+             for k, v in weights.state.items()}
+    return replace(weights, state=state, alpha=float(weights.rank))
+
+
+def adapter_metadata(weights: LoraWeights) -> dict:
+    """The LoraConfig that diffusers stores in the metadata, set-valued fields (target_modules)
+    as sorted lists: diffusers writes list(set), whose order changes from process to process."""
+    config = _lora_config(weights).to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header with its metadata keys sorted: safetensors (0.8) writes them from a
+    Rust HashMap, in an order that changes from process to process. Tensor data is untouched
+    (its offsets are relative to the end of the header)."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    tmp.replace(path)
+
+
 def write_diffusers_lora(weights: LoraWeights, out_dir: Path) -> Path:
     """Write `<out_dir>/pytorch_lora_weights.safetensors` for stock
-    `KolorsPipeline.load_lora_weights(out_dir, weight_name=...)`, r/lora_alpha in its metadata."""
+    `KolorsPipeline.load_lora_weights(out_dir, weight_name=...)`: scale folded into lora_B and
+    lora_alpha = r in the metadata (the same strength with or without the metadata); equal
+    tensors give the same bytes."""
     from diffusers import KolorsPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
+    weights = folded(weights)
     state = convert_state_dict_to_diffusers({k: v.contiguous() for k, v in weights.state.items()})
     KolorsPipeline.save_lora_weights(
         str(out_dir),
         unet_lora_layers=state,
         weight_name=LORA_WEIGHT_NAME,
-        unet_lora_adapter_metadata=_lora_config(weights).to_dict(),
+        unet_lora_adapter_metadata=adapter_metadata(weights),
     )
-    return Path(out_dir) / LORA_WEIGHT_NAME
+    path = Path(out_dir) / LORA_WEIGHT_NAME
+    _sort_safetensors_metadata(path)
+    return path
 
 
 def write_diffsynth_lora(weights: LoraWeights, out_path: Path, unet: torch.nn.Module | None = None) -> Path:
@@ -363,7 +411,7 @@ def write_diffsynth_lora(weights: LoraWeights, out_path: Path, unet: torch.nn.Mo
         module_map = weights.diffsynth_names
     else:
         module_map = _module_map(full_size_unet())
-    scale = weights.scale
+    weights = folded(weights)  # DiffSynth's default lora_alpha=1.0 then applies this strength
     out: dict[str, torch.Tensor] = {}
     missing = [m for m in weights.modules if m not in module_map]
     if missing:
@@ -374,8 +422,7 @@ def write_diffsynth_lora(weights: LoraWeights, out_path: Path, unet: torch.nn.Mo
         b = weights.state[f"{module}.lora_B.weight"]
         name = module_map[module]
         out[f"{name}.lora_A.default.weight"] = a.detach().to("cpu", torch.float32).contiguous()
-        b = b.detach().to("cpu", torch.float32)
-        out[f"{name}.lora_B.default.weight"] = (b if scale == 1.0 else b * scale).contiguous()
+        out[f"{name}.lora_B.default.weight"] = b.detach().to("cpu", torch.float32).contiguous()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, out_path)
@@ -455,10 +502,10 @@ def unet_skeleton(model_dir: Path) -> torch.nn.Module:
 
 
 def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
-                 diffsynth_file: Path | None = None) -> LoraWeights:
-    """Read a LoRA (diffusers or DiffSynth-Studio) of this model's UNet and write it in the
-    requested formats."""
-    weights = read_lora(Path(src), unet_skeleton(model_dir))
+                 diffsynth_file: Path | None = None, diffsynth_alpha: float | None = None) -> LoraWeights:
+    """Read a LoRA (diffusers or DiffSynth-Studio; a DiffSynth file at `diffsynth_alpha`, see
+    read_lora) of this model's UNet and write it in the requested formats."""
+    weights = read_lora(Path(src), unet_skeleton(model_dir), diffsynth_alpha=diffsynth_alpha)
     if diffusers_dir is not None:
         write_diffusers_lora(weights, Path(diffusers_dir))
     if diffsynth_file is not None:
@@ -466,5 +513,6 @@ def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
     return weights
 
 
-__all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "apply_to_unet", "convert_lora", "diffsynth_key_map",
-           "full_size_unet", "read_lora", "unet_skeleton", "write_diffsynth_lora", "write_diffusers_lora"]
+__all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
+           "diffsynth_key_map", "folded", "full_size_unet", "read_lora", "unet_skeleton",
+           "write_diffsynth_lora", "write_diffusers_lora"]

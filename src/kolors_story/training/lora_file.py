@@ -24,10 +24,11 @@ def add_lora(unet, settings: TrainSettings) -> list[torch.nn.Parameter]:
     if settings.init_lora:
         from kolors_story import lora_io
 
-        weights = lora_io.read_lora(Path(settings.init_lora), unet)
+        # a DiffSynth .ckpt stores no alpha: it starts at train.diffsynth_alpha
+        weights = lora_io.read_lora(Path(settings.init_lora), unet, diffsynth_alpha=settings.diffsynth_alpha)
         lora_io.apply_to_unet(weights, unet)
-        log.info("starting from LoRA %s (%s format, rank %d)", settings.init_lora,
-                 weights.source_format, weights.rank)
+        log.info("starting from LoRA %s (%s format, rank %d, alpha %g)", settings.init_lora,
+                 weights.source_format, weights.rank, weights.alpha)
     else:
         torch.manual_seed(settings.seed)
         unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
@@ -55,14 +56,20 @@ def load_lora_state(unet, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_lora(unet, out_dir: Path) -> Path:
-    """diffusers-format LoRA file; rank/alpha go in its metadata so stock load_lora_weights
-    applies the trained scale."""
-    from diffusers import KolorsPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The run's diffusers LoRA file (lora_io.write_diffusers_lora): alpha/rank folded into
+    lora_B and lora_alpha = r in its metadata, so stock load_lora_weights applies the trained
+    scale whether or not it reads the metadata; equal tensors give the same bytes. Only this file
+    is folded: checkpoints keep the peft tensors (lora_state), so a resumed run is unchanged."""
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    KolorsPipeline.save_lora_weights(str(out_dir), unet_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
-                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return Path(out_dir) / LORA_WEIGHT_NAME
+    from kolors_story import lora_io
+
+    config = unet.peft_config["default"]
+    if (config.rank_pattern or config.alpha_pattern or config.use_rslora or config.use_dora
+            or isinstance(config.target_modules, str)):
+        raise ValueError("save_lora writes plain single-rank LoRAs with listed target modules only")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous()
+             for k, v in get_peft_model_state_dict(unet).items()}
+    weights = lora_io.LoraWeights(state, config.r, float(config.lora_alpha),
+                                  target_modules=tuple(sorted(config.target_modules)))
+    return lora_io.write_diffusers_lora(weights, Path(out_dir))

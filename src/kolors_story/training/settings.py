@@ -55,6 +55,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 100
     init_lora: str | None = None  # start from this LoRA (diffusers or DiffSynth-Studio file)
+    diffsynth_alpha: float | None = 2.0  # alpha of a DiffSynth .ckpt init_lora (None: = its rank)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
 
     @classmethod
@@ -78,5 +79,7 @@ class TrainSettings:
         that leaves the weights alone), so checkpoints of other settings are never resumed."""
         d = self.to_dict()
         d.pop("checkpoint_every")
+        if not d["init_lora"]:
+            d.pop("diffsynth_alpha")  # only read with init_lora: other runs keep their checkpoints
         d["validation"] = None
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
