@@ -39,6 +39,13 @@ class Validator:
         embeds, pooled = self.embeds[text]
         return embeds[None].to(self.device, dtype), pooled[None].to(self.device, dtype)
 
+    def _decode(self, latents: torch.Tensor, pipe):
+        """One image from the UNet's latents with the fp32 VAE: KolorsPipeline would hand a fp32
+        VAE the fp16/bf16 latents as they are (a dtype error), and only upcasts a fp16 VAE."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
     @torch.no_grad()
     def run(self, unet, step: int) -> dict:
         """Render and score every validation prompt; returns {"step", "scores", "mean"}."""
@@ -49,12 +56,12 @@ class Validator:
         for p in s.prompts:
             pos, pooled = self._embeds(p.prompt, dtype)
             neg, neg_pooled = self._embeds(p.negative_prompt, dtype)
-            images.append(pipe(
+            images.append(self._decode(pipe(
                 prompt_embeds=pos, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
                 negative_pooled_prompt_embeds=neg_pooled, width=s.size, height=s.size,
                 num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(p.seed),
-            ).images[0])
+                generator=torch.Generator("cpu").manual_seed(p.seed), output_type="latent",
+            ).images, pipe))
         if was_training:
             unet.train()
         scores = [self.scorer.score(image) for image in images]
