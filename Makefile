@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test lint clean-demo env
+.PHONY: demo test lint clean-demo env gpu-check wheelhouse
 
 env: $(STAMP)
 
@@ -33,3 +33,22 @@ lint: $(STAMP)
 
 clean-demo:
 	rm -rf results/demo resources/tiny resources/demo
+
+# The real code path at full size on one CUDA GPU, no download (README "Checking a GPU host").
+# With wheelhouse/ (from `make wheelhouse`) it runs on the host's own python3 + torch, offline;
+# otherwise in .venv. GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS="--model /data/Kolors-diffusers".
+WHEELHOUSE := wheelhouse
+GPU_SITE := /tmp/kolors-story-site
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@set -e; if [ -d $(WHEELHOUSE) ]; then \
+	  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(WHEELHOUSE)/*.whl; \
+	  export PYTHONPATH=$(GPU_SITE):$(CURDIR)/src KOLORS_TOKENIZER_DIR=$(CURDIR)/$(WHEELHOUSE)/kolors_tokenizer; PYBIN=python3; \
+	elif [ -x $(BIN)/python ]; then PYBIN=$(BIN)/python; \
+	else echo "gpu-check: run 'make env' (online) or copy a wheelhouse/ from 'make wheelhouse PY=3.x' first" >&2; exit 2; fi; \
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $$PYBIN -m kolors_story.gpu_check $(GPU_CHECK_ARGS)
+
+# Wheels (torch excluded) + the Kolors tokenizer for an offline GPU host whose Python is $(PY).
+PY ?= 3.12
+wheelhouse: $(STAMP)
+	$(BIN)/python -m kolors_story.wheelhouse --python $(PY) --out $(WHEELHOUSE) $(QUIET_PIP)

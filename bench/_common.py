@@ -7,7 +7,6 @@ Kwai-Kolors/Kolors-diffusers unet/config.json, the SDXL VAE, and ChatGLM3-6B at 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import resource
@@ -23,71 +22,33 @@ if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
 GIB = 2**30
 
 # Kwai-Kolors/Kolors-diffusers unet/config.json (the parts that shape the network).
-from kolors_story.lora_io import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402  (one copy)
+from kolors_story.lora_io import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402,F401  (one copy)
 
 KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
 
-# The SDXL VAE (Kolors ships it; the challenge used sdxl-vae-fp16-fix, same shapes).
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.13025,
-)
+# The SDXL VAE and ChatGLM3-6B: one copy, beside the tiny configs (num_layers is the only thing
+# the benchmarks change).
+from kolors_story.tiny_kolors import CHATGLM3_6B, SDXL_VAE, building  # noqa: E402,F401
 
-# ChatGLM3-6B as Kolors uses it; num_layers is the only thing the benchmarks change.
-CHATGLM3_6B = dict(
-    num_layers=28,
-    padded_vocab_size=65024,
-    hidden_size=4096,
-    ffn_hidden_size=13696,
-    kv_channels=128,
-    num_attention_heads=32,
-    seq_length=256,  # Kolors' prompt length (the real config says 32768; shapes do not depend on it)
-    multi_query_attention=True,
-    multi_query_group_num=2,
-    add_qkv_bias=True,
-    add_bias_linear=False,
-    rmsnorm=True,
-    apply_residual_connection_post_layernorm=False,
-    post_layer_norm=True,
-    original_rope=True,  # ChatGLMConfig lacks it, ChatGLMModel reads it (FACTS.md)
-)
 CHATGLM3_6B_LAYERS = 28
 CHATGLM3_6B_PARAMS = 6_243_584_000  # 28 layers, embedding + output layer (checked by gpu_memory_estimate)
 
 
-@contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     """Build modules straight in `dtype` (no fp32 copy that would inflate peak memory)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+    return building(dtype)
 
 
 def build_unet(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from diffusers import UNet2DConditionModel
+    from kolors_story.tiny_kolors import build_full_unet
 
-    torch.manual_seed(seed)
-    with default_dtype(dtype):
-        return UNet2DConditionModel(**KOLORS_UNET)
+    return build_full_unet(seed, dtype)
 
 
 def build_vae(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from diffusers import AutoencoderKL
+    from kolors_story.tiny_kolors import build_full_vae
 
-    torch.manual_seed(seed)
-    with default_dtype(dtype):
-        return AutoencoderKL(**SDXL_VAE).eval()
+    return build_full_vae(seed, dtype)
 
 
 def chatglm_config(num_layers: int):
@@ -99,14 +60,9 @@ def chatglm_config(num_layers: int):
 def build_text_encoder(num_layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights (the tiny model's
     initialisation, drawn in `dtype`)."""
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+    from kolors_story.tiny_kolors import build_full_text_encoder
 
-    from kolors_story.tiny_kolors import init_chatglm_
-
-    with default_dtype(dtype):
-        model = ChatGLMModel(chatglm_config(num_layers), empty_init=False)
-    init_chatglm_(model, seed)
-    return model.eval()
+    return build_full_text_encoder(seed, dtype, num_layers=num_layers)
 
 
 def param_bytes(module: torch.nn.Module, trainable: bool | None = None) -> int:

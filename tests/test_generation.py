@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kolors_story.generation import (
-    SamplerSettings, Scene, candidate_seeds, encode_and_drop_text_encoder, load_pipeline, make_scheduler,
+    SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
     render, render_scene,
 )
 from kolors_story.scoring import AestheticScorer
@@ -51,7 +51,7 @@ def test_batched_candidates_match_one_call_per_seed(pipe):
         assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("name, cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler"),
+@pytest.mark.parametrize("name, cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DiffSynthDDIMScheduler"),
                                        ("dpmpp_2m", "DPMSolverMultistepScheduler")])
 def test_samplers_keep_kolors_betas(name, cls):
     scheduler = make_scheduler(name, KOLORS_SCHEDULER)
@@ -64,18 +64,33 @@ def test_unknown_sampler_is_refused():
         make_scheduler("plms", KOLORS_SCHEDULER)
 
 
-def test_text_encoder_is_dropped_after_encoding_and_embeds_match(tiny_kolors):
-    pipe = load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)
+def test_scene_embeddings_are_the_pipelines_own_and_render_the_same_panel(tiny_kolors):
+    """A scene's embeddings come from the one prompt-embedding owner, without ChatGLM in the
+    pipeline, and are bitwise what the stock pipeline's encode_prompt gives."""
     scene = Scene("a", "水墨画", "丑陋", seed=1, width=32, height=32)
-    reference = pipe.encode_prompt(prompt=scene.prompt, device=CPU, negative_prompt=scene.negative_prompt)
-    embeds = encode_and_drop_text_encoder(pipe, scene, CPU)
+    full = load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)
+    reference = full.encode_prompt(prompt=scene.prompt, device=CPU, negative_prompt=scene.negative_prompt)
+    pipe, embeds = pipeline_and_embeddings(tiny_kolors, SamplerSettings(steps=2), scene, CPU)
     assert pipe.text_encoder is None
-    assert torch.equal(embeds["prompt_embeds"], reference[0])
-    assert torch.equal(embeds["negative_pooled_prompt_embeds"], reference[3])
-    with_text = np.asarray(load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)(
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    for name, tensor in zip(names, reference):
+        assert torch.equal(embeds[name], tensor), name
+    with_text = np.asarray(full(
         prompt=scene.prompt, negative_prompt=scene.negative_prompt, width=32, height=32, num_inference_steps=2,
         generator=torch.Generator().manual_seed(1)).images[0])
     assert np.array_equal(np.asarray(render(pipe, scene, SamplerSettings(steps=2), embeds=embeds)[0]), with_text)
+
+
+def test_training_and_scene_jobs_share_one_prompt_cache(tiny_kolors, training_folder, tmp_path, caplog):
+    """A caption encoded for training is not encoded again when a scene uses it (same dtype)."""
+    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.training.encoding import encode_texts
+
+    encode_texts(KolorsFolder(tiny_kolors), ["水墨画", ""], tmp_path, CPU, torch.float32)
+    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
+        pipeline_and_embeddings(tiny_kolors, SamplerSettings(steps=2), Scene("s", "水墨画"), CPU, tmp_path)
+    assert "2 cached, 0 to encode" in caplog.text
+    assert len(list((tmp_path / "text").rglob("*.safetensors"))) == 2
 
 
 def test_render_scene_writes_the_panel(tiny_kolors, lora, tmp_path):
@@ -155,13 +170,13 @@ def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tin
         render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", device=CPU, cache_dir=cache_dir)
         return np.asarray(Image.open(tmp_path / f"{name}.png"))
 
-    with caplog.at_level("INFO", logger="kolors_story.generation"):
+    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
         uncached = run("uncached", cache_dir=None)
         first = run("first")
-        assert "ChatGLM not loaded" not in caplog.text
+        assert "2 to encode" in caplog.text
         second = run("second")
-        assert "ChatGLM not loaded" in caplog.text
+        assert "2 cached, 0 to encode" in caplog.text
         run("other_negative", Scene("s1", scene.prompt, "模糊", seed=4, width=32, height=32))
-        assert "ChatGLM not loaded" not in caplog.text
+        assert "1 cached, 1 to encode" in caplog.text
     assert np.array_equal(uncached, first) and np.array_equal(first, second)
-    assert len(list((cache / "prompts").rglob("*.safetensors"))) == 2
+    assert len(list((cache / "text").rglob("*.safetensors"))) == 3  # prompt and both negatives

@@ -74,17 +74,28 @@ def test_bundle_contents(tmp_path: Path):
     assert "**6.500**" in card and "it passes the threshold 6" in card
 
 
-def test_usage_snippet_is_valid_python(tmp_path: Path):
+def test_usage_snippet_is_valid_python(tmp_path: Path, tiny_kolors: Path):
     card = (bundle(tmp_path / "b", make_inputs(tmp_path / "in")) / "README.md").read_text(encoding="utf-8")
     snippet = card.split("```python\n")[1].split("```")[0]
     compile(snippet, "usage", "exec")
     assert 'variant="fp16"' in snippet
     local = make_inputs(tmp_path / "in2")
-    out = build_bundle(tmp_path / "c", base_model=str(tmp_path / "tiny_kolors"), title="t", trigger_words="",
+    out = build_bundle(tmp_path / "c", base_model=str(tiny_kolors), title="t", trigger_words="",
                        run_name="demo", **local)
     snippet = (out / "README.md").read_text(encoding="utf-8").split("```python\n")[1].split("```")[0]
     compile(snippet, "usage", "exec")
-    assert f'base_dir = "{tmp_path / "tiny_kolors"}"' in snippet and "variant" not in snippet
+    # The local tiny Kolors is laid out as the real one: fp16 files only, so the stock loader needs the variant.
+    assert f'base_dir = "{tiny_kolors}"' in snippet and 'variant="fp16"' in snippet
+
+
+def test_card_names_the_oldest_diffusers_that_loads_the_lora(tmp_path: Path):
+    from kolors_story.publishing import MIN_DIFFUSERS
+
+    card = (bundle(tmp_path / "b", make_inputs(tmp_path / "in")) / "README.md").read_text(encoding="utf-8")
+    # KolorsPipeline's first release (0.30.0); the folded scale needs no metadata reader (0.34.0)
+    assert MIN_DIFFUSERS == "0.30.0"
+    assert "`KolorsPipeline.load_lora_weights` in diffusers >= 0.30.0" in card
+    assert "lora_alpha = rank" in card
 
 
 def test_rebuild_replaces_old_bundle(tmp_path: Path):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from kolors_story.errors import UserError
 from kolors_story.scoring import AestheticScorer, write_scores
@@ -61,7 +60,7 @@ def test_scores_vary_between_images(scorer: AestheticScorer, panel_dir: Path):
 def test_tiny_predictor_is_deterministic_per_seed(predictor_dir: Path, tmp_path: Path, panel_dir: Path):
     again = build_tiny_aesthetic_predictor(tmp_path / "again", seed=0)
     other = build_tiny_aesthetic_predictor(tmp_path / "other", seed=1)
-    first, second = load_file(predictor_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    first, second = (torch.load(d / "pytorch_model.bin", weights_only=True) for d in (predictor_dir, again))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     image = Image.open(panel_dir / "p1.png")
@@ -70,8 +69,11 @@ def test_tiny_predictor_is_deterministic_per_seed(predictor_dir: Path, tmp_path:
 
 
 def test_tiny_predictor_has_real_layout(predictor_dir: Path):
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "vocab.json", "merges.txt"):
+    # AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE's files (FACTS.md).
+    for name in ("config.json", "pytorch_model.bin", "preprocessor_config.json", "vocab.json", "merges.txt",
+                 "tokenizer.json"):
         assert (predictor_dir / name).is_file(), name
+    assert not list(predictor_dir.glob("*.safetensors"))
     config = json.loads((predictor_dir / "config.json").read_text())
     assert config["architectures"] == ["AestheticsPredictorV2Linear"]
     pre = json.loads((predictor_dir / "preprocessor_config.json").read_text())
@@ -80,7 +82,7 @@ def test_tiny_predictor_has_real_layout(predictor_dir: Path):
     assert pre["resample"] == 3 and pre["do_center_crop"] and pre["do_normalize"]
     assert pre["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
     assert pre["image_std"] == [0.26862954, 0.26130258, 0.27577711]
-    head = load_file(predictor_dir / "model.safetensors")
+    head = torch.load(predictor_dir / "pytorch_model.bin", weights_only=True)
     assert [tuple(head[f"layers.{i}.weight"].shape) for i in (0, 2, 4, 6, 7)] == [
         (1024, 32), (128, 1024), (64, 128), (16, 64), (1, 16)
     ]
@@ -90,13 +92,13 @@ def test_check_dir_lists_missing_files(predictor_dir: Path, tmp_path: Path):
     broken = tmp_path / "broken"
     shutil.copytree(predictor_dir, broken)
     (broken / "preprocessor_config.json").unlink()
-    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").unlink()
     (broken / "tokenizer.json").unlink()
     (broken / "vocab.json").unlink()
     with pytest.raises(UserError) as err:
         check_aesthetic_dir(broken)
     message = str(err.value)
-    assert "preprocessor_config.json" in message and "model.safetensors" in message
+    assert "preprocessor_config.json" in message and "pytorch_model.bin" in message
     assert "vocab.json" in message and "models.aesthetic" in message
     assert str(broken) in message
     with pytest.raises(UserError, match="does not exist"):

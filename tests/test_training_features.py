@@ -51,9 +51,10 @@ def test_changing_one_caption_reencodes_one_caption_and_no_image(tiny_kolors, tm
 
 
 def test_text_cache_keeps_embeddings_of_each_encoder_dtype_apart(tiny_kolors, tmp_path):
+    from kolors_story.kolors_folder import KolorsFolder
     from kolors_story.training.encoding import encode_texts
 
-    cpu = torch.device("cpu")
+    cpu, tiny_kolors = torch.device("cpu"), KolorsFolder(tiny_kolors)
     fp32 = encode_texts(tiny_kolors, ["水墨画"], tmp_path, cpu, torch.float32)
     assert len(cache_files(tmp_path, "text")) == 1
     bf16 = encode_texts(tiny_kolors, ["水墨画"], tmp_path, cpu, torch.bfloat16)

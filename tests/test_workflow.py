@@ -128,7 +128,8 @@ def test_run_lora_loads_in_a_fresh_stock_pipeline_and_changes_its_output(demo_ru
     import torch
     from diffusers import KolorsPipeline
 
-    pipe = KolorsPipeline.from_pretrained(str(demo_run / "resources/tiny/kolors"))
+    # The stock loader on the real layout: Kolors-diffusers ships fp16 files only.
+    pipe = KolorsPipeline.from_pretrained(str(demo_run / "resources/tiny/kolors"), variant="fp16")
     kwargs = dict(prompt="古风，水墨画", width=64, height=64, num_inference_steps=3, output_type="np")
     base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images[0]
     pipe.load_lora_weights(str(demo_run / "results/demo/lora"), weight_name="pytorch_lora_weights.safetensors")
@@ -240,7 +241,9 @@ def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_ru
 
     out = demo_run / "results/demo/lora"
     assert (out / "diffsynth_lora.ckpt").is_file()
-    use = override(demo_run, "use", {"run": "imported", "train": {"use_lora": str(out / "diffsynth_lora.ckpt")}})
+    # our own export has its scale folded in: scale 1 (diffsynth_alpha null) imports it as it is
+    use = override(demo_run, "use", {"run": "imported", "train": {"use_lora": str(out / "diffsynth_lora.ckpt"),
+                                                                  "diffsynth_alpha": None}})
     jobs = planned_jobs(demo_run, use)
     assert jobs.get("import_lora") == 1 and "train_lora" not in jobs
     snakemake(demo_run, "results/imported/lora/pytorch_lora_weights.safetensors", "--cores", "1",

@@ -8,7 +8,6 @@ the challenge's aesthetic predictor and keeps the best as the panel.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ import torch
 from PIL import Image
 
 from kolors_story import models
+from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.prompt_embeddings import PromptEmbeddings
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,17 @@ class Scene:
 
 def make_scheduler(name: str, base_config: dict):
     """Kolors' own betas (1100 steps, scaled_linear) with the chosen sampling algorithm."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     if name == "euler":
         return EulerDiscreteScheduler.from_config(base_config)
     if name == "ddim":
-        return DDIMScheduler.from_config(base_config)
+        # The challenge baseline's sampler, step for step (diffusers' DDIMScheduler with Kolors'
+        # "leading" spacing and steps_offset 1 samples other timesteps): see diffsynth_ddim.py.
+        from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler
+
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        return DiffSynthDDIMScheduler(**{k: base_config[k] for k in keys if k in base_config})
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler.from_config(
             base_config, algorithm_type="dpmsolver++", solver_order=2
@@ -86,15 +92,8 @@ def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.devi
                   text_encoder: bool = True):
     """The stock pipeline, on the CPU: the caller decides what goes to the device and when.
     text_encoder=False skips ChatGLM and its tokenizer (prompt embeddings come from elsewhere)."""
-    from diffusers import KolorsPipeline
-
     device = device or models.pick_device()
-    models.check_kolors_dir(Path(model_dir))
-    skip = {} if text_encoder else {"text_encoder": None, "tokenizer": None}
-    pipe = KolorsPipeline.from_pretrained(
-        str(model_dir), torch_dtype=pipeline_dtype(settings, device), variant=models.weight_variant(Path(model_dir)),
-        **skip,
-    )
+    pipe = KolorsFolder(model_dir).load_pipeline(pipeline_dtype(settings, device), text_encoder=text_encoder)
     pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(desc="denoise", leave=False)
     return pipe
@@ -108,45 +107,14 @@ def load_style_lora(pipe, lora_file: Path, scale: float) -> None:
     pipe.set_adapters([ADAPTER], adapter_weights=[scale])
 
 
-@torch.no_grad()
-def encode_and_drop_text_encoder(pipe, scene: Scene, device: torch.device) -> dict:
-    """Prompt embeddings for the scene, then the text encoder leaves the pipeline (and memory)."""
-    pipe.text_encoder.to(device)
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=scene.prompt, device=device, num_images_per_prompt=1,
-        do_classifier_free_guidance=True, negative_prompt=scene.negative_prompt or None,
-    )
-    pipe.text_encoder = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative,
-            "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
-
-
 def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
                             cache_dir: Path | None = None) -> tuple[object, dict]:
-    """The pipeline without its text encoder, and the scene's prompt embeddings. With cache_dir,
-    embeddings are kept on disk per text encoder, dtype, prompt and negative prompt, so a rerun
-    with other seeds, sampler settings or LoRA never loads the 6B ChatGLM again."""
-    from kolors_story.training.caches import TensorCache, model_fingerprint
-
-    cache = key = None
-    if cache_dir is not None:
-        namespace = model_fingerprint(Path(model_dir) / "text_encoder")
-        cache = TensorCache(Path(cache_dir) / "prompts" / namespace)
-        zeros = models.read_model_index(Path(model_dir)).get("force_zeros_for_empty_prompt", True)
-        key = TensorCache.key(pipeline_dtype(settings, device), zeros, scene.prompt, scene.negative_prompt)
-        cached = cache.get(key)
-        if cached is not None:
-            log.info("scene %s: prompt embeddings from the cache (%s); ChatGLM not loaded", scene.id, cache.root)
-            pipe = load_pipeline(model_dir, settings, device, text_encoder=False)
-            return pipe, {k: v.to(device) for k, v in cached.items()}
-    pipe = load_pipeline(model_dir, settings, device)
-    embeds = encode_and_drop_text_encoder(pipe, scene, device)
-    if cache is not None:
-        cache.put(key, embeds)
-    return pipe, embeds
+    """The pipeline without its text encoder, and the scene's prompt embeddings (bitwise those of
+    the pipeline's encode_prompt). ChatGLM is loaded, used and released first, and only when
+    cache_dir lacks the prompt or the negative prompt: the 6B encoder and the UNet never meet."""
+    embeddings = PromptEmbeddings(KolorsFolder(model_dir), pipeline_dtype(settings, device), device, cache_dir)
+    embeds = embeddings.for_pipeline(scene.prompt, scene.negative_prompt)
+    return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:

@@ -17,8 +17,15 @@ import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
+from kolors_story.kolors_folder import KolorsFolder
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
+# in diffusers' release tags): KolorsPipeline arrived in 0.30.0 with the SDXL LoRA mixin, which
+# then touched text_encoder_2 only for text_encoder_2 keys (0.33.0 moved Kolors to the SD mixin);
+# the safetensors metadata is read only from 0.34.0, and without it alpha = rank, which the
+# folded file (lora_io.folded) already states.
+MIN_DIFFUSERS = "0.30.0"
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 PASS_THRESHOLD = 6.0
 REQUIRED_SCENE_KEYS = ("id", "prompt", "seed", "image")
@@ -142,8 +149,10 @@ def _usage_snippet(base_model: str, records: list[dict], repo_id: str | None) ->
             call.append(f"    {arg}={first[key]!r},")
     call.append(f'    generator=torch.Generator("cpu").manual_seed({first["seed"]}),')
     lora_repo = repo_id or "<owner>/<this-repo>"
-    if _is_local(base_model):  # a local base (e.g. the demo's tiny model) is loaded as it is
+    if _is_local(base_model):  # a local base (e.g. the demo's tiny model): its own variant, if any
         base_line, load_args = f"base_dir = {json.dumps(base_model)}", ""
+        if Path(base_model).is_dir() and KolorsFolder(base_model).variant:
+            load_args = f', variant="{KolorsFolder(base_model).variant}"'
     else:  # Kolors-diffusers on the hub ships fp16 weights only
         base_line = f'base_dir = snapshot_download("{base_model}")'
         load_args = ', torch_dtype=torch.float16, variant="fp16"'
@@ -187,6 +196,10 @@ def _model_card(
         "",
         f"- Base model: `{base_model}`",
         f"- LoRA weights: `{LORA_WEIGHT_NAME}` (diffusers format, UNet attention layers)",
+        f"- Loads with `KolorsPipeline.load_lora_weights` in diffusers >= {MIN_DIFFUSERS} (the first "
+        "release with KolorsPipeline), with peft installed. The LoRA scale (alpha / rank) is folded "
+        "into the weights and the metadata says lora_alpha = rank, so loaders that ignore the "
+        "safetensors metadata (diffusers before 0.34.0, other tools) apply the same strength.",
         f"- Trigger / style words: {trigger_words or '(none; the style applies without trigger words)'}",
         "",
         "## Usage",

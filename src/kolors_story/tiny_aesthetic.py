@@ -122,7 +122,13 @@ def _clip_processor() -> CLIPProcessor:
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def build_tiny_aesthetic_predictor(out_dir: Path, seed: int = 0) -> Path:
+def full_clip_vision_config() -> CLIPVisionConfig:
+    """CLIP ViT-L/14's vision tower, the real predictor's (FACTS.md): 24 layers of width 1024."""
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=CLIP_IMAGE_SIZE, patch_size=14, projection_dim=768)
+
+
+def build_tiny_aesthetic_predictor(out_dir: Path, seed: int = 0, config: CLIPVisionConfig | None = None) -> Path:
     """Save a tiny random AestheticsPredictorV2Linear in the real predictor repo's layout.
 
     Loads with `AestheticsPredictorV2Linear.from_pretrained(out_dir)` and
@@ -130,11 +136,12 @@ def build_tiny_aesthetic_predictor(out_dir: Path, seed: int = 0) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = _tiny_clip_vision_config()
+    config = config or _tiny_clip_vision_config()  # full_clip_vision_config(): the real shapes
     model = AestheticsPredictorV2Linear(config).eval()
     _init_predictor_weights(model, seed)
     _centre_head(model, config.image_size)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # The real predictor ships a pickle (pytorch_model.bin), not safetensors (FACTS.md).
+    model.save_pretrained(out_dir, safe_serialization=False)
     _clip_processor().save_pretrained(out_dir)
     check_aesthetic_dir(out_dir)
     return out_dir

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.training.caches import file_digest
+from kolors_story.tensor_cache import file_digest
 from kolors_story.training.settings import TrainSettings
 
 
@@ -81,6 +81,19 @@ def crop_origin(ex: Example, crop: str, gen: torch.Generator | None) -> tuple[in
         top = int(torch.randint(0, height - th + 1, (1,), generator=gen))
         return top, left
     return (height - th) // 2, (width - tw) // 2
+
+
+def size_conditioning(ex: Example, top_left: tuple[int, int]) -> list[int]:
+    """Kolors' add_time_ids for one crop, as Kolors' own dreambooth/LoRA trainer builds them:
+    [resized height, resized width, crop top, crop left, target height, target width]. The first
+    pair is the image after the covering resize, not the file's own size (the SDXL paper's
+    "original size"): both Kolors references (its trainer, and DiffSynth's [h, w, 0, 0, h, w])
+    never pass a size below the target, and inference passes (H, W, 0, 0, H, W), so a low-res
+    dataset does not teach the LoRA under a "small original" condition the scenes never use.
+    The crop pair is the crop actually taken (Kolors' trainer always reports the centre offsets,
+    also for its random crops); for a centre crop both agree."""
+    width, height = resized_size(ex)
+    return [height, width, *top_left, *ex.target_size]
 
 
 def load_pixels(ex: Example, top_left: tuple[int, int], flip: bool) -> torch.Tensor:

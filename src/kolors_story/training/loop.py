@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from kolors_story import models
 from kolors_story.errors import UserError
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.training.caches import model_fingerprint
+from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.prompt_embeddings import release
 from kolors_story.training.data import (
-    BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata,
+    BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata, size_conditioning,
 )
-from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts, release
+from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
 from kolors_story.training.objective import diffusion_loss, sample_noise
 from kolors_story.training.processes import Processes
@@ -30,6 +31,9 @@ from kolors_story.training.validation import Validator, best_step, validation_te
 
 log = logging.getLogger(__name__)
 LOG_EVERY_S = 30  # a progress line in the log at least this often (and every 10% of the steps)
+# The SDXL VAE (Kolors ships it unchanged) overflows in fp16, so it encodes the training latents and
+# decodes validation images in fp32, as Kolors' own dreambooth trainer and diffusers' SDXL examples do.
+LATENT_VAE_DTYPE = torch.float32
 
 
 class TrainingDiverged(UserError):
@@ -100,7 +104,7 @@ class Batches:
                 latents.append(encode_latents(self.vae, pixels[None], self.device)[0])
             else:
                 latents.append(self.latents[(i, flip)].to(self.device))
-            time_ids.append([*ex.original_size, *origin, *ex.target_size])
+            time_ids.append(size_conditioning(ex, origin))  # Kolors' trainer's convention (data.py)
         embeds = torch.stack([self.texts[self.examples[i].caption][0] for i in draw.idx]).to(self.device)
         pooled = torch.stack([self.texts[self.examples[i].caption][1] for i in draw.idx]).to(self.device)
         ids = torch.tensor(time_ids, dtype=torch.float32, device=self.device)
@@ -117,10 +121,10 @@ def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype,
     return models.torch_dtype(precision), models.torch_dtype(precision)
 
 
-def run_fingerprint(settings: TrainSettings, model_dir: Path, examples: list[Example], processes: int = 1) -> str:
+def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: list[Example], processes: int = 1) -> str:
     """Checkpoints are resumed only by a run with the same settings, model, data and process count."""
     h = hashlib.sha256(settings.fingerprint().encode())
-    h.update(model_fingerprint(Path(model_dir) / "unet").encode())
+    h.update(folder.fingerprint("unet").encode())
     for ex in examples:
         h.update(f"{ex.digest}\x1f{ex.caption}\x1e".encode())
     if processes > 1:
@@ -146,7 +150,7 @@ def train_lora(
     device = procs.device
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    models.check_kolors_dir(model_dir)
+    folder = KolorsFolder(model_dir)  # refuses a foreign or incomplete folder before any GPU work
     val = settings.validation
     if val.every and not (val.prompts and aesthetic_dir):
         raise UserError("train.validation.every > 0 needs train.validation.prompts and models.aesthetic.")
@@ -154,21 +158,21 @@ def train_lora(
     examples = read_metadata(Path(dataset_dir))
     assign_sizes(examples, settings)
     cache_root = Path(cache_dir or out_dir / "cache")
-    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, model_dir, examples, procs.world)
+    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, folder, examples, procs.world)
     if procs.is_main:
         log.info("training on %d image(s), %d steps, %d process(es), device %s; checkpoints in %s",
                  len(examples), settings.steps, procs.world, device, ckpt_root)
 
-    noise_scheduler = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    noise_scheduler = folder.load_scheduler(DDPMScheduler)
     with procs.main_first():  # rank 0 fills the caches, the others read them
-        batches = prepare_batches(model_dir, examples, settings, cache_root, device, dtype,
+        batches = prepare_batches(folder, examples, settings, cache_root, device, dtype,
                                   noise_scheduler.config.num_train_timesteps,
                                   validating=bool(val.every) and procs.is_main)
 
-    run = TrainState.create(model_dir, settings, examples, dtype, device)
+    run = TrainState.create(folder, settings, examples, dtype, device)
     validator = None
     if val.every and procs.is_main:
-        euler = EulerDiscreteScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+        euler = folder.load_scheduler(EulerDiscreteScheduler)
         validator = Validator(val, batches.vae, euler, aesthetic_dir, batches.texts, out_dir / "validation", device)
     start_step = run.resume(ckpt_root)
     procs.barrier()  # every process has read the checkpoint before rank 0 writes the next one
@@ -233,9 +237,9 @@ class TrainState:
     validations: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, model_dir: Path, settings: TrainSettings, examples: list[Example], dtype: torch.dtype,
+    def create(cls, folder: KolorsFolder, settings: TrainSettings, examples: list[Example], dtype: torch.dtype,
                device: torch.device) -> "TrainState":
-        unet = models.load_unet(model_dir, dtype).to(device)
+        unet = folder.load_unet(dtype).to(device)
         params = add_lora(unet, settings)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -300,25 +304,25 @@ def accumulate_gradients(run: TrainState, batches: Batches, procs: Processes, no
 
 
 def prepare_batches(
-    model_dir: Path, examples: list[Example], settings: TrainSettings, cache_root: Path, device: torch.device,
+    folder: KolorsFolder, examples: list[Example], settings: TrainSettings, cache_root: Path, device: torch.device,
     dtype: torch.dtype, num_timesteps: int, validating: bool,
 ) -> Batches:
     """Text embeddings (ChatGLM loaded only for uncached captions, then released) and, for center
     crops, latents from the cache; the VAE stays loaded only for random crops or validation."""
-    texts = encode_texts(model_dir, [e.caption for e in examples] + validation_texts(settings.validation),
+    texts = encode_texts(folder, [e.caption for e in examples] + validation_texts(settings.validation),
                          cache_root, device, dtype)
-    vae_dtype = torch.float32 if device.type == "cpu" else dtype
-    load_vae = functools.cache(lambda: models.load_vae(model_dir, vae_dtype).to(device))
+    vae_dtype = LATENT_VAE_DTYPE  # whatever train.precision is: the latents' numerics never depend on it
+    load_vae = functools.cache(lambda: folder.load_vae(vae_dtype).to(device))
     latents = None
     if settings.crop != "random":
         flips = (False, True) if settings.random_flip else (False,)
-        latents = cache_latents(load_vae, model_dir, examples, flips, cache_root, device, vae_dtype)
+        latents = cache_latents(load_vae, folder, examples, flips, cache_root, device, vae_dtype)
     needs_vae = settings.crop == "random" or validating
     vae = load_vae() if needs_vae else None
     if not needs_vae:
         load_vae.cache_clear()
         release(device)
-    return Batches(examples, texts, latents, vae, settings, device, models.latent_geometry(model_dir), num_timesteps)
+    return Batches(examples, texts, latents, vae, settings, device, folder.latent_geometry(), num_timesteps)
 
 
 __all__ = ["LORA_WEIGHT_NAME", "TrainResult", "TrainingDiverged", "train_lora", "precision_dtypes"]

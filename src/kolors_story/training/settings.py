@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from kolors_story.errors import UserError
 
 
+CONVENTIONS = {"size_conditioning": "kolors-dreambooth"}
+
+
 @dataclass(frozen=True)
 class ValidationPrompt:
     prompt: str
@@ -82,4 +85,7 @@ class TrainSettings:
         if not d["init_lora"]:
             d.pop("diffsynth_alpha")  # only read with init_lora: other runs keep their checkpoints
         d["validation"] = None
+        # What the code does with the settings, where it changed: checkpoints of an older
+        # convention are not resumed (add_time_ids follow Kolors' trainer since this marker).
+        d["conventions"] = CONVENTIONS
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
