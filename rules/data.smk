@@ -20,10 +20,12 @@ rule download_dataset:
     output:
         rows=f"{OUT}/data/rows.jsonl",
         images=directory(f"{OUT}/data/images"),
+        stats=f"{OUT}/data/download_stats.json",
     params:
         dataset=config["dataset"],
     log:
         f"{LOGS}/download_dataset.log",
+    retries: NETWORK_RETRIES if config["dataset"]["source"] == "modelscope" else 0
     conda:
         ENV
     script:
@@ -34,6 +36,7 @@ rule filter_dataset:
     input:
         rows=f"{OUT}/data/rows.jsonl",
         images=f"{OUT}/data/images",
+        download_stats=f"{OUT}/data/download_stats.json",
     output:
         rows=f"{OUT}/data/filtered.jsonl",
         stats=report(f"{OUT}/data/filter_stats.json", caption="../report/filter.rst", category="Data"),

@@ -2,23 +2,31 @@ import logging
 from pathlib import Path
 
 from kolors_story import dataset
+from kolors_story.images import parse_background
 from kolors_story.rule_runner import run_rule
 
 
 def main(snakemake):
     ds, images = snakemake.params.dataset, Path(snakemake.output.images)
     images.mkdir(parents=True, exist_ok=True)
+    background = parse_background(ds["background"])
     if ds["source"] == "local":
-        rows = dataset.collect_local_rows(Path(ds["path"]), ds["caption_template"], ds["default_caption"])
-        rows = dataset.copy_into_run(rows[: ds["max_images"]], images)
+        rows, report = dataset.collect_local(
+            Path(ds["path"]), images, ds["caption_template"], ds["default_caption"], ds["max_images"], background
+        )
     else:
+        report = dataset.SourceReport("modelscope")
         rows = dataset.download_modelscope_dataset(
             ds["id"], ds["subset"], ds["split"], images, ds["caption_column"],
             ds["caption_template"], ds["default_caption"], ds["max_images"],
-            cache_dir=Path("resources/modelscope/datasets"),
+            cache_dir=Path("resources/modelscope/datasets"), image_column=ds["image_column"],
+            background=background, report=report,
         )
     dataset.write_rows(rows, Path(snakemake.output.rows))
-    logging.info("dataset: %d row(s) from %s", len(rows), ds["path"] if ds["source"] == "local" else ds["id"])
+    summary = report.as_dict(len(rows))
+    stats = dataset.write_json(summary, Path(snakemake.output.stats))
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    logging.info("dataset: %d row(s) from %s (%s; see %s)", len(rows), ds["path"] if ds["source"] == "local" else ds["id"], counts, stats)
 
 
 run_rule(main, snakemake)

@@ -2,7 +2,7 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.dataset import read_rows, write_rows
+from kolors_story.dataset import read_rows, relative_path, write_json, write_rows
 from kolors_story.filtering import filter_rows
 from kolors_story.rule_runner import run_rule
 
@@ -11,9 +11,12 @@ def main(snakemake):
     rows = read_rows(Path(snakemake.input.rows))
     result = filter_rows(rows, snakemake.params.ops, Path(snakemake.params.work_dir), snakemake.params.num_proc)
     write_rows(result.kept, Path(snakemake.output.rows))
-    Path(snakemake.output.stats).write_text(
-        json.dumps(result.stats, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    stats_path = Path(snakemake.output.stats)
+    for dropped in result.stats["dropped"]:  # like the rows files: relative, so results/ can move
+        dropped["image"] = relative_path(dropped["image"], stats_path.parent)
+    # What the download stage made of every input file, so one file tells where each image went.
+    download = json.loads(Path(snakemake.input.download_stats).read_text(encoding="utf-8"))
+    write_json({**result.stats, "download": download}, stats_path)
     for op in result.stats["ops"]:
         logging.info("%-28s %5d -> %5d rows", op["op"], op["rows_in"], op["rows_out"])
 

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from kolors_story.dataset import (
+    SourceReport,
+    collect_local,
     collect_local_rows,
     copy_into_run,
+    decode_text,
     download_modelscope_dataset,
     read_rows,
     rows_from_records,
+    scan_local_folder,
     write_rows,
 )
 from kolors_story.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
+from kolors_story.images import WHITE, parse_background
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +68,41 @@ def test_caption_priority_jsonl_then_csv_then_sidecar(tmp_path):
     assert [r["text"] for r in rows] == ["jsonl 甲", "sidecar b", "sidecar c"]
 
 
-def test_metadata_entry_without_file_is_still_a_row(tmp_path):
+def test_metadata_entries_without_a_file_are_dropped_and_counted(tmp_path):
+    """Missing, listed twice, outside the folder, differing in case: each dropped with its line
+    and reason; the other rows stay, and the first entry of a name is the one used."""
     _image(tmp_path / "here.jpg")
-    (tmp_path / "metadata.csv").write_text("file_name,text\nhere.jpg,present\ngone.jpg,absent\n", encoding="utf-8")
-    rows = collect_local_rows(tmp_path)
-    assert [(r["id"], r["text"]) for r in rows] == [("gone", "absent"), ("here", "present")]
-    assert not Path(rows[0]["image"]).exists()  # the filter drops and counts it
+    _image(tmp_path / "Case.jpg")
+    _image(tmp_path / "other.jpg")
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,text\nhere.jpg,present\ngone.jpg,absent\nhere.jpg,again\n../up.jpg,escape\ncase.jpg,lower\n",
+        encoding="utf-8",
+    )
+    rows, report = scan_local_folder(tmp_path)
+    assert [(r["id"], r["text"]) for r in rows] == [("Case", ""), ("here", "present"), ("other", "")]
+    dropped = {d["where"]: d["reason"] for d in report.dropped}
+    assert dropped == {
+        "metadata.csv line 3": "gone.jpg is not in the folder",
+        "metadata.csv line 4": "here.jpg is listed again (first at metadata.csv line 2)",
+        "metadata.csv line 5": "../up.jpg is outside dataset.path",
+        "metadata.csv line 6": "case.jpg is not in the folder (Case.jpg differs only in case)",
+    }
+    assert report.as_dict(len(rows))["counts"]["dropped"] == 4
+
+
+def test_duplicate_names_in_metadata_jsonl_keep_the_first(tmp_path):
+    _image(tmp_path / "a.png")
+    lines = [{"file_name": "a.png", "text": "first"}, {"file_name": "./a.png", "text": "second"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines), encoding="utf-8")
+    rows, report = scan_local_folder(tmp_path)
+    assert [r["text"] for r in rows] == ["first"]
+    assert report.dropped == [{"file": "a.png", "where": "metadata.jsonl line 2", "reason": "a.png is listed again (first at metadata.jsonl line 1)"}]
+
+
+def test_only_metadata_entries_for_missing_files_is_a_clear_error(tmp_path):
+    (tmp_path / "metadata.csv").write_text("file_name,text\ngone.jpg,x\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"dataset.path.*holds no images.*metadata.csv line 2: gone.jpg is not in the folder"):
+        scan_local_folder(tmp_path)
 
 
 def test_ids_are_unique_and_non_images_ignored(tmp_path):
@@ -129,6 +165,23 @@ def test_rows_file_round_trip_keeps_chinese_readable(tmp_path):
     assert "水墨画" in path.read_text(encoding="utf-8")
     assert len(path.read_text(encoding="utf-8").splitlines()) == 2
     assert read_rows(path) == rows
+
+
+def test_rows_files_store_relative_paths_that_survive_a_move(tmp_path, monkeypatch):
+    """data/rows.jsonl names images relative to itself: a moved or shared results/ stays valid."""
+    data = tmp_path / "results" / "run" / "data"
+    (data / "images").mkdir(parents=True)
+    _image(data / "images" / "a.png")
+    monkeypatch.chdir(tmp_path)  # as Snakemake passes them: paths relative to the working directory
+    write_rows([{"id": "a", "image": "results/run/data/images/a.png", "text": "x"}], Path("results/run/data/rows.jsonl"))
+    stored = json.loads((data / "rows.jsonl").read_text(encoding="utf-8"))
+    assert stored["image"] == "images/a.png"
+    (tmp_path / "results").rename(tmp_path / "moved")
+    (row,) = read_rows(tmp_path / "moved" / "run" / "data" / "rows.jsonl")
+    assert Path(row["image"]).is_absolute() and Path(row["image"]).is_file()
+    old = tmp_path / "old.jsonl"  # rows files of earlier versions hold absolute paths: still read
+    old.write_text(json.dumps({"id": "a", "image": row["image"], "text": "x"}) + "\n", encoding="utf-8")
+    assert read_rows(old)[0]["image"] == row["image"]
 
 
 def test_read_rows_errors_name_the_file(tmp_path):
@@ -279,3 +332,246 @@ def test_download_arguments_reach_msdataset_load(tmp_path, monkeypatch):
     rows = _download(tmp_path)
     assert calls == [("AI-ModelScope/lowres_anime", "default", "train", tmp_path / "cache")]
     assert [r["text"] for r in rows] == ["二次元"]
+
+
+# ---------------------------------------------------------------- datasets as people have them
+
+CAPTION = "水墨画，山水，ink style"
+
+ENCODED = {  # bytes as editors on Windows, macOS and Linux save them -> the encoding reported
+    "utf-8": (CAPTION.encode("utf-8"), "utf-8"),
+    "utf-8-sig": (codecs.BOM_UTF8 + CAPTION.encode("utf-8"), "utf-8 (BOM)"),
+    "gbk": (CAPTION.encode("gbk"), "gb18030"),
+    "gb18030": ((CAPTION + "，𠀀").encode("gb18030"), "gb18030"),  # a four-byte GB18030 character
+    "utf-16-le-bom": (codecs.BOM_UTF16_LE + CAPTION.encode("utf-16-le"), "utf-16-le (BOM)"),
+    "utf-16-be-bom": (codecs.BOM_UTF16_BE + CAPTION.encode("utf-16-be"), "utf-16-be (BOM)"),
+    "utf-16-le": (CAPTION.encode("utf-16-le"), "utf-16-le (no BOM)"),  # holds ASCII, so its NULs tell
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ENCODED))
+def test_sidecar_captions_in_every_common_encoding(tmp_path, kind):
+    data, encoding = ENCODED[kind]
+    _image(tmp_path / "a.jpg")
+    newline = "\r\n".encode({"utf-16-le-bom": "utf-16-le", "utf-16-be-bom": "utf-16-be", "utf-16-le": "utf-16-le"}.get(kind, "ascii"))
+    (tmp_path / "a.txt").write_bytes(data + newline)
+    rows, report = scan_local_folder(tmp_path)
+    expected = CAPTION + ("，𠀀" if kind == "gb18030" else "")
+    assert rows[0]["text"] == expected
+    assert _entry(report, "a.txt") == {"file": "a.txt", "use": "caption", "encoding": encoding}
+    assert _entry(report, "a.jpg")["caption"] == "a.txt"
+
+
+@pytest.mark.parametrize("kind", ["utf-8-sig", "gbk", "utf-16-le-bom"])
+def test_metadata_csv_and_jsonl_in_other_encodings(tmp_path, kind):
+    data, encoding = ENCODED[kind]
+    codec = {"utf-8-sig": "utf-8", "gbk": "gbk", "utf-16-le-bom": "utf-16-le"}[kind]
+    bom = data[: len(data) - len(CAPTION.encode(codec))]
+    _image(tmp_path / "a.jpg")
+    csv_text = f'file_name,text\r\na.jpg,"{CAPTION}"\r\n'
+    (tmp_path / "metadata.csv").write_bytes(bom + csv_text.encode(codec))
+    rows, report = scan_local_folder(tmp_path)
+    assert rows[0]["text"] == CAPTION
+    assert _entry(report, "metadata.csv") == {"file": "metadata.csv", "use": "metadata", "encoding": encoding, "entries": 1}
+    jsonl = json.dumps({"file_name": "a.jpg", "text": CAPTION}, ensure_ascii=False) + "\n"
+    (tmp_path / "metadata.jsonl").write_bytes(bom + jsonl.encode(codec))
+    rows, report = scan_local_folder(tmp_path)
+    assert rows[0]["text"] == CAPTION and _entry(report, "metadata.jsonl")["encoding"] == encoding
+    assert _entry(report, "metadata.csv")["use"] == "skipped"  # only one metadata file is read
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        ("café au lait".encode("cp1252"), "neither UTF-8 nor GB18030"),  # a Western legacy encoding
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "NUL bytes"),  # binary saved as .txt
+        (codecs.BOM_UTF8 + b"\xff\xfe bad", "not valid utf-8 (BOM)"),  # a BOM that lies
+        (b"caption\x07 with a bell", "control characters"),
+        ("\ue000\ue001".encode("gb18030"), "unassigned characters"),  # GBK user-defined area: no text
+    ],
+    ids=["cp1252", "binary", "bad-bom", "control", "private-use"],
+)
+def test_undecodable_captions_name_the_file_and_the_fix(tmp_path, data, why):
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_bytes(data)
+    with pytest.raises(UserError) as info:
+        scan_local_folder(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / "a.txt") in message and why in message
+    assert "Re-save the file as UTF-8" in message
+
+
+def test_decode_prefers_utf8_then_gb18030():
+    """Bytes valid as both: UTF-8 wins (it is tried first, and valid UTF-8 is rarely anything else)."""
+    both = "水墨画，山水".encode("utf-8")
+    assert both.decode("gb18030") == "姘村ⅷ鐢伙紝灞辨按"  # what GB18030 would make of it: mojibake
+    assert decode_text(both, Path("x.txt")) == ("水墨画，山水", "utf-8")
+
+
+def _entry(report: SourceReport, name: str) -> dict:
+    (entry,) = [e for e in report.files if e["file"] == name]
+    return entry
+
+
+def _save(img: Image.Image, path: Path, **kwargs) -> Path:
+    img.save(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """One file of every kind a real folder brings."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _save(Image.new("RGB", (16, 12), (10, 200, 30)), folder / "tiff.tif")
+    _save(Image.new("RGB", (16, 12), (10, 200, 30)), folder / "bitmap.bmp")
+    _save(Image.new("RGB", (16, 12), (10, 200, 30)), folder / "web.webp", lossless=True)
+    frames = [Image.new("P", (8, 8), 1), Image.new("P", (8, 8), 2)]
+    frames[0].putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    frames[1].putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    sixteen = np.array([[0, 32768, 65535, 257]], dtype=np.uint16).repeat(4, axis=0)
+    _save(Image.fromarray(sixteen), folder / "deep.png")
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    _save(palette, folder / "pal.png", transparency=0)  # index 0 (black) is transparent
+    _save(Image.new("CMYK", (8, 8), (0, 200, 200, 0)), folder / "cmyk.jpg")
+    _save(Image.new("LA", (8, 8), (90, 0)), folder / "la.png")
+    _save(Image.new("RGB", (8, 8), (1, 2, 3)), folder / "noext", format="PNG")  # Pillow knows it anyway
+    (folder / "notes.md").write_text("not an image", encoding="utf-8")
+    (folder / "orphan.txt").write_text("no image is called orphan", encoding="utf-8")
+    (folder / "tiff.txt").write_text("一张 tiff 图", encoding="gbk")
+    (folder / "sub").mkdir()
+    return folder
+
+
+def test_every_file_is_accounted_for(mixed_folder, tmp_path):
+    rows, report = collect_local(mixed_folder, tmp_path / "images", "{caption}", "dflt", None)
+    uses = {e["file"]: e["use"] for e in report.files}
+    assert uses == {
+        "anim.gif": "image", "bitmap.bmp": "image", "cmyk.jpg": "image", "deep.png": "image", "la.png": "image",
+        "noext": "image", "pal.png": "image", "tiff.tif": "image", "web.webp": "image",
+        "tiff.txt": "caption", "notes.md": "skipped", "orphan.txt": "skipped", "sub/": "skipped",
+    }
+    assert sorted(p.name for p in mixed_folder.iterdir()) == sorted(n.rstrip("/") for n in uses)
+    assert "not an image" in _entry(report, "notes.md")["reason"] and "a folder" in _entry(report, "sub/")["reason"]
+    assert _entry(report, "tiff.txt")["encoding"] == "gb18030"
+    assert {r["id"]: r["text"] for r in rows}["tiff"] == "一张 tiff 图"
+    assert _entry(report, "tiff.tif")["stored"] == "converted from TIFF RGB to RGB PNG"
+    assert _entry(report, "anim.gif")["stored"] == "converted from GIF P, frame 1 of 2 to RGB PNG"
+    summary = report.as_dict(len(rows))
+    assert summary["counts"] == {"image": 9, "caption": 1, "metadata": 0, "skipped": 3, "dropped": 0}
+    json.dumps(summary)  # what download_stats.json holds
+    assert str(tmp_path) not in json.dumps(summary)  # no absolute path
+    for row in rows:
+        with Image.open(row["image"]) as img:
+            assert img.mode == "RGB" and img.format == "PNG", row["id"]
+    pixels = {r["id"]: np.asarray(Image.open(r["image"])) for r in rows}
+    assert pixels["deep"][0, :, 0].tolist() == [0, 128, 255, 1]  # 16-bit scaled, not clipped to 255
+    assert pixels["pal"][0, 0].tolist() == [10, 20, 30] and pixels["pal"][1, 1].tolist() == [255, 255, 255]
+    assert pixels["la"][0, 0].tolist() == [255, 255, 255]  # fully transparent gray -> the background
+    assert pixels["anim"][0, 0].tolist() == [255, 0, 0]  # the first frame
+    r, g, b = pixels["cmyk"][2, 2]
+    assert r > 150 and g < 120 and b < 120
+
+
+def test_transparency_is_composited_on_the_configured_background(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))  # black under fully transparent pixels
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    rgba.putpixel((1, 0), (0, 0, 0, 128))
+    (tmp_path / "src").mkdir()
+    _save(rgba, tmp_path / "src" / "t.png")
+    for background, expected in [(WHITE, [255, 255, 255]), (parse_background("#ff0000"), [255, 0, 0])]:
+        rows, _ = collect_local(tmp_path / "src", tmp_path / f"out{expected[1]}", "{caption}", "x", None, background)
+        pixels = np.asarray(Image.open(rows[0]["image"]))
+        assert pixels[3, 3].tolist() == expected
+        assert pixels[0, 0].tolist() == [0, 0, 255]
+        assert pixels[0, 1].tolist() == [round(v * 127 / 255) for v in expected]  # half black over the background
+
+
+def test_background_names_the_key():
+    assert parse_background("white") == (255, 255, 255) and parse_background("#102030") == (16, 32, 48)
+    with pytest.raises(UserError, match="dataset.background 'whte'"):
+        parse_background("whte")
+
+
+def _jpeg_with_orientation(path: Path, orientation: int) -> Path:
+    img = Image.new("RGB", (20, 10), (200, 10, 10))
+    img.paste((10, 10, 200), (0, 0, 5, 10))  # a blue left edge shows which way is up
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    img.save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_applied_and_plain_jpegs_are_copied(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    _jpeg_with_orientation(folder / "turned.jpg", 6)  # shown rotated 90 degrees clockwise
+    _jpeg_with_orientation(folder / "upright.jpg", 1)
+    rows, report = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
+    by_id = {r["id"]: r for r in rows}
+    with Image.open(by_id["turned"]["image"]) as img:
+        assert img.size == (10, 20) and img.format == "PNG"
+        top = np.asarray(img.convert("RGB"))[1, 5]
+        assert top[2] > 150 and top[0] < 80  # the left edge is now at the top
+    assert Path(by_id["upright"]["image"]).read_bytes() == (folder / "upright.jpg").read_bytes()
+    assert _entry(report, "upright.jpg")["stored"] == "copied"
+
+
+@pytest.mark.parametrize("limit_factor", [0.75, 0.4], ids=["over-the-limit-warning", "over-twice-the-limit-error"])
+def test_huge_images_are_dropped_with_the_reason_and_take_no_other_row(tmp_path, monkeypatch, limit_factor):
+    """Pillow's decompression-bomb limit, lowered here instead of writing a huge file."""
+    from kolors_story.filtering import filter_rows
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    _save(Image.new("RGB", (100, 100), (1, 2, 3)), folder / "huge.png")
+    _save(Image.new("RGB", (100, 100), (1, 2, 3)), folder / "huge.jpg")
+    _save(Image.new("RGB", (20, 20), (1, 2, 3)), folder / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(100 * 100 * limit_factor))
+    rows, report = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
+    assert [r["id"] for r in rows] == ["huge", "huge_2", "small"]  # stored; the filter decides
+    assert _entry(report, "huge.png")["stored"].startswith("copied as is, for the filter step to drop (too large")
+    result = filter_rows(rows, [], tmp_path / "work")
+    assert [r["id"] for r in result.kept] == ["small"]
+    reasons = {d["id"]: d["reason"] for d in result.stats["dropped"]}
+    assert set(reasons) == {"huge", "huge_2"}
+    assert all(r.startswith("too large") and "MAX_IMAGE_PIXELS" in r for r in reasons.values())
+
+
+def test_max_images_is_accounted_for(tmp_path):
+    for stem in "abc":
+        _image(tmp_path / f"{stem}.png")
+    rows, report = scan_local_folder(tmp_path, max_images=2)
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert _entry(report, "c.png") == {"file": "c.png", "use": "skipped", "reason": "over dataset.max_images (2)"}
+
+
+def test_download_stats_hold_no_absolute_paths_even_for_broken_files(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    _image(folder / "ok.png")
+    rows, report = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
+    text = json.dumps(report.as_dict(len(rows)))
+    assert "broken.png" in text and str(tmp_path) not in text
+
+
+def test_records_that_do_not_decode_are_dropped_and_counted(tmp_path):
+    rgba = io.BytesIO()
+    Image.new("RGBA", (6, 6), (0, 0, 0, 0)).save(rgba, format="PNG")
+    records = [
+        {"image": {"bytes": b"not an image", "path": None}},
+        {"image": {"bytes": rgba.getvalue(), "path": None}},
+        {"image": str(tmp_path / "gone.png")},
+        {"image": Image.new("RGB", (4, 4))},
+    ]
+    report = SourceReport("modelscope")
+    rows = rows_from_records(records, tmp_path / "out", "image", None, "{caption}", "x", None, report=report)
+    assert [r["id"] for r in rows] == ["1", "3"]
+    assert [d["record"] for d in report.dropped] == [0, 2]
+    assert all(d["reason"].startswith("cannot decode image") for d in report.dropped)
+    assert "0x" not in json.dumps(report.dropped) and str(tmp_path) not in json.dumps(report.dropped)
+    assert np.asarray(Image.open(rows[0]["image"]))[0, 0].tolist() == [255, 255, 255]  # on the background

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from kolors_story.dataset import read_text_file, scan_local_folder
 from kolors_story.demo_data import _phash, build_demo_dataset
 
 
@@ -50,8 +51,28 @@ def test_good_images_have_the_ink_wash_look(demo):
         assert gray.min() < 110, "there should be dark ink"
         r, g, b = pixels[-8, -8]  # inside the seal, bottom right
         assert r > 130 and g < 90 and b < 90, f"{path.name}: no red seal ({r}, {g}, {b})"
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8")
+        caption, _ = read_text_file(path.with_suffix(".txt"))
         assert caption.startswith("水墨画，山水") and "红色印章" in caption
+
+
+def test_sidecars_come_in_the_encodings_people_save(demo):
+    """UTF-8, GB18030, UTF-16 with BOM, UTF-8 with BOM, by image number; the library reads them all."""
+    folder, _ = demo
+    found = {}
+    for path in sorted(folder.glob("img_*.txt")):
+        text, encoding = read_text_file(path)
+        found.setdefault(encoding, path.name)
+        assert text.startswith("水墨画") and text.endswith("\n")
+    assert found == {"utf-8": "img_000.txt", "gb18030": "img_001.txt", "utf-16-le (BOM)": "img_002.txt", "utf-8 (BOM)": "img_003.txt"}
+    assert (folder / "img_001.txt").read_bytes().decode("gb18030") == read_text_file(folder / "img_001.txt")[0]
+
+
+def test_a_non_image_file_sits_among_the_images(demo):
+    folder, _ = demo
+    rows, report = scan_local_folder(folder, default_caption="x")
+    assert "README.md" not in {r["source"] for r in rows}
+    (readme,) = [e for e in report.files if e["file"] == "README.md"]
+    assert readme["use"] == "skipped" and "not an image" in readme["reason"]
 
 
 def test_size_defects(demo):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
-from kolors_story.dataset import collect_local_rows
+from kolors_story.dataset import collect_local, collect_local_rows
 from kolors_story.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
 from kolors_story.filtering import FilterResult, _no_runtime_installs, filter_rows, image_problem
@@ -133,3 +135,35 @@ def test_runtime_installs_are_refused():
     with _no_runtime_installs(), pytest.raises(UserError, match="kolors-story-no-such-package"):
         _ = missing.anything
     assert LazyLoader.__dict__["_install_package"] is original
+
+
+def test_dropped_rows_name_their_source_file_and_no_absolute_path(result, demo_rows):
+    dropped = {d["id"]: d for d in result.stats["dropped"]}
+    assert dropped["img_030_corrupt"]["source"] == "img_030_corrupt.jpg"
+    assert "ghost" in dropped and "source" not in dropped["ghost"]  # a row from elsewhere has none
+    folder = str(Path(demo_rows[0]["image"]).parent)
+    assert all(folder not in d["reason"] for d in result.stats["dropped"])  # Pillow's messages name the file
+
+
+def test_converted_and_huge_images_in_a_real_op_run(demo_rows, tmp_path):
+    """Stored TIFF/16-bit/transparent images pass Data-Juicer's ops; an image over Pillow's pixel
+    limit (lowered here, instead of writing a huge file) is dropped alone by the integrity check."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    rng = np.random.default_rng(0)  # textures, so phash dedup sees different images
+    Image.fromarray(rng.integers(0, 65536, (80, 80), dtype=np.uint16)).save(folder / "deep.tif")
+    clear = rng.integers(0, 256, (80, 80, 4), dtype=np.uint8)
+    clear[..., 3] = np.where(np.arange(80)[:, None] < 40, 0, 255)  # top half transparent
+    Image.fromarray(clear, "RGBA").save(folder / "clear.png")
+    Image.new("RGB", (200, 200), (9, 9, 9)).save(folder / "huge.png")
+    stored, _ = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
+    rows = demo_rows[:4] + stored
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 30_000  # 200x200 is over it (a warning, which the check treats as an error)
+    try:
+        result = filter_rows(rows, DEMO_OPS, tmp_path / "work")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert [r["id"] for r in result.kept] == [r["id"] for r in demo_rows[:4]] + ["clear", "deep"]
+    (huge,) = result.stats["dropped"]
+    assert huge["id"] == "huge" and huge["op"] == "integrity_check" and huge["reason"].startswith("too large")

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -86,3 +87,24 @@ def test_refuses_what_the_trainer_would_choke_on(rows, tmp_path):
         build_training_folder([{**rows[0], "image": str(tmp_path / "gone.jpg")}], tmp_path)
     with pytest.raises(UserError, match="No rows"):
         build_training_folder([], tmp_path)
+
+
+def test_rows_from_elsewhere_are_made_upright_rgb_too(tmp_path, monkeypatch):
+    """The download stage stores upright RGB images; rows built another way get the same treatment."""
+    from PIL import ExifTags
+
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 8
+    Image.new("RGB", (30, 10), (0, 0, 200)).save(src / "turned.jpg", exif=exif.tobytes())
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(src / "deep.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(src / "clear.png")
+    rows = [{"id": p.stem, "image": str(p), "text": "x"} for p in sorted(src.iterdir())]
+    train = build_training_folder(rows, tmp_path / "out").parent
+    assert Image.open(train / "turned.jpg").size == (10, 30)
+    assert abs(int(np.asarray(Image.open(train / "deep.jpg")).mean()) - 128) <= 2  # half of 16 bits: scaled, not clipped to 255
+    assert np.asarray(Image.open(train / "clear.jpg")).min() > 250  # white background, not black
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    with pytest.raises(UserError, match="cannot read image.*too large"):
+        build_training_folder(rows[:1], tmp_path / "again")

@@ -7,6 +7,7 @@ give the filter stage real work: every kind is caught by exactly one check.
 
 from __future__ import annotations
 
+import codecs
 import io
 import shutil
 from pathlib import Path
@@ -107,16 +108,31 @@ def _resized_copy(img: Image.Image, size: int) -> bytes:
     return _jpeg_bytes(img.resize((int(size * 0.9), int(size * 0.9)), Image.Resampling.LANCZOS), quality=75)
 
 
+# Sidecars are saved the ways people's tools save them (cycled by image number): the download
+# stage must read each one as the same caption.
+CAPTION_ENCODINGS = ("utf-8", "gb18030", "utf-16-le-bom", "utf-8-sig")
+NOTES = "Demo dataset written by kolors_story.demo_data; not an image, the download stage lists it as skipped.\n"
+
+
+def _caption_bytes(caption: str, encoding: str) -> bytes:
+    if encoding == "utf-16-le-bom":  # explicit byte order: "utf-16" would follow the machine's
+        return codecs.BOM_UTF16_LE + caption.encode("utf-16-le")
+    return caption.encode(encoding)
+
+
 def _write(out_dir: Path, stem: str, data: bytes, caption: str | None) -> None:
     (out_dir / f"{stem}.jpg").write_bytes(data)
     if caption is not None:
-        (out_dir / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+        encoding = CAPTION_ENCODINGS[int(stem[4:7]) % len(CAPTION_ENCODINGS)]
+        (out_dir / f"{stem}.txt").write_bytes(_caption_bytes(caption + "\n", encoding))
 
 
 def build_demo_dataset(out_dir: Path, n_images: int = 24, size: int = 96, seed: int = 0) -> dict[str, int]:
     """Write an ink-wash image folder (JPEG + `.txt` caption sidecars) with planted defects.
 
     Files are `img_NNN[_kind].jpg`; originals sort before their duplicates so dedup keeps them.
+    Sidecars come in UTF-8, GB18030, UTF-16 (BOM) and UTF-8 with BOM (`CAPTION_ENCODINGS`), and
+    a `README.md` sits among the images, as in folders people have.
     `n_images` good images survive a filter of min 64x64, aspect 0.5-2.0 and phash dedup (one of
     them has no caption sidecar); the defects do not. Same seed, same bytes.
     Returns counts per kind; the kinds are disjoint and add up to the number of image files.
@@ -169,4 +185,5 @@ def build_demo_dataset(out_dir: Path, n_images: int = 24, size: int = 96, seed: 
     data = _jpeg_bytes(img)
     _write(out_dir, stem("truncated"), data[: len(data) // 2], _caption(extras))  # valid header, half the scan
     counts["truncated"] += 1
+    (out_dir / "README.md").write_text(NOTES, encoding="utf-8")
     return counts

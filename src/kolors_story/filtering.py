@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
+from kolors_story.images import image_problem  # the integrity check: missing, undecodable, truncated, too large
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +42,6 @@ class FilterResult:
 # ---------------------------------------------------------------- integrity check
 
 
-@contextlib.contextmanager
-def _strict_truncation() -> Iterator[None]:
-    """Refuse truncated files even though `import data_juicer` allows them process-wide."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def image_problem(path: str | Path) -> str | None:
-    """Why the file at `path` is not a fully decodable image, or None if it is."""
-    path = Path(path)
-    if not path.is_file():
-        return "file not found"
-    try:
-        with _strict_truncation(), Image.open(path) as img:
-            img.load()  # decodes every byte; verify() would miss truncated scans
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return f"cannot decode image: {exc}"
-    return None
-
-
 def _integrity_check(rows: list[dict]) -> tuple[list[int], list[dict]]:
     kept, dropped = [], []
     for index, row in enumerate(tqdm(rows, desc=INTEGRITY, unit="img", mininterval=5)):
@@ -78,7 +54,9 @@ def _integrity_check(rows: list[dict]) -> tuple[list[int], list[dict]]:
 
 
 def _dropped(row: dict, op: str, reason: str) -> dict:
-    return {"id": row["id"], "image": row["image"], "op": op, "reason": reason}
+    """A dropped row: its id, image (in the run), the file it came from (local folders), op, reason."""
+    source = {"source": row["source"]} if row.get("source") else {}
+    return {"id": row["id"], "image": row["image"], **source, "op": op, "reason": reason}
 
 
 # ---------------------------------------------------------------- op configuration

@@ -12,9 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
-from PIL import Image
-
 from kolors_story.errors import UserError
+from kolors_story.images import BadImage, is_plain_jpeg_file, load_rgb
 
 JPEG_QUALITY = 95
 
@@ -25,12 +24,12 @@ def _safe_name(row_id: str) -> str:
 
 
 def _write_rgb_jpeg(source: Path, target: Path) -> None:
-    """Copy an RGB JPEG as is (no second lossy encode); convert anything else."""
-    with Image.open(source) as img:
-        if img.format == "JPEG" and img.mode == "RGB":
-            shutil.copyfile(source, target)
-            return
-        img.convert("RGB").save(target, format="JPEG", quality=JPEG_QUALITY)
+    """Copy an upright RGB JPEG as is (no second lossy encode); convert anything else (the
+    download stage already made every image upright RGB; see images.load_rgb)."""
+    if is_plain_jpeg_file(source):
+        shutil.copyfile(source, target)
+        return
+    load_rgb(source)[0].save(target, format="JPEG", quality=JPEG_QUALITY)
 
 
 def build_training_folder(rows: list[dict], out_dir: Path) -> Path:
@@ -58,7 +57,7 @@ def build_training_folder(rows: list[dict], out_dir: Path) -> Path:
         taken.add(name)
         try:
             _write_rgb_jpeg(Path(row["image"]), train / name)
-        except OSError as exc:
+        except (OSError, BadImage) as exc:
             raise UserError(f"row {row['id']!r}: cannot read image {row['image']} ({exc}); rerun the filter_dataset step.") from exc
         records.append((name, text))
     csv_path = train / "metadata.csv"
