@@ -2,19 +2,17 @@ import json
 import logging
 from pathlib import Path
 
+from kolors_story.panel_record import read_record
 from kolors_story.publishing import build_bundle
 from kolors_story.rule_runner import run_rule
 
 
 def main(snakemake):
-    scenes = []
-    for scene, panel, folder in zip(snakemake.params.scenes, snakemake.input.panels, snakemake.input.candidates):
-        chosen = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
-        scenes.append(dict(scene, image=panel, seed=chosen["seed"]))  # best-of-N: the kept seed
+    records = [read_record(Path(folder)) for folder in snakemake.input.candidates]  # what each panel was rendered with
     scores = json.loads(Path(snakemake.input.scores).read_text(encoding="utf-8"))
     bundle = snakemake.params.bundle
     out = build_bundle(
-        Path(snakemake.output[0]), Path(snakemake.input.lora), scenes, scores,
+        Path(snakemake.output[0]), Path(snakemake.input.lora), [Path(p) for p in snakemake.input.panels], records, scores,
         Path(snakemake.input.story), snakemake.params.base_model, bundle["title"],
         bundle["trigger_words"], snakemake.params.run, repo_id=snakemake.params.repo_id,
     )

@@ -20,6 +20,7 @@ from kolors_story.manifest import (
     write_manifest,
     write_resolved_config,
 )
+from kolors_story.panel_record import Candidate, CandidateRecord
 
 CONFIG = {
     "run": "demo",
@@ -66,7 +67,8 @@ def test_build_and_write_manifest(tree: Path, tmp_path: Path, monkeypatch: pytes
     config = dict(CONFIG, upload=dict(CONFIG["upload"], token="ms-pasted-by-mistake"))
     manifest = build_manifest(config, models={"kolors": "resources/tiny/kolors"},
                               seeds={"train": 0, "s1": 1}, inputs={"dataset": tree, "lora": lora})
-    assert list(manifest) == ["run", "created", "config", "models", "seeds", "inputs", "versions", "platform"]
+    assert list(manifest) == ["run", "created", "config", "models", "seeds", "panels", "inputs", "versions",
+                              "platform"]
     assert manifest["run"] == "demo"
     assert datetime.fromisoformat(manifest["created"]).utcoffset().total_seconds() == 0
     assert manifest["inputs"]["lora"] == {"path": str(lora), "sha256": hashlib.sha256(b"w").hexdigest()}
@@ -87,6 +89,21 @@ def test_build_and_write_manifest(tree: Path, tmp_path: Path, monkeypatch: pytes
     assert again["inputs"]["dataset"]["sha256"] != dataset["sha256"]
     with pytest.raises(UserError, match="'weights'"):
         build_manifest(config, {}, {}, {"weights": tmp_path / "nope"})
+
+
+def test_manifest_holds_each_panels_recipe_from_its_record(tmp_path: Path):
+    kept = Candidate(seed=100_004, lora_scale=0.5, batch_seeds=(1, 100_004), score=6.5, file="1.png")
+    record = CandidateRecord(scene="s1", prompt="古风，水墨画", negative_prompt="", width=64, height=32,
+                             sampler="dpmpp_2m", steps=30, guidance_scale=4.0, precision="fp16", dtype="float16",
+                             device="cuda", candidates=(Candidate(1, 0.5, (1, 100_004), 5.0, file="0.png"), kept),
+                             chosen=1)
+    manifest = build_manifest(CONFIG, {}, {}, {}, panels=[record])
+    recipe = manifest["panels"]["s1"]["recipe"]
+    assert (recipe["seed"], recipe["lora_scale"], recipe["sampler"], recipe["steps"], recipe["guidance_scale"]) == (
+        100_004, 0.5, "dpmpp_2m", 30, 4.0)
+    assert recipe["batch_index"] == 1 and manifest["panels"]["s1"]["selection"]["score"] == 6.5
+    path = write_manifest(manifest, tmp_path / "manifest.json")
+    assert json.loads(path.read_text(encoding="utf-8"))["panels"]["s1"]["recipe"]["batch_seeds"] == [1, 100_004]
 
 
 def test_write_resolved_config(tmp_path: Path):

@@ -14,29 +14,45 @@ import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
+from kolors_story.panel_record import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe
 from kolors_story.publishing import LORA_WEIGHT_NAME, build_bundle, modelscope_token, upload_bundle
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 
 
-def make_inputs(root: Path, n: int = 3) -> dict:
-    """Fake LoRA bytes, n panels (one JPEG), a story image and a scores.json summary."""
+GIRL = AnchorRecipe(id="girl", prompt="水墨画，少女", negative_prompt="模糊", seed=0, width=32, height=32,
+                    sampler="euler", steps=20, guidance_scale=5.0, lora_scale=0.8, steps_fraction=0.6, max_tokens=256)
+
+
+def make_record(scene: str, prompt: str, seed: int, consistency: ConsistencyRecipe | None = None,
+                sampler: str = "euler") -> CandidateRecord:
+    """A best-of-2 record whose second candidate (drawn in one batch with the first) was kept."""
+    batch = (seed - 7, seed)
+    candidates = tuple(Candidate(seed=s, lora_scale=0.8, batch_seeds=batch, score=5.0 + k, file=f"{k}.png")
+                       for k, s in enumerate(batch))
+    return CandidateRecord(scene=scene, prompt=prompt, negative_prompt="模糊", width=32, height=48,
+                           sampler=sampler, steps=20, guidance_scale=4.5, precision="fp16", dtype="float16",
+                           device="cuda", candidates=candidates, chosen=1, consistency=consistency)
+
+
+def make_inputs(root: Path, n: int = 3, consistency: ConsistencyRecipe | None = None) -> dict:
+    """Fake LoRA bytes, n panels (one JPEG) and their records, a story image and a scores.json summary."""
     root.mkdir(parents=True, exist_ok=True)
     lora = root / "trained_lora.safetensors"
     lora.write_bytes(b"lora-bytes")
-    scenes, scores = [], {}
+    panels, records, scores = [], [], {}
     for i in range(n):
         suffix = ".jpg" if i == n - 1 else ".png"
         image = root / f"s{i}{suffix}"
         Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(image)
-        scenes.append({"id": f"s{i}", "prompt": f"古风，水墨画，scene | {i}", "negative_prompt": "模糊",
-                       "seed": 100 + i, "width": 32, "height": 32, "image": str(image)})
+        panels.append(image)
+        records.append(make_record(f"s{i}", f"古风，水墨画，scene | {i}", 100 + i, consistency))
         scores[image.name] = 5.5 + i
     story = root / "story.png"
     Image.new("RGB", (64, 64), "white").save(story)
     mean = sum(scores.values()) / n
     summary = {"mean": mean, "threshold": 6.0, "passes": mean >= 6.0, "n": n, "scores": scores}
-    return {"lora_file": lora, "scenes": scenes, "scores": summary, "story_image": story}
+    return {"lora_file": lora, "panels": panels, "records": records, "scores": summary, "story_image": story}
 
 
 def bundle(out_dir: Path, inputs: dict) -> Path:
@@ -55,9 +71,17 @@ def test_bundle_contents(tmp_path: Path):
         assert panel.format == "PNG"
 
     prompts = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
-    assert [s["seed"] for s in prompts["scenes"]] == [100, 101, 102]
+    assert [s["seed"] for s in prompts["scenes"]] == [100, 101, 102]  # the kept candidates'
     assert prompts["scenes"][2]["score"] == 7.5 and prompts["scenes"][0]["image"] == "panels/s0.png"
-    assert prompts["scenes"][0]["prompt"] == "古风，水墨画，scene | 0"
+    first = prompts["scenes"][0]
+    assert first["prompt"] == "古风，水墨画，scene | 0" and first["negative_prompt"] == "模糊"
+    assert {k: first[k] for k in ("sampler", "steps", "guidance_scale", "lora_scale", "width", "height",
+                                  "dtype", "device", "batch_seeds", "batch_index")} == {
+        "sampler": "euler", "steps": 20, "guidance_scale": 4.5, "lora_scale": 0.8, "width": 32, "height": 48,
+        "dtype": "float16", "device": "cuda", "batch_seeds": [93, 100], "batch_index": 1}
+    assert first["selection"] == {"candidates": 2, "chosen": 1, "score": 6.0, "anchor_similarity": None,
+                                  "selection_score": None}
+    assert first["consistency"] is None and first["stock_diffusers"] is True
     assert prompts["mean_score"] == pytest.approx(6.5) and prompts["passes"] is True
 
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -67,10 +91,11 @@ def test_bundle_contents(tmp_path: Path):
     assert front["base_model"] == ["Kwai-Kolors/Kolors-diffusers"]
     assert "# Ink 水墨 LoRA" in card and "水墨画" in card
     assert "KolorsPipeline.from_pretrained(" in card
-    assert f'load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}")' in card
-    assert "manual_seed(100)" in card
+    assert f'load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}", adapter_name="style")' in card
+    assert 'adapter_weights=[panel["lora_scale"]]' in card and 'manual_seed(seed) for seed in seeds' in card
+    assert 'prompts.json' in card and 'if s["id"] == "s0"' in card
     assert "![story](story.png)" in card
-    assert "| s1 | ![s1](panels/s1.png) | 古风，水墨画，scene \\| 1 | 101 | 6.500 |" in card
+    assert "| s1 | ![s1](panels/s1.png) | 古风，水墨画，scene \\| 1 | 101 | euler | 20 | 4.5 | 0.8 | 32x48 | - | 6.500 |" in card
     assert "**6.500**" in card and "it passes the threshold 6" in card
 
 
@@ -86,6 +111,38 @@ def test_usage_snippet_is_valid_python(tmp_path: Path, tiny_kolors: Path):
     compile(snippet, "usage", "exec")
     # The local tiny Kolors is laid out as the real one: fp16 files only, so the stock loader needs the variant.
     assert f'base_dir = "{tiny_kolors}"' in snippet and 'variant="fp16"' in snippet
+
+
+def test_anchor_panels_carry_their_anchor_recipes_and_the_card_says_how_to_render_them(tmp_path: Path):
+    sharing = ConsistencyRecipe(strength=1.5, steps_fraction=0.6, selection_weight=2.0, anchors=(GIRL,))
+    inputs = make_inputs(tmp_path / "in", n=2, consistency=sharing)
+    inputs["records"][1] = make_record("s1", "古风，水墨画，山水", 101)  # no character: stock diffusers
+    out = bundle(tmp_path / "b", inputs)
+    rows = json.loads((out / "prompts.json").read_text(encoding="utf-8"))["scenes"]
+    assert rows[0]["stock_diffusers"] is False and rows[1]["stock_diffusers"] is True
+    assert rows[0]["consistency"]["strength"] == 1.5 and rows[0]["consistency"]["anchors"] == [
+        {"id": "girl", "prompt": "水墨画，少女", "negative_prompt": "模糊", "seed": 0, "width": 32, "height": 32,
+         "sampler": "euler", "steps": 20, "guidance_scale": 5.0, "lora_scale": 0.8, "steps_fraction": 0.6,
+         "max_tokens": 256}]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert 'if s["id"] == "s1"' in card and "shares attention" not in card  # the stock-reproducible one
+    assert "| s0 |" in card and "| girl | 5.500 |" in card and "python -m kolors_story.reproduce" in card
+    only_anchored = bundle(tmp_path / "c", make_inputs(tmp_path / "in2", n=1, consistency=sharing))
+    card = (only_anchored / "README.md").read_text(encoding="utf-8")
+    assert "shares attention with character anchors" in card and 'if s["id"] == "s0"' in card
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "EulerDiscreteScheduler"),
+                                                ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+                                                ("ddim", "DiffSynthDDIMScheduler")])
+def test_usage_snippet_names_each_sampler(tmp_path: Path, sampler: str, scheduler: str):
+    inputs = make_inputs(tmp_path / "in", n=1)
+    inputs["records"] = [make_record("s0", "水墨画", 100, sampler=sampler)]
+    snippet = (bundle(tmp_path / "b", inputs) / "README.md").read_text(encoding="utf-8").split("```python\n")[1]
+    snippet = snippet.split("```")[0]
+    compile(snippet, "usage", "exec")
+    assert f"pipe.scheduler = {scheduler}(" in snippet or f"pipe.scheduler = {scheduler}.from_config(" in snippet
+    assert ("from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler" in snippet) == (sampler == "ddim")
 
 
 def test_card_names_the_oldest_diffusers_that_loads_the_lora(tmp_path: Path):
@@ -113,10 +170,10 @@ def test_rebuild_replaces_old_bundle(tmp_path: Path):
 
 def test_bundle_input_errors(tmp_path: Path):
     inputs = make_inputs(tmp_path / "in")
-    missing = dict(inputs, scenes=[dict(inputs["scenes"][0], image=str(tmp_path / "gone.png"))])
+    missing = dict(inputs, panels=[tmp_path / "gone.png"], records=inputs["records"][:1])
     with pytest.raises(UserError, match="gone.png"):
         bundle(tmp_path / "x", missing)
-    dup = dict(inputs, scenes=[inputs["scenes"][0], inputs["scenes"][0]])
+    dup = dict(inputs, panels=inputs["panels"][:1] * 2, records=inputs["records"][:1] * 2)
     with pytest.raises(UserError, match="story.scenes"):
         bundle(tmp_path / "x", dup)
     with pytest.raises(UserError, match="LoRA"):

@@ -13,6 +13,7 @@ from PIL import Image, ImageFont
 
 from kolors_story import story_layout
 from kolors_story.errors import UserError
+from kolors_story.panel_record import Candidate, CandidateRecord, write_record
 from kolors_story.story_layout import (
     HIGHLIGHT_COLOUR,
     caption_size,
@@ -23,6 +24,7 @@ from kolors_story.story_layout import (
     compose_story_page,
     contact_sheet,
     font_face_index,
+    write_contact_sheet,
     load_font,
     wrap_text,
 )
@@ -293,6 +295,24 @@ def test_contact_sheet_highlights_the_chosen_candidate_and_labels_scores():
     first = bbox(sheet, PAGE_COLOURS[0])
     assert ink(sheet, (0, first[1], first[0] - 4, first[3])) > 20
     assert ink(sheet, (0, 0, sheet.width, first[1] - 6)) > 20
+
+
+def test_contact_sheet_of_a_run_reads_the_scene_jobs_records(tmp_path: Path):
+    folder = tmp_path / "candidates" / "s1"
+    folder.mkdir(parents=True)
+    candidates = []
+    for k, colour in enumerate(PAGE_COLOURS[:3]):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{k}.png")
+        candidates.append(Candidate(seed=k, lora_scale=1.0, batch_seeds=(0, 1, 2), score=5.0 + k % 2, file=f"{k}.png"))
+    write_record(CandidateRecord(scene="s1", prompt="p", negative_prompt="", width=64, height=64, sampler="euler",
+                                 steps=2, guidance_scale=5.0, precision="fp32", dtype="float32", device="cpu",
+                                 candidates=tuple(candidates), chosen=1), folder)
+    with Image.open(write_contact_sheet([folder], tmp_path / "sheet.png")) as sheet:
+        highlight = np.all(np.asarray(sheet.convert("RGB")) == HIGHLIGHT_COLOUR, axis=-1)
+        left, top, right, bottom = bbox(sheet.convert("RGB"), PAGE_COLOURS[1])  # the chosen one is framed
+        assert highlight[top - 2, left:right].all()
+        left, top, right, bottom = bbox(sheet.convert("RGB"), PAGE_COLOURS[0])
+        assert not highlight[top - 2, left:right].any()
 
 
 def test_contact_sheet_score_label_text():

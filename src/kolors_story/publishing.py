@@ -12,12 +12,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.panel_record import CandidateRecord
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
@@ -28,7 +30,6 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 MIN_DIFFUSERS = "0.30.0"
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 PASS_THRESHOLD = 6.0
-REQUIRED_SCENE_KEYS = ("id", "prompt", "seed", "image")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SAFE_ID = re.compile(r"^[\w.-]+$")
 
@@ -45,26 +46,21 @@ def _require_file(path: Path, what: str, fix: str) -> Path:
     return path
 
 
-def _check_scenes(scenes: list[dict]) -> None:
-    """Every scene needs an id usable as a file name, a prompt, a seed and its panel image."""
-    if not scenes:
+def _check_panels(panels: Sequence[Path], records: Sequence[CandidateRecord]) -> None:
+    """One record per panel; scene ids usable as file names; every panel image present."""
+    if not records:
         raise UserError("No scenes to put in the bundle; config key `story.scenes` is empty.")
+    if len(panels) != len(records):
+        raise ValueError(f"{len(panels)} panels but {len(records)} candidate records")
     seen: set[str] = set()
-    for index, scene in enumerate(scenes):
-        missing = [key for key in REQUIRED_SCENE_KEYS if scene.get(key) is None]
-        if missing:
+    for panel, record in zip(panels, records):
+        if not _SAFE_ID.match(record.scene) or record.scene in seen:
             raise UserError(
-                f"Scene {index} ({scene.get('id', 'no id')}) lacks {', '.join(missing)}; "
-                "set them under config key `story.scenes`."
-            )
-        scene_id = str(scene["id"])
-        if not _SAFE_ID.match(scene_id) or scene_id in seen:
-            raise UserError(
-                f"Scene id {scene_id!r} under `story.scenes` must be unique and use only letters, "
+                f"Scene id {record.scene!r} under `story.scenes` must be unique and use only letters, "
                 "digits, '_', '-' or '.' (it names the panel file)."
             )
-        seen.add(scene_id)
-        _require_file(scene["image"], f"Panel of scene {scene_id!r}", "generate the scene first")
+        seen.add(record.scene)
+        _require_file(panel, f"Panel of scene {record.scene!r}", "generate the scene first")
 
 
 def _per_image_scores(scores: dict) -> tuple[dict[str, float], float, float]:
@@ -75,10 +71,9 @@ def _per_image_scores(scores: dict) -> tuple[dict[str, float], float, float]:
     return per_image, float(mean), float(scores.get("threshold", PASS_THRESHOLD))
 
 
-def _scene_score(scene: dict, per_image: dict[str, float]) -> float | None:
+def _scene_score(panel: Path, scene_id: str, per_image: dict[str, float]) -> float | None:
     """A scene's score is keyed by its panel's file name (as scoring writes it), else by id."""
-    name = Path(scene["image"]).name
-    for key in (name, f"{scene['id']}.png", str(scene["id"])):
+    for key in (Path(panel).name, f"{scene_id}.png", scene_id):
         if key in per_image:
             return per_image[key]
     return None
@@ -93,25 +88,16 @@ def _copy_png(src: Path, dst: Path) -> None:
             image.save(dst, format="PNG")
 
 
-def _scene_records(scenes: list[dict], per_image: dict[str, float]) -> list[dict]:
-    """prompts.json rows: what renders each panel again, plus its score."""
-    records = []
-    for scene in scenes:
-        record = {
-            "id": str(scene["id"]),
-            "prompt": scene["prompt"],
-            "negative_prompt": scene.get("negative_prompt") or "",
-            "seed": int(scene["seed"]),
-            "width": scene.get("width"),
-            "height": scene.get("height"),
-        }
-        for extra in ("steps", "guidance_scale", "sampler", "lora_scale"):
-            if scene.get(extra) is not None:
-                record[extra] = scene[extra]
-        record["image"] = f"panels/{record['id']}.png"
-        record["score"] = _scene_score(scene, per_image)
-        records.append(record)
-    return records
+def _panel_rows(panels: Sequence[Path], records: Sequence[CandidateRecord],
+                per_image: dict[str, float]) -> list[dict]:
+    """prompts.json rows: each panel's full recipe (the kept candidate's), how it was picked, its score."""
+    rows = []
+    for panel, record in zip(panels, records):
+        recipe = record.recipe()
+        rows.append({**recipe.to_json(), "stock_diffusers": recipe.stock_diffusers,
+                     "selection": record.selection(), "image": f"panels/{record.scene}.png",
+                     "score": _scene_score(panel, record.scene, per_image)})
+    return rows
 
 
 def _md_cell(text: object) -> str:
@@ -138,42 +124,99 @@ def _is_local(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
 
 
-def _usage_snippet(base_model: str, records: list[dict], repo_id: str | None) -> str:
-    first = records[0]
-    call = [f"    prompt={json.dumps(first['prompt'], ensure_ascii=False)},"]
-    if first["negative_prompt"]:
-        call.append(f"    negative_prompt={json.dumps(first['negative_prompt'], ensure_ascii=False)},")
-    for key, arg in (("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
-                     ("guidance_scale", "guidance_scale")):
-        if first.get(key) is not None:
-            call.append(f"    {arg}={first[key]!r},")
-    call.append(f'    generator=torch.Generator("cpu").manual_seed({first["seed"]}),')
-    lora_repo = repo_id or "<owner>/<this-repo>"
+# Each sampler of generation.make_scheduler as code for the snippet: (import, scheduler line).
+_SCHEDULER_CODE = {
+    "euler": ("from diffusers import EulerDiscreteScheduler",
+              "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"),
+    "dpmpp_2m": ("from diffusers import DPMSolverMultistepScheduler",
+                 "pipe.scheduler = DPMSolverMultistepScheduler.from_config(\n"
+                 '    pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)'),
+    # DiffSynth's DDIM (the challenge baseline's sampler), not diffusers' DDIMScheduler: it needs
+    # this project's package installed (src/kolors_story/diffsynth_ddim.py).
+    "ddim": ("# sampler ddim: DiffSynth-Studio's DDIM, from the kolors_story package (pip install the\n"
+             "# kolors_story project); diffusers' DDIMScheduler samples other timesteps\n"
+             "from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler",
+             'keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")\n'
+             "pipe.scheduler = DiffSynthDDIMScheduler(\n"
+             "    **{k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config})"),
+}
+
+
+def _snippet_row(rows: list[dict]) -> dict:
+    """The panel the snippet renders: the first one stock diffusers reproduces, if any."""
+    return next((r for r in rows if r["stock_diffusers"]), rows[0])
+
+
+def _base_lines(base_model: str) -> tuple[str, str]:
+    """The base model's line and from_pretrained's variant argument."""
     if _is_local(base_model):  # a local base (e.g. the demo's tiny model): its own variant, if any
-        base_line, load_args = f"base_dir = {json.dumps(base_model)}", ""
-        if Path(base_model).is_dir() and KolorsFolder(base_model).variant:
-            load_args = f', variant="{KolorsFolder(base_model).variant}"'
-    else:  # Kolors-diffusers on the hub ships fp16 weights only
-        base_line = f'base_dir = snapshot_download("{base_model}")'
-        load_args = ', torch_dtype=torch.float16, variant="fp16"'
-    return "\n".join(
-        [
-            "```python",
-            "import torch",
-            "from diffusers import KolorsPipeline",
-            "from modelscope import snapshot_download",
-            "",
-            base_line,
-            f'lora_dir = snapshot_download("{lora_repo}")',
-            f'pipe = KolorsPipeline.from_pretrained(base_dir{load_args}).to("cuda")',
-            f'pipe.load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}")',
-            "image = pipe(",
-            *call,
-            ").images[0]",
-            'image.save("panel.png")',
-            "```",
-        ]
-    )
+        variant = KolorsFolder(base_model).variant if Path(base_model).is_dir() else None
+        return f"base_dir = {json.dumps(base_model)}", f', variant="{variant}"' if variant else ""
+    # Kolors-diffusers on the hub ships fp16 weights only
+    return f'base_dir = snapshot_download("{base_model}")', ', variant="fp16"'
+
+
+def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> str:
+    """Stock diffusers code that renders one panel again from prompts.json (bitwise on the
+    recipe's device type and dtype): sampler, LoRA scale, size, steps, CFG, seeds, prompts."""
+    row = _snippet_row(rows)
+    scheduler_import, scheduler_line = _SCHEDULER_CODE[row["sampler"]]
+    base_line, variant = _base_lines(base_model)
+    caveat = [] if row["stock_diffusers"] else [
+        "# Every panel of this story shares attention with character anchors (prompts.json:",
+        "# consistency), which stock diffusers does not do: this renders the recipe without them.",
+        "# The panel itself: python -m kolors_story.reproduce (see below).",
+    ]
+    return "\n".join([
+        "```python", *caveat, "import json", "", "import torch", "from diffusers import KolorsPipeline",
+        scheduler_import, "from modelscope import snapshot_download", "",
+        base_line,
+        f'lora_dir = snapshot_download("{repo_id or "<owner>/<this-repo>"}")',
+        'with open(f"{lora_dir}/prompts.json", encoding="utf-8") as f:',
+        f'    panel = next(s for s in json.load(f)["scenes"] if s["id"] == {json.dumps(row["id"])})',
+        f'pipe = KolorsPipeline.from_pretrained(base_dir, torch_dtype=getattr(torch, panel["dtype"]){variant})',
+        scheduler_line,
+        f'pipe.load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}", adapter_name="style")',
+        'pipe.set_adapters(["style"], adapter_weights=[panel["lora_scale"]])',
+        'pipe.to(panel["device"])  # bit for bit only on the device type and dtype it was rendered with',
+        "# The seed was drawn in one batch with the other candidates: the same batch redraws it exactly",
+        '# (generator=torch.Generator("cpu").manual_seed(panel["seed"]) alone: up to rounding).',
+        'seeds = panel["batch_seeds"]',
+        "images = pipe(",
+        '    prompt=panel["prompt"],',
+        '    negative_prompt=panel["negative_prompt"] or None,  # empty: the default, as when rendered',
+        '    width=panel["width"],',
+        '    height=panel["height"],',
+        '    num_inference_steps=panel["steps"],',
+        '    guidance_scale=panel["guidance_scale"],',
+        "    num_images_per_prompt=len(seeds),",
+        '    generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],',
+        ").images",
+        f'images[panel["batch_index"]].save("{row["id"]}.png")',
+        "```",
+    ])
+
+
+_REPRODUCE = (
+    "Each panel's full recipe is in `prompts.json`: prompt, negative prompt, seed, size, sampler, "
+    "steps, CFG (`guidance_scale`), LoRA scale, dtype and device type, the seeds of the batch its "
+    "seed was drawn in (`batch_seeds`, `batch_index`), how best-of-N picked it (`selection`) and, "
+    "for character-consistency panels, the attention-sharing settings and each character anchor's "
+    "recipe (`consistency`). The snippet above renders a panel with `stock_diffusers: true` again. "
+    "A panel with `consistency` shares self-attention with character anchors, which stock "
+    "diffusers cannot do; with the `kolors_story` project installed, "
+    "`python -m kolors_story.reproduce <this folder> <Kolors-diffusers folder> <scene id> out.png` "
+    "records the anchors again from their recipes and renders the panel. Both are bit for bit on "
+    "the recipe's device type and dtype (same hardware and library versions); elsewhere, the same "
+    "picture up to rounding."
+)
+
+
+def _table_row(r: dict) -> str:
+    anchors = "+".join(a["id"] for a in r["consistency"]["anchors"]) if r["consistency"] else "-"
+    return (f"| {_md_cell(r['id'])} | ![{_md_cell(r['id'])}]({r['image']}) | {_md_cell(r['prompt'])} | "
+            f"{r['seed']} | {r['sampler']} | {r['steps']} | {r['guidance_scale']:g} | {r['lora_scale']:g} | "
+            f"{r['width']}x{r['height']} | {_md_cell(anchors)} | {_fmt_score(r['score'])} |")
 
 
 def _model_card(
@@ -181,11 +224,7 @@ def _model_card(
     mean: float, threshold: float, repo_id: str | None,
 ) -> str:
     passes = mean >= threshold
-    rows = [
-        f"| {_md_cell(r['id'])} | ![{_md_cell(r['id'])}]({r['image']}) | {_md_cell(r['prompt'])} | "
-        f"{r['seed']} | {_fmt_score(r['score'])} |"
-        for r in records
-    ]
+    rows = [_table_row(r) for r in records]
     verdict = "passes" if passes else "does not pass"
     lines = [
         _front_matter(base_model),
@@ -210,14 +249,16 @@ def _model_card(
         "",
         "![story](story.png)",
         "",
-        "| Scene | Panel | Prompt | Seed | Aesthetic score |",
-        "|---|---|---|---|---|",
+        "| Scene | Panel | Prompt | Seed | Sampler | Steps | CFG | LoRA scale | Size | Anchors | Aesthetic score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Mean aesthetic score (AestheticsPredictorV2Linear, sac+logos+ava1-l14-linearMSE): "
         f"**{mean:.3f}** over {len(records)} panels; it {verdict} the threshold {threshold:g}.",
         "",
-        "All prompts, negative prompts, seeds and sizes are in `prompts.json`.",
+        "## Reproducing a panel",
+        "",
+        _REPRODUCE,
         "",
     ]
     return "\n".join(lines)
@@ -233,7 +274,8 @@ def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
 def build_bundle(
     out_dir: Path,
     lora_file: Path,
-    scenes: list[dict],
+    panels: Sequence[Path],
+    records: Sequence[CandidateRecord],
     scores: dict,
     story_image: Path,
     base_model: str,
@@ -244,31 +286,32 @@ def build_bundle(
 ) -> Path:
     """Write the ModelScope model folder; an existing `out_dir` is replaced as a whole.
 
-    `scores` is the scores.json summary (write_scores' return). `repo_id`, when known, goes into
-    the usage snippet.
+    `panels` are the scenes' panel images in story order, `records` their scene jobs' candidate
+    records (panel_record.read_record); `scores` is the scores.json summary (write_scores'
+    return). `repo_id`, when known, goes into the usage snippet.
     """
     out_dir = Path(out_dir)
     _require_file(lora_file, "LoRA weights", "run the training step first")
     _require_file(story_image, "Story image", "run the compose step first")
-    _check_scenes(scenes)
+    _check_panels(panels, records)
     per_image, mean, threshold = _per_image_scores(scores)
-    records = _scene_records(scenes, per_image)
+    rows = _panel_rows(panels, records, per_image)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         shutil.copyfile(lora_file, tmp_dir / LORA_WEIGHT_NAME)
         (tmp_dir / "panels").mkdir()
-        for scene, record in zip(scenes, records):
-            _copy_png(Path(scene["image"]), tmp_dir / record["image"])
+        for panel, row in zip(panels, rows):
+            _copy_png(Path(panel), tmp_dir / row["image"])
         _copy_png(Path(story_image), tmp_dir / "story.png")
         prompts = {"title": title, "base_model": base_model, "trigger_words": trigger_words,
                    "run": run_name, "mean_score": mean, "threshold": threshold,
-                   "passes": mean >= threshold, "scenes": records}
+                   "passes": mean >= threshold, "scenes": rows}
         (tmp_dir / "prompts.json").write_text(
             json.dumps(prompts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        card = _model_card(title, base_model, trigger_words, run_name, records, mean, threshold, repo_id)
+        card = _model_card(title, base_model, trigger_words, run_name, rows, mean, threshold, repo_id)
         (tmp_dir / "README.md").write_text(card, encoding="utf-8")
         _replace_dir(tmp_dir, out_dir)
     finally:

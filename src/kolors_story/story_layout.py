@@ -404,11 +404,11 @@ def compose_story_page(
 
 def write_contact_sheet(candidate_dirs: list[Path], out_path: Path) -> Path:
     """The contact sheet of a run from its candidates/<scene>/ folders (candidates.json + k.png)."""
-    import json
+    from kolors_story.panel_record import read_record
 
     rows = []
     for folder in candidate_dirs:
-        record = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
-        images = _load_panels([Path(folder) / name for name in record["files"]])
-        rows.append((record["scene"], images, record["scores"], record["chosen"]))
+        record = read_record(Path(folder))
+        images = _load_panels([Path(folder) / name for name in record.files])
+        rows.append((record.scene, images, record.scores, record.chosen))
     return _save(contact_sheet(rows), out_path)
