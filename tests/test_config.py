@@ -1,5 +1,10 @@
 """Config validation: defaults, and refusals that name the key and what is allowed."""
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ from kolors_story.config import (
     is_local_model,
     load_schema,
     model_dir,
+    needs_scorer,
     scene_settings,
     validate_config,
 )
@@ -28,7 +34,7 @@ def test_default_config_is_valid_and_keeps_the_baseline_values():
     assert config["train"]["rank"] == 16 and config["train"]["alpha"] == 4
     assert config["train"]["steps"] == 500 and config["train"]["resolution"] == 1024
     assert len(config["story"]["scenes"]) == 8
-    assert config["layout"] == {"columns": 2, "rows": 4, "gap": 0, "style": "grid"}
+    assert config["layout"] == {"columns": 2, "rows": 4, "gap": 0, "margin": None, "style": "grid"}
 
 
 def test_minimal_config_gets_every_default_from_the_schema():
@@ -107,3 +113,122 @@ def test_model_references_are_ids_or_local_folders(tmp_path):
     assert model_dir("Kwai-Kolors/Kolors-diffusers") == "resources/modelscope/Kwai-Kolors/Kolors-diffusers"
     assert is_local_model("resources/tiny/kolors") and is_local_model("./models/k")
     assert is_local_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- cross-field rules at parse time
+def demo_config() -> dict:
+    """The demo merged over config.yaml, as snakemake --configfile demo/config.yaml does."""
+    config = default_config()
+    for key, value in yaml.safe_load((ROOT / "demo" / "config.yaml").read_text(encoding="utf-8")).items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+def set_characters(c, names):
+    c["story"]["characters"] = {n: "someone" for n in names}
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c["dataset"].update(caption_template="{caption} {style}"),
+         "dataset.caption_template '{caption} {style}' uses unknown placeholder(s) ['style']"),
+        (lambda c: c["story"].update(prompt_template="{style}，{mood}"), "story.prompt_template': unknown field(s) 'mood'"),
+        (lambda c: c["story"].update(prompt_template="{style}，{}"), "story.prompt_template': unknown field(s) ''"),
+        (lambda c: c["story"].update(prompt_template="{style"), "story.prompt_template': '{style' is not a valid"),
+        (lambda c: c["layout"].update(columns=2, rows=3), "'layout.columns' / 'layout.rows': 2 x 3 = 6 cells hold "
+                                                          "fewer than the 8 scenes"),
+        (lambda c: c["generate"].update(width=1020), "config key 'generate.width': 1020 is not a multiple of 8"),
+        (lambda c: c["story"]["scenes"][1].update(height=500), "config key 'story.scenes[1].height': 500 is not a multiple of 8"),
+        (lambda c: c["train"].update(resolution=1020), "config key 'train.resolution'"),
+        (lambda c: c["train"]["validation"].update(size=100), "config key 'train.validation.size'"),
+        (lambda c: c["train"].update(bucketing=True, resolution=64, bucket_step=128), "'train.bucket_step': 128 is larger"),
+        (lambda c: c["story"]["scenes"][3].update(characters=["ghost"]),
+         "'story.scenes[3].characters' (scene s4_prince): unknown character(s) ['ghost']"),
+        (lambda c: c["story"]["scenes"][0].update(characters=["girl", "girl"]), "['girl'] listed twice"),
+        (lambda c: c["story"]["scenes"][1].update(id="S1_Class"), "duplicate scene id(s) S1_Class, s1_class"),
+        (lambda c: set_characters(c, ["girl", "Girl"]), "names Girl, girl differ only in case"),
+        (lambda c: set_characters(c, ["a/b", "少女"]), "name(s) ['a/b'] cannot be file names"),
+        (lambda c: set_characters(c, ["s1_class"]), "s1_class names both a scene and a character"),
+        (lambda c: c["dataset"].update(background="transparent-ish"), "dataset.background 'transparent-ish' is not a colour"),
+    ],
+)
+def test_cross_field_rules_are_refused_with_the_key(edit, expected):
+    config = default_config()
+    config["story"]["characters"] = {"girl": "一个黑色长发少女"}
+    edit(config)
+    with pytest.raises(UserError) as err:
+        validate_config(config, SCHEMA)
+    assert expected in str(err.value)
+
+
+def test_scenes_with_their_own_prompt_still_name_known_characters():
+    config = default_config()  # every scene has a prompt: the template is not used
+    config["story"]["scenes"][0]["characters"] = ["girl"]
+    with pytest.raises(UserError, match=r"story\.scenes\[0\]\.characters.*defined: none"):
+        validate_config(config, SCHEMA)
+
+
+def test_every_problem_is_reported_at_once():
+    config = default_config()
+    config["layout"]["rows"] = 1
+    config["dataset"]["caption_template"] = "{caption} {style}"
+    config["upload"].update(enabled=True, repo_id=None)
+    with pytest.raises(UserError, match=r"3 problem\(s\)") as err:
+        validate_config(config, SCHEMA)
+    for key in ("layout.rows", "dataset.caption_template", "upload.repo_id"):
+        assert key in str(err.value)
+
+
+def test_demo_config_and_unicode_character_names_pass():
+    validate_config(demo_config(), SCHEMA)
+    config = demo_config()
+    config["story"]["characters"] = {"少女": "一个黑色长发少女", "prince.v2": "王子"}
+    for scene in config["story"]["scenes"]:
+        scene["characters"] = ["少女" if n == "girl" else "prince.v2" for n in scene["characters"]]
+    validate_config(config, SCHEMA)
+
+
+# ---------------------------------------------------------------- one decision: the scorer
+@pytest.mark.parametrize("candidates, lora_scale, expected", [
+    (1, 1.0, False), (1, [0.8], False), (3, 1.0, True), (1, [0.5, 1.0], True), (2, (0.5, 1.0), True),
+])
+def test_needs_scorer_counts_every_image_a_scene_job_renders(candidates, lora_scale, expected):
+    assert needs_scorer(candidates, lora_scale) is expected
+
+
+def test_render_scene_refuses_a_sweep_without_the_predictor_before_loading_anything(tmp_path):
+    from kolors_story.generation import SamplerSettings, Scene, render_scene
+
+    settings = SamplerSettings(lora_scale=(0.5, 1.0))  # no model folder: it must fail before loading
+    with pytest.raises(ValueError, match="generate.lora_scale.*models.aesthetic"):
+        render_scene(tmp_path / "none", tmp_path / "none.safetensors", Scene("a", "p"), settings, tmp_path / "a.png")
+
+
+def dry_run(tmp_path: Path, overrides: dict) -> subprocess.CompletedProcess:
+    """snakemake -n with the demo config plus overrides, in a copy of the workflow."""
+    for name in ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]:
+        src = ROOT / name
+        if not (tmp_path / name).exists():
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
+    (tmp_path / "override.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([snakemake, "-n", "--configfile", "demo/config.yaml", "override.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def scene_inputs(out: str) -> list[str]:
+    return re.findall(r"rule generate_scene:\n\s+input: (.*)", out)
+
+
+def test_the_rules_give_a_sweep_its_scorer_and_refuse_bad_configs_at_parse_time(tmp_path):
+    sweep = dry_run(tmp_path, {"generate": {"candidates": 1, "lora_scale": [0.5, 1.0], "consistency": {"enabled": False}}})
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    inputs = scene_inputs(sweep.stdout)
+    assert len(inputs) == 8 and all("resources/tiny/aesthetic" in i for i in inputs)
+    single = dry_run(tmp_path, {"generate": {"candidates": 1, "lora_scale": 1.0}})
+    assert single.returncode == 0 and not any("aesthetic" in i for i in scene_inputs(single.stdout))
+    refused = dry_run(tmp_path, {"layout": {"rows": 3}})
+    assert refused.returncode != 0
+    assert "'layout.columns' / 'layout.rows': 2 x 3 = 6 cells" in refused.stdout + refused.stderr

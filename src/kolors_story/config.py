@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,10 @@ import jsonschema
 import yaml
 
 from kolors_story.errors import UserError
-from kolors_story.prompts import assemble_prompt, check_length
+from kolors_story.prompts import assemble_prompt, check_length, check_prompt_template
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+CHARACTER_NAME = re.compile(r"\w[\w.-]*")  # a file name (anchors/<name>.safetensors); CJK is fine
 LOCAL_PREFIXES = ("/", "./", "../", "~", "resources/")
 
 
@@ -72,37 +75,124 @@ def validate_config(config: dict, schema: dict) -> dict:
 
 
 def _check_semantics(config: dict) -> None:
-    ids = [scene["id"] for scene in config["story"]["scenes"]]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise UserError(
-            f"config key 'story.scenes': duplicate scene id(s) {', '.join(duplicates)}; "
-            "each scene needs its own id (it names the panel file)."
-        )
-    for scene in config["story"]["scenes"]:
+    """Cross-field rules the stages rely on, all reported at once, each naming its key and fix."""
+    problems = [
+        *_check_ids(config["story"]),
+        *_check_scenes(config["story"]),
+        *_check_templates(config),
+        *_check_layout(config["layout"], len(config["story"]["scenes"])),
+        *_check_sizes(config["train"]),
+        *_check_switches(config),
+    ]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"Invalid configuration ({len(problems)} problem(s)):\n{lines}")
+    scene_settings(config)  # assembles every prompt: prompts over ChatGLM's limit fail here
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    """Names that collide, ignoring case: on macOS and Windows s1.png and S1.png are one file."""
+    folded = [n.casefold() for n in names]
+    return sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+
+
+def _check_ids(story: dict) -> list[str]:
+    """Scene ids and character names become wildcards and file names: unique, usable as both."""
+    ids, names = [s["id"] for s in story["scenes"]], list(story["characters"])
+    problems = []
+    if duplicates := _duplicates(ids):
+        problems.append(f"config key 'story.scenes': duplicate scene id(s) {', '.join(duplicates)}; "
+                        "each scene needs its own id (it names the panel file; case is ignored).")
+    if duplicates := _duplicates(names):
+        problems.append(f"config key 'story.characters': names {', '.join(duplicates)} differ only in "
+                        "case; each character needs its own name (it names its anchor file).")
+    bad = [n for n in names if not CHARACTER_NAME.fullmatch(n)]
+    if bad:
+        problems.append(f"config key 'story.characters': name(s) {bad} cannot be file names; use "
+                        "letters, digits, _, - and . (starting with a letter or digit).")
+    if shared := sorted({i.casefold() for i in ids} & {n.casefold() for n in names}):
+        problems.append(f"config keys 'story.scenes' and 'story.characters': {', '.join(shared)} names "
+                        "both a scene and a character; rename one (ids are unique across both).")
+    return problems
+
+
+def _check_scenes(story: dict) -> list[str]:
+    problems, known = [], story["characters"]
+    for i, scene in enumerate(story["scenes"]):
+        key = f"story.scenes[{i}]"
         if not scene.get("prompt") and not scene.get("action"):
-            raise UserError(
-                f"config key 'story.scenes' (scene {scene['id']}): give a `prompt`, or an `action` "
-                "(with `characters` and `setting`) to fill story.prompt_template."
-            )
-    scene_settings(config)  # assembles every prompt: unknown characters and long prompts fail here
+            problems.append(f"config key '{key}' (scene {scene['id']}): give a `prompt`, or an `action` "
+                            "(with `characters` and `setting`) to fill story.prompt_template.")
+        shown = scene.get("characters", [])
+        # Checked with or without `prompt`: the names also pick the scene's anchors and scores.
+        if unknown := [n for n in shown if n not in known]:
+            problems.append(f"config key '{key}.characters' (scene {scene['id']}): unknown character(s) "
+                            f"{unknown}; define them under story.characters (defined: {sorted(known) or 'none'}).")
+        if twice := sorted({n for n in shown if shown.count(n) > 1}):
+            problems.append(f"config key '{key}.characters' (scene {scene['id']}): {twice} listed twice; "
+                            "name each character once.")
+    return problems
+
+
+def _check_templates(config: dict) -> list[str]:
+    """The stages' own template checks, run now: a bad field fails before any job starts."""
+    from kolors_story.dataset import check_caption_template  # here: the data stage pulls in Pillow
+    from kolors_story.images import parse_background
+
+    problems = []
+    checks = ((check_caption_template, config["dataset"]["caption_template"]),
+              (check_prompt_template, config["story"]["prompt_template"]),
+              (parse_background, config["dataset"]["background"]))
+    for check, template in checks:
+        try:
+            check(template)
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
+def _check_layout(layout: dict, n_scenes: int) -> list[str]:
+    cells = layout["columns"] * layout["rows"]
+    if cells >= n_scenes:
+        return []
+    rows = -(-n_scenes // layout["columns"])
+    return [f"config keys 'layout.columns' / 'layout.rows': {layout['columns']} x {layout['rows']} = "
+            f"{cells} cells hold fewer than the {n_scenes} scenes; raise them so that columns x rows "
+            f">= {n_scenes} (e.g. layout.rows: {rows})."]
+
+
+def _check_sizes(train: dict) -> list[str]:
+    """Panel and training sizes are multiples of 8 by the schema (KolorsPipeline.check_inputs and
+    the VAE need it); bucketing also needs a bucket side no larger than the resolution."""
+    if train["bucketing"] and train["bucket_step"] > train["resolution"]:
+        return [f"config key 'train.bucket_step': {train['bucket_step']} is larger than "
+                f"train.resolution {train['resolution']}, so every bucket would be larger than the "
+                "training size; lower train.bucket_step (e.g. 64) or raise train.resolution."]
+    return []
+
+
+def _check_switches(config: dict) -> list[str]:
+    """Options that need another key set."""
+    problems = []
     dataset = config["dataset"]
     if dataset["source"] == "local" and not dataset.get("path"):
-        raise UserError("config key 'dataset.path': required when dataset.source is 'local'.")
-    if "{caption}" not in dataset["caption_template"]:
-        raise UserError(
-            "config key 'dataset.caption_template': must contain '{caption}', "
-            f"got {dataset['caption_template']!r}."
-        )
+        problems.append("config key 'dataset.path': required when dataset.source is 'local'.")
     validation = config["train"]["validation"]
     if validation["every"] and not validation["prompts"]:
-        raise UserError(
-            "config key 'train.validation.prompts': give at least one prompt when "
-            "train.validation.every > 0 (or set every: 0)."
-        )
+        problems.append("config key 'train.validation.prompts': give at least one prompt when "
+                        "train.validation.every > 0 (or set every: 0).")
     upload = config["upload"]
     if upload["enabled"] and not upload.get("repo_id"):
-        raise UserError("config key 'upload.repo_id': required when upload.enabled is true.")
+        problems.append("config key 'upload.repo_id': required when upload.enabled is true.")
+    return problems
+
+
+def needs_scorer(candidates: int, lora_scale: float | Sequence[float]) -> bool:
+    """Whether a scene job renders several images (best-of-N, or a sweep of LoRA scales) and so
+    picks one with the aesthetic predictor. The one decision: the rules give the job the model
+    when this is true, and render_scene refuses to start without it."""
+    n_scales = len(lora_scale) if isinstance(lora_scale, (list, tuple)) else 1
+    return candidates * n_scales > 1
 
 
 def check_upload_token(config: dict) -> None:

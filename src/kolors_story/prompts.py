@@ -10,6 +10,8 @@ import functools
 import importlib.util
 import logging
 import re
+import string
+from collections.abc import Iterator
 from pathlib import Path
 
 from kolors_story.errors import UserError
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 256  # KolorsPipeline's max_sequence_length; longer prompts are cut by the tokenizer
 PREFIX_TOKENS = 2  # ChatGLM prepends [gMASK] and sop
 DEFAULT_TEMPLATE = "{style}，{characters}，{action}，{setting}"
+TEMPLATE_FIELDS = ("style", "characters", "action", "setting")
 
 
 def tokenizer_model() -> Path:
@@ -67,14 +70,32 @@ def assemble_prompt(scene: dict, story: dict) -> str:
         "action": scene.get("action", ""),
         "setting": scene.get("setting", ""),
     }
+    template = story.get("prompt_template", DEFAULT_TEMPLATE)
+    check_prompt_template(template)
+    return _join(re.split(r"[，,]", template.format(**fields)))  # drop the separators of empty fields
+
+
+def check_prompt_template(template: str) -> None:
+    """Refuse a template that str.format could not fill from the four fields: an unknown name,
+    a positional `{}`, an attribute or index (`{style.x}`), or an unbalanced brace."""
+    key, allowed = "config key 'story.prompt_template'", ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS)
     try:
-        text = story.get("prompt_template", DEFAULT_TEMPLATE).format(**fields)
-    except KeyError as err:
-        raise UserError(
-            f"config key 'story.prompt_template': unknown field {err}; use {{style}}, "
-            "{characters}, {action}, {setting}."
-        ) from None
-    return _join(re.split(r"[，,]", text))  # drop the separators of empty fields
+        names = list(_field_names(template))
+    except ValueError as exc:
+        raise UserError(f"{key}: {template!r} is not a valid template ({exc}); use {allowed} and "
+                        "write a literal brace as {{ or }}.") from None
+    unknown = sorted({repr(n) for n in names if n not in TEMPLATE_FIELDS})
+    if unknown:
+        raise UserError(f"{key}: unknown field(s) {', '.join(unknown)} in {template!r}; the fields "
+                        f"are {allowed} (write a literal brace as {{{{ or }}}}).")
+
+
+def _field_names(template: str) -> Iterator[str]:
+    """Every field str.format looks up, nested ones in a format spec (`{style:{action}}`) too."""
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            yield name
+            yield from _field_names(spec or "")
 
 
 def check_length(scene_id: str, prompt: str, truncate: bool) -> None:
