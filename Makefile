@@ -18,7 +18,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
 	$(BIN)/pip install --quiet --no-deps -e . $(QUIET_PIP)
-	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake"
+	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake; from modelscope.msdatasets import MsDataset"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,5 +1,6 @@
 # Config validation, run paths and input functions shared by every rule.
 import os
+import re
 from pathlib import Path
 
 from kolors_story.config import (
@@ -7,10 +8,12 @@ from kolors_story.config import (
     is_local_model,
     load_schema,
     model_dir,
+    needs_scorer,
     scene_settings,
     validate_config,
 )
 from kolors_story.errors import UserError
+from kolors_story.panel_record import FORMAT as RECORD_FORMAT
 
 try:
     config = validate_config(config, load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml"))
@@ -25,6 +28,11 @@ CACHE = "resources/cache"  # content-keyed caches (text embeddings, latents, pro
 SCENES = scene_settings(config)
 SCENE_IDS = list(SCENES)
 ENV = "../envs/kolors-story.yaml"
+NETWORK_RETRIES = 2  # jobs that download or upload try again after a failure (a dropped connection)
+try:  # the trainer takes every core; --report, --lint and --dry-run work without --cores
+    ALL_CORES = workflow.cores
+except WorkflowError:
+    ALL_CORES = 1
 
 # Folders that rules of this workflow build (the demo's data and tiny models).
 BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic"}
@@ -39,7 +47,7 @@ CHARACTERS = sorted(config["story"]["characters"])
 
 wildcard_constraints:
     scene="|".join(SCENE_IDS),
-    character="|".join(CHARACTERS) or "no-characters",
+    character="|".join(map(re.escape, CHARACTERS)) or "no-characters",  # names may hold "."
     model_name="kolors|aesthetic",
 
 
@@ -95,6 +103,16 @@ def scene_anchors(wildcards):
     return [f"{OUT}/anchors/{c}.safetensors" for c in SCENES[wildcards.scene]["characters"]]
 
 
+def gpu_benchmarks():
+    """The benchmark files of the run's GPU jobs (their timings go into the manifest)."""
+    files = [] if config["train"]["use_lora"] else [f"{OUT}/benchmarks/train_lora.tsv"]
+    files += [f"{OUT}/benchmarks/generate_scene/{s}.tsv" for s in SCENE_IDS]
+    if config["generate"]["consistency"]["enabled"]:
+        shown = sorted({c for s in SCENES.values() for c in s["characters"]})
+        files += [f"{OUT}/benchmarks/render_anchor/{c}.tsv" for c in shown]
+    return files
+
+
 def anchor_params(wildcards):
     """A character's anchor: style + description, the story's negative prompt, the panel size."""
     story, gen = config["story"], config["generate"]
@@ -110,7 +128,7 @@ def generate_inputs(wildcards):
         "model_check": f"{OUT}/models/kolors.json",
         "anchors": scene_anchors(wildcards),
     }
-    if config["generate"]["candidates"] > 1:
+    if needs_scorer(config["generate"]["candidates"], config["generate"]["lora_scale"]):  # best-of-N or sweep
         inputs["aesthetic"] = model_path("aesthetic")
         inputs["aesthetic_check"] = f"{OUT}/models/aesthetic.json"
     return inputs

@@ -14,10 +14,13 @@ rule generate_scene:
         sampler=SAMPLER,
         consistency=lambda wc: CONSISTENCY if scene_anchors(wc) else None,
         cache_dir=CACHE,
+        record_format=RECORD_FORMAT,  # a new candidates.json shape reruns the job, never refuses
     resources:
         gpu=1,
     log:
         f"{LOGS}/generate_scene/{{scene}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/generate_scene/{{scene}}.tsv"
     conda:
         ENV
     script:
@@ -36,10 +39,13 @@ rule render_anchor:
         sampler=SAMPLER,
         consistency=ANCHOR_CONSISTENCY,
         cache_dir=CACHE,
+        record_format=RECORD_FORMAT,  # the anchor's metadata follows the record's format
     resources:
         gpu=1,
     log:
         f"{LOGS}/render_anchor/{{character}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/render_anchor/{{character}}.tsv"
     conda:
         ENV
     script:

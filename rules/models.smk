@@ -12,6 +12,7 @@ rule download_model:
         name="[^/]+",
     log:
         "resources/logs/download_model/{owner}/{name}.log",
+    retries: NETWORK_RETRIES
     conda:
         ENV
     script:

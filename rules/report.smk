@@ -73,6 +73,7 @@ rule manifest:
         training_data=f"{OUT}/dataset",
         filter_stats=f"{OUT}/data/filter_stats.json",
         models=expand(f"{OUT}/models/{{name}}.json", name=["kolors", "aesthetic"]),
+        benchmarks=gpu_benchmarks(),
     output:
         manifest=f"{OUT}/manifest.json",
         config=f"{OUT}/config.yaml",

@@ -43,11 +43,13 @@ else:
             processes=config["train"]["processes"],
             cache_dir=CACHE,
             work_dir=f"{OUT}/lora/work",
-        threads: workflow.cores
+        threads: ALL_CORES
         resources:
             gpu=config["train"]["processes"],
         log:
             f"{LOGS}/train_lora.log",
+        benchmark:
+            f"{OUT}/benchmarks/train_lora.tsv"
         conda:
             ENV
         script:

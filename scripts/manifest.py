@@ -1,7 +1,8 @@
 import json
 from pathlib import Path
 
-from kolors_story.manifest import build_manifest, write_manifest, write_resolved_config
+from kolors_story.manifest import build_manifest, read_benchmarks, write_manifest, write_resolved_config
+from kolors_story.panel_record import read_record
 from kolors_story.rule_runner import run_rule
 
 
@@ -18,11 +19,11 @@ def main(snakemake):
         "panels": Path(snakemake.input.panels[0]).parent,
         "training_data": Path(snakemake.input.training_data),
     }
+    records = [read_record(Path(folder)) for folder in snakemake.input.candidates]
     seeds = dict(snakemake.params.seeds)
-    for folder in snakemake.input.candidates:  # best-of-N: the seed of the kept candidate
-        record = json.loads((Path(folder) / "candidates.json").read_text(encoding="utf-8"))
-        seeds[f"{record['scene']}_panel"] = record["seed"]
-    manifest = build_manifest(dict(snakemake.params.config), models, seeds, inputs)
+    seeds.update({f"{r.scene}_panel": r.seed for r in records})  # best-of-N: the seed of the kept candidate
+    manifest = build_manifest(dict(snakemake.params.config), models, seeds, inputs, panels=records)
+    manifest["timings"] = read_benchmarks([Path(p) for p in snakemake.input.benchmarks], Path(snakemake.output.manifest).parent)
     write_manifest(manifest, Path(snakemake.output.manifest))
     write_resolved_config(dict(snakemake.params.config), Path(snakemake.output.config))
 

@@ -1,7 +1,5 @@
 """Scene rendering on the tiny Kolors through stock KolorsPipeline: samplers, seeds, best-of-N."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,6 +9,7 @@ from kolors_story.generation import (
     SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
     render, render_scene,
 )
+from kolors_story.panel_record import read_record
 from kolors_story.scoring import AestheticScorer
 from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.tiny_kolors import KOLORS_SCHEDULER
@@ -96,7 +95,8 @@ def test_training_and_scene_jobs_share_one_prompt_cache(tiny_kolors, training_fo
 def test_render_scene_writes_the_panel(tiny_kolors, lora, tmp_path):
     record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=1, width=32, height=32),
                           SamplerSettings(sampler="ddim", steps=2, lora_scale=0.5), tmp_path / "s1.png", device=CPU)
-    assert (tmp_path / "s1.png").read_bytes()[:4] == b"\x89PNG" and record["seed"] == 1
+    assert (tmp_path / "s1.png").read_bytes()[:4] == b"\x89PNG" and record.seed == 1
+    assert record.recipe().sampler == "ddim" and record.lora_scale == 0.5 and record.recipe().batch_seeds == (1,)
 
 
 def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_path):
@@ -104,14 +104,15 @@ def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_pa
     settings = SamplerSettings(steps=2, candidates=4)
     record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画，山水", seed=3, width=32, height=32), settings,
                           tmp_path / "s1.png", candidates_dir=tmp_path / "cands", aesthetic_dir=aesthetic, device=CPU)
-    files = [tmp_path / "cands" / f for f in record["files"]]
+    files = [tmp_path / "cands" / f for f in record.files]
     separately = AestheticScorer(aesthetic).score_files(files)
     scores = [separately[f.name] for f in files]
-    assert scores == pytest.approx(record["scores"], abs=1e-5)
-    assert record["chosen"] == int(np.argmax(scores)) and record["seed"] == record["seeds"][record["chosen"]]
-    chosen = np.asarray(Image.open(files[record["chosen"]]))
+    assert scores == pytest.approx(record.scores, abs=1e-5)
+    assert record.chosen == int(np.argmax(scores)) and record.seed == candidate_seeds(3, 4)[record.chosen]
+    chosen = np.asarray(Image.open(files[record.chosen]))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s1.png")), chosen)
-    assert json.loads((tmp_path / "cands/candidates.json").read_text())["chosen"] == record["chosen"]
+    assert read_record(tmp_path / "cands") == record  # the typed record round-trips through its file
+    assert all(c.batch_seeds == tuple(candidate_seeds(3, 4)) for c in record.candidates)  # one batch
     assert len(set(scores)) > 1
 
 
@@ -120,9 +121,10 @@ def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lo
     settings = SamplerSettings(steps=2, candidates=2, lora_scale=(0.0, 1.0))
     record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=2, width=32, height=32), settings,
                           tmp_path / "s1.png", candidates_dir=tmp_path / "c", aesthetic_dir=aesthetic, device=CPU)
-    assert record["lora_scales"] == [0.0, 0.0, 1.0, 1.0] and record["seeds"][:2] == record["seeds"][2:]
-    assert record["lora_scale"] == record["lora_scales"][record["chosen"]]
-    assert record["chosen"] == int(np.argmax(record["scores"]))
+    assert [c.lora_scale for c in record.candidates] == [0.0, 0.0, 1.0, 1.0]
+    assert [c.seed for c in record.candidates] == candidate_seeds(2, 2) * 2
+    assert record.lora_scale == record.candidates[record.chosen].lora_scale == record.recipe().lora_scale
+    assert record.chosen == int(np.argmax(record.scores))
     base = np.asarray(Image.open(tmp_path / "c/0.png")).astype(int)
     styled = np.asarray(Image.open(tmp_path / "c/2.png")).astype(int)
     assert np.abs(base - styled).max() > 0
@@ -148,14 +150,19 @@ def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pi
     pixels = {n: np.asarray(Image.open(tmp_path / n / "0.png")).astype(int) for n in ("plain", "shared", "again")}
     assert np.array_equal(pixels["shared"], pixels["again"])
     assert np.abs(pixels["shared"] - pixels["plain"]).max() > 0
-    assert plain["anchor_similarity"] == [None, None]
-    combined = [a + 2.0 * c for a, c in zip(shared["scores"], shared["anchor_similarity"])]
-    assert shared["selection_scores"] == pytest.approx(combined)
-    assert shared["chosen"] == int(np.argmax(combined))
+    assert [c.anchor_similarity for c in plain.candidates] == [None, None] and plain.consistency is None
+    combined = [c.score + 2.0 * c.anchor_similarity for c in shared.candidates]
+    assert [c.selection_score for c in shared.candidates] == pytest.approx(combined)
+    assert shared.chosen == int(np.argmax(combined))
+    assert [c.batch_seeds for c in shared.candidates] == [(7,), (100_010,)]  # batch_candidates off
+    used = shared.consistency  # the record says how sharing was set and how each anchor was recorded
+    assert (used.strength, used.steps_fraction, used.selection_weight) == (4.0, 1.0, 2.0)
+    assert [(a.id, a.prompt, a.seed, a.max_tokens, a.steps) for a in used.anchors] == [("girl", "水墨画，少女", 0, 64, 3)]
     # compare: the chosen seed again with sharing off is the plain run's candidate of that seed
-    assert plain["seeds"] == shared["seeds"] and "without_consistency" not in plain
-    without = np.asarray(Image.open(tmp_path / "shared" / shared["without_consistency"]))
-    chosen = shared["chosen"]
+    assert [c.seed for c in plain.candidates] == [c.seed for c in shared.candidates]
+    assert plain.without_consistency is None
+    without = np.asarray(Image.open(tmp_path / "shared" / shared.without_consistency))
+    chosen = shared.chosen
     assert np.array_equal(without, np.asarray(Image.open(tmp_path / "plain" / f"{chosen}.png")))
     assert not np.array_equal(without, np.asarray(Image.open(tmp_path / "shared" / f"{chosen}.png")))
 

@@ -88,11 +88,13 @@ def test_story_page_and_best_of_three_candidates(demo_run):
     assert page.width > 2 * 64 and page.height > 4 * 64  # title, captions and margins around panels
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 3 * 64 and sheet.height > 8 * 64
+    from kolors_story.panel_record import read_record
+
     for scene in SCENES:
-        record = json.loads((out / "candidates" / scene / "candidates.json").read_text(encoding="utf-8"))
-        assert len(record["files"]) == 3 and record["chosen"] == int(np.argmax(record["selection_scores"]))
-        assert all(s is not None for s in record["anchor_similarity"])  # demo: selection_weight 2
-        chosen = np.asarray(Image.open(out / "candidates" / scene / record["files"][record["chosen"]]))
+        record = read_record(out / "candidates" / scene)
+        assert len(record.files) == 3 and record.chosen == int(np.argmax([c.selection_score for c in record.candidates]))
+        assert all(c.anchor_similarity is not None for c in record.candidates)  # demo: selection_weight 2
+        chosen = np.asarray(Image.open(out / "candidates" / scene / record.files[record.chosen]))
         assert np.array_equal(np.asarray(Image.open(out / "scenes" / f"{scene}.png")), chosen)
 
 
@@ -143,12 +145,80 @@ def test_bundle_and_manifest_describe_the_run(demo_run):
     assert "resources/tiny/kolors" in card and demo_scenes(demo_run)[0]["action"] in card
     assert (out / "bundle/pytorch_lora_weights.safetensors").read_bytes() == \
         (out / "lora/pytorch_lora_weights.safetensors").read_bytes()
+    assert "shares attention with character anchors" in card  # every demo scene shows a character
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["panels"]) == set(SCENES)
+    assert manifest["panels"]["s2_sleepy"]["recipe"]["seed"] == manifest["seeds"]["s2_sleepy_panel"]
     assert set(manifest["models"]) == {"kolors", "aesthetic"}
     assert manifest["models"]["kolors"].endswith("resources/tiny/kolors")
     assert manifest["config"]["run"] == "demo" and manifest["seeds"]["s2_sleepy"] == 1
     assert manifest["seeds"]["s2_sleepy_panel"] in {1 + k * 100_003 for k in range(3)}
     assert "MODELSCOPE_API_TOKEN" not in (out / "manifest.json").read_text(encoding="utf-8")
+
+
+def test_a_demo_panel_renders_again_bit_for_bit_from_its_bundle(demo_run):
+    """Two characters' anchors recorded again from their recipes in prompts.json, then the panel's
+    batch with attention sharing: the bundle's LoRA, prompts.json and the tiny Kolors only."""
+    import torch
+    from PIL import Image
+
+    from kolors_story.reproduce import rerender_panel
+
+    bundle = demo_run / "results/demo/bundle"
+    rows = {r["id"]: r for r in json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))["scenes"]}
+    assert set(rows) == set(SCENES)
+    recipe = rows["s5_talk"]
+    assert [a["id"] for a in recipe["consistency"]["anchors"]] == ["girl", "prince"]
+    assert recipe["batch_seeds"][recipe["batch_index"]] == recipe["seed"] and len(recipe["batch_seeds"]) == 3
+    image = rerender_panel(demo_run / "resources/tiny/kolors", bundle, "s5_talk", torch.device("cpu"))
+    with Image.open(bundle / "panels/s5_talk.png") as published:
+        assert np.array_equal(np.asarray(image), np.asarray(published))
+
+
+# Files and fields that hold timings (wall clock, run time): everything else must be byte-identical.
+TIMING_DIRS = ("logs", "benchmarks", "lora/work")  # lora/work: checkpoints keep the loss log with seconds
+
+
+def comparable(path: Path, rel: str) -> bytes:
+    """The file's bytes, with the timing fields of the three files that carry some blanked."""
+    if rel == "lora/loss.csv":
+        return b"\n".join(b",".join(line.split(b",")[:3]) for line in path.read_bytes().splitlines())
+    if rel in ("lora/training_summary.json", "manifest.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("seconds", "created", "timings"):
+            data.pop(key, None)
+        return json.dumps(data, sort_keys=True).encode()
+    return path.read_bytes()
+
+
+def test_the_resolved_config_in_a_fresh_folder_gives_byte_identical_relocatable_results(demo_run, tmp_path):
+    """results/demo/config.yaml rerun in another folder (another depth too) reproduces every output
+    byte for byte but logs and timings, and no output holds the folder's absolute path."""
+    fresh = tmp_path / "elsewhere" / "clone"
+    fresh.mkdir(parents=True)
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, fresh / name)
+    shutil.copy2(demo_run / "results/demo/config.yaml", fresh / "resolved.yaml")
+    snakemake(fresh, "--cores", "2", "--configfile", "resolved.yaml")
+    first, second = demo_run / "results/demo", fresh / "results/demo"
+    files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file())
+    differ = [rel for rel in files if not rel.startswith(TIMING_DIRS)
+              and comparable(first / rel, rel) != comparable(second / rel, rel)]
+    assert differ == []
+    for root in (first, second):
+        holders = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                   and not str(p.relative_to(root)).startswith(TIMING_DIRS)
+                   and (str(root.parents[1]).encode() in p.read_bytes() or b"/tmp/" in p.read_bytes())]
+        assert holders == [], f"absolute paths in {holders}"
+
+
+def test_the_readme_report_command_works_as_written(demo_run):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "`snakemake --report report.html`" in readme
+    snakemake(demo_run, "--report", "report.html", "--configfile", "demo/config.yaml")
+    assert (demo_run / "report.html").stat().st_size > 100_000
 
 
 # ---------------------------------------------------------------- caching

@@ -8,16 +8,17 @@ the challenge's aesthetic predictor and keeps the best as the panel.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from kolors_story import models
+from kolors_story.config import needs_scorer
 from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.panel_record import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, write_record
 from kolors_story.prompt_embeddings import PromptEmbeddings
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME
 
@@ -30,6 +31,9 @@ SEED_STRIDE = 100_003  # candidate k of a scene uses seed + k * SEED_STRIDE (pri
 
 @dataclass(frozen=True)
 class SamplerSettings:
+    """The `generate` keys a scene job's images depend on; defaults match the schema's
+    (tests/test_settings_truth.py checks field for field)."""
+
     sampler: str = "euler"
     steps: int = 50
     guidance_scale: float = 5.0
@@ -42,7 +46,8 @@ class SamplerSettings:
 @dataclass(frozen=True)
 class Consistency:
     """Anchor-mode character consistency (kolors_story.consistency): scene jobs attend to the
-    self-attention features recorded while rendering each character's anchor."""
+    self-attention features recorded while rendering each character's anchor. The
+    `generate.consistency` keys but `enabled` (the rules' switch) and `seed` (the anchors' Scene)."""
 
     strength: float = 1.0
     steps_fraction: float = 0.6
@@ -56,6 +61,9 @@ WITHOUT_CONSISTENCY = "without_consistency.png"  # in the scene's candidates fol
 
 @dataclass(frozen=True)
 class Scene:
+    """One image to render; config.scene_settings resolves each field (defaults: the schema's
+    story.negative_prompt, generate.seed, generate.width and generate.height)."""
+
     id: str
     prompt: str
     negative_prompt: str = ""
@@ -140,6 +148,12 @@ def render(pipe, scene: Scene, settings: SamplerSettings, seeds: list[int] | Non
     return [pipe(generator=torch.Generator("cpu").manual_seed(s), **common).images[0] for s in seeds]
 
 
+def candidate_batches(settings: SamplerSettings, seeds: list[int]) -> list[list[int]]:
+    """The seeds of each pipeline call: all in one batch when batch_candidates is set, else one
+    call per seed. Recorded per candidate, since a batch renders other bits than single calls."""
+    return [list(seeds)] if settings.batch_candidates and len(seeds) > 1 else [[s] for s in seeds]
+
+
 def render_scene(
     model_dir: Path,
     lora_file: Path,
@@ -152,61 +166,89 @@ def render_scene(
     anchors: list[Path] = (),
     consistency: Consistency | None = None,
     cache_dir: Path | None = None,
-) -> dict:
-    """Render a scene's panel (best of `settings.candidates`), write it, and return the record
-    of candidates: seeds, scores and the chosen index. With anchors (one per character the scene
-    shows), self-attention is shared with them for consistent characters."""
+) -> CandidateRecord:
+    """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
+    candidates (written to candidates_dir/candidates.json when given). With anchors (one per
+    character the scene shows), self-attention is shared with them for consistent characters."""
+    scored = needs_scorer(settings.candidates, settings.lora_scale)
+    if scored and aesthetic_dir is None:  # refused before any GPU work, not after rendering
+        raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
+                         "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or models.pick_device()
     pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
     pipe.to(device)
     scales = lora_scales(settings)
     load_style_lora(pipe, lora_file, scales[0])
-    if anchors:
-        from kolors_story.consistency import enable_sharing, load_anchor
+    consistency = (consistency or Consistency()) if anchors else None
+    sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
+    images, drawn = render_candidates(pipe, scene, settings, scales, embeds)
+    compare = bool(sharing and consistency.compare and candidates_dir is not None)
+    if not compare:
+        del pipe  # frees the UNet before the predictor loads
+    weight = sharing.selection_weight if sharing else 0.0
+    scores = similarity = combined = [None] * len(images)
+    chosen = 0
+    if scored:
+        scores, similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
+        combined = [a + weight * (c or 0.0) for a, c in zip(scores, similarity)]
+        chosen = max(range(len(images)), key=lambda k: combined[k])
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    images[chosen].save(out_path)
+    files = save_candidates(images, candidates_dir) if candidates_dir is not None else [None] * len(images)
+    record = CandidateRecord(
+        scene=scene.id, prompt=scene.prompt, negative_prompt=scene.negative_prompt or "", width=scene.width,
+        height=scene.height, sampler=settings.sampler, steps=settings.steps,
+        guidance_scale=settings.guidance_scale, precision=settings.precision,
+        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type,
+        candidates=tuple(Candidate(*d, score=s, anchor_similarity=a, selection_score=c, file=f)
+                         for d, s, a, c, f in zip(drawn, scores, similarity, combined, files)),
+        chosen=chosen, consistency=sharing)
+    if candidates_dir is not None:
+        if compare:
+            record = replace(record, without_consistency=render_without_sharing(
+                pipe, scene, settings, record.seed, record.lora_scale, embeds, Path(candidates_dir)))
+        write_record(record, Path(candidates_dir))
+    if len(images) > 1:
+        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in scores), chosen, record.seed, record.lora_scale)
+    return record
 
-        consistency = consistency or Consistency()
-        enable_sharing(pipe, [load_anchor(Path(p)) for p in anchors], consistency.strength,
-                       consistency.steps_fraction)
-        log.info("scene %s: sharing attention with %d anchor(s), strength %.2f", scene.id,
-                 len(anchors), consistency.strength)
+
+def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float],
+                      embeds: dict) -> tuple[list[Image.Image], list[tuple[int, float, tuple[int, ...]]]]:
+    """Every (LoRA scale, seed) candidate, and per image its seed, scale and the seeds of the
+    pipeline call that drew it (what renders it again bit for bit)."""
     seeds = candidate_seeds(scene.seed, settings.candidates)
     log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
              scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
              settings.steps, settings.guidance_scale, scales)
-    images, all_seeds, all_scales = [], [], []
+    images, drawn = [], []
     for scale in scales:
         pipe.set_adapters([ADAPTER], adapter_weights=[scale])
-        images += render(pipe, scene, settings, seeds, embeds)
-        all_seeds += seeds
-        all_scales += [scale] * len(seeds)
-    compare = bool(anchors and consistency and consistency.compare and candidates_dir is not None)
-    if not compare:
-        del pipe  # frees the UNet before the predictor loads
-    weight = consistency.selection_weight if (anchors and consistency) else 0.0
-    scores = anchor_similarity = combined = [None]
-    chosen = 0
-    if len(images) > 1:
-        scores, anchor_similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
-        combined = [a + weight * (c or 0.0) for a, c in zip(scores, anchor_similarity)]
-        chosen = max(range(len(images)), key=lambda k: combined[k])
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    images[chosen].save(out_path)
-    record = {"scene": scene.id, "seeds": all_seeds, "lora_scales": all_scales, "scores": scores,
-              "anchor_similarity": anchor_similarity, "selection_scores": combined, "chosen": chosen,
-              "seed": all_seeds[chosen], "lora_scale": all_scales[chosen], "files": []}
-    if candidates_dir is not None:
-        Path(candidates_dir).mkdir(parents=True, exist_ok=True)
-        for k, image in enumerate(images):
-            image.save(Path(candidates_dir) / f"{k}.png")
-            record["files"].append(f"{k}.png")
-        if compare:
-            record["without_consistency"] = render_without_sharing(
-                pipe, scene, settings, all_seeds[chosen], all_scales[chosen], embeds, Path(candidates_dir))
-        (Path(candidates_dir) / "candidates.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    if len(images) > 1:
-        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
-                 ", ".join(f"{s:.3f}" for s in scores), chosen, all_seeds[chosen], all_scales[chosen])
-    return record
+        for batch in candidate_batches(settings, seeds):
+            images += render(pipe, scene, settings, batch, embeds)
+            drawn += [(seed, scale, tuple(batch)) for seed in batch]
+    return images, drawn
+
+
+def share_anchors(pipe, scene: Scene, anchors: list[Path], consistency: Consistency) -> ConsistencyRecipe:
+    """Turn on attention sharing with the scene's anchors; what the record says about it."""
+    from kolors_story.consistency import enable_sharing, load_anchor
+
+    loaded = [load_anchor(Path(p)) for p in anchors]
+    recipes = tuple(AnchorRecipe.from_meta(a.meta, Path(p)) for a, p in zip(loaded, anchors))
+    enable_sharing(pipe, loaded, consistency.strength, consistency.steps_fraction)
+    log.info("scene %s: sharing attention with %d anchor(s), strength %.2f", scene.id,
+             len(anchors), consistency.strength)
+    return ConsistencyRecipe(strength=consistency.strength, steps_fraction=consistency.steps_fraction,
+                             selection_weight=consistency.selection_weight, anchors=recipes)
+
+
+def save_candidates(images: list[Image.Image], folder: Path) -> list[str]:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(Path(folder) / f"{k}.png")
+    return [f"{k}.png" for k in range(len(images))]
 
 
 def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float,
@@ -232,12 +274,16 @@ def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: Samp
     device = device or models.pick_device()
     pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
     pipe.to(device)
-    load_style_lora(pipe, lora_file, lora_scales(settings)[0])
+    scale = lora_scales(settings)[0]
+    load_style_lora(pipe, lora_file, scale)
     image, features, meta = record_anchor(
         pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
         max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
     log.info("anchor %s: %d features over %s steps", scene.id, len(features), meta.get("recorded_steps"))
-    return save_anchor(Path(out_path), features, {**meta, "prompt": scene.prompt}, image)
+    # The whole recipe (panel_record.AnchorRecipe): scene records carry it into prompts.json.
+    recipe = {"id": scene.id, "prompt": scene.prompt, "negative_prompt": scene.negative_prompt or "",
+              "sampler": settings.sampler, "lora_scale": scale, "steps_fraction": consistency.steps_fraction}
+    return save_anchor(Path(out_path), features, {**meta, **recipe}, image)
 
 
 def lora_scales(settings: SamplerSettings) -> list[float]:

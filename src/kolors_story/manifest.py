@@ -6,6 +6,7 @@ Nothing from the environment goes in (no env vars, no tokens): the manifest is s
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import json
 import platform
@@ -13,11 +14,12 @@ import re
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import yaml
 
 from kolors_story.errors import UserError
+from kolors_story.panel_record import CandidateRecord
 
 # Distribution names whose versions decide the results.
 TRACKED_PACKAGES = (
@@ -134,19 +136,37 @@ def _platform_info() -> dict:
 
 
 def build_manifest(
-    config: dict, models: dict[str, str], seeds: dict[str, int], inputs: dict[str, Path]
+    config: dict, models: dict[str, str], seeds: dict[str, int], inputs: dict[str, Path],
+    panels: Sequence[CandidateRecord] = (),
 ) -> dict:
-    """The run's manifest: run name, UTC time, config, models, seeds, input hashes, versions."""
+    """The run's manifest: run name, UTC time, config, models, seeds, each panel's recipe and how
+    best-of-N picked it (the scene jobs' candidate records), input hashes, versions."""
     return {
         "run": config.get("run"),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": _redact(config),
         "models": dict(models),
         "seeds": {k: int(v) for k, v in seeds.items()},
+        "panels": {r.scene: {"recipe": r.recipe().to_json(), "selection": r.selection()} for r in panels},
         "inputs": {key: _hash_input(key, path) for key, path in inputs.items()},
         "versions": package_versions(),
         "platform": _platform_info(),
     }
+
+
+TIMING_COLUMNS = ("s", "max_rss", "mean_load", "cpu_time")  # of Snakemake's benchmark files
+
+
+def read_benchmarks(files: Sequence[Path], run_dir: Path) -> dict[str, dict]:
+    """The GPU jobs' Snakemake benchmark rows (wall seconds, peak RSS MB, CPU load and time), keyed
+    by the file's path under the run's benchmarks/ folder (e.g. generate_scene/s1)."""
+    timings = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        name = str(Path(path).relative_to(Path(run_dir) / "benchmarks").with_suffix(""))
+        timings[name] = {k: float(rows[-1][k]) for k in TIMING_COLUMNS if rows and rows[-1].get(k) not in (None, "", "NA")}
+    return timings
 
 
 def write_manifest(manifest: dict, path: Path) -> Path:

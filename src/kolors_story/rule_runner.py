@@ -10,8 +10,13 @@ from typing import Any
 from kolors_story.errors import UserError
 
 
+FILE_ONLY = "file_only"  # a log record with this extra goes to the rule's log, not the console
+
+
 def setup_logging(log_path: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
+    handlers: list[logging.Handler] = [console]
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode="w", encoding="utf-8"))
     logging.basicConfig(
@@ -31,9 +36,12 @@ def _limit_threads(threads: int) -> None:
 
 
 def run_rule(main: Callable[[Any], None], snakemake: Any) -> None:
-    """Run a rule's main(snakemake); a UserError ends the job with its message, not a traceback.
-    A job that declares `resources: gpu=1` takes a GPU no other job holds (hosts with several)."""
-    setup_logging(snakemake.log[0] if snakemake.log else None)
+    """Run a rule's main(snakemake). A UserError ends the job with its message, not a traceback;
+    any other exception writes its full traceback to the rule's log and one line naming the rule,
+    the error and the log to the console. A job that declares `resources: gpu=1` takes a GPU no
+    other job holds (hosts with several)."""
+    log_path = snakemake.log[0] if snakemake.log else None
+    setup_logging(log_path)
     _limit_threads(snakemake.threads)
     if getattr(snakemake.resources, "gpu", 0) == 1:
         from kolors_story.gpu_slots import use_free_gpu
@@ -44,3 +52,16 @@ def run_rule(main: Callable[[Any], None], snakemake: Any) -> None:
     except UserError as err:
         logging.getLogger(snakemake.rule).error("%s", err)
         sys.exit(1)
+    except Exception as err:  # noqa: BLE001 (every failure must reach the log, whatever its type)
+        _report_crash(snakemake.rule, err, log_path)
+        sys.exit(1)
+
+
+def _report_crash(rule: str, err: Exception, log_path: str | None) -> None:
+    log = logging.getLogger(rule)
+    summary = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    if not log_path:  # nowhere else to put it
+        log.exception("rule %s failed: %s", rule, summary)
+        return
+    log.error("rule %s failed: %s", rule, summary, exc_info=err, extra={FILE_ONLY: True})
+    print(f"rule {rule} failed: {summary} (full traceback in {log_path})", file=sys.stderr)
