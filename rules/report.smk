@@ -55,6 +55,7 @@ rule upload:
         visibility=config["upload"]["visibility"],
     log:
         f"{LOGS}/upload.log",
+    retries: NETWORK_RETRIES
     conda:
         ENV
     script:
