@@ -132,16 +132,16 @@ def test_anchor_panels_carry_their_anchor_recipes_and_the_card_says_how_to_rende
     assert "shares attention with character anchors" in card and 'if s["id"] == "s0"' in card
 
 
-@pytest.mark.parametrize("sampler, scheduler", [("euler", "EulerDiscreteScheduler"),
-                                                ("dpmpp_2m", "DPMSolverMultistepScheduler"),
-                                                ("ddim", "DiffSynthDDIMScheduler")])
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "EulerDiscreteScheduler.from_config"),
+                                                ("dpmpp_2m", "DPMSolverMultistepScheduler.from_config"),
+                                                ("ddim", "DiffSynthDDIMScheduler.from_scheduler_config")])
 def test_usage_snippet_names_each_sampler(tmp_path: Path, sampler: str, scheduler: str):
     inputs = make_inputs(tmp_path / "in", n=1)
     inputs["records"] = [make_record("s0", "水墨画", 100, sampler=sampler)]
     snippet = (bundle(tmp_path / "b", inputs) / "README.md").read_text(encoding="utf-8").split("```python\n")[1]
     snippet = snippet.split("```")[0]
     compile(snippet, "usage", "exec")
-    assert f"pipe.scheduler = {scheduler}(" in snippet or f"pipe.scheduler = {scheduler}.from_config(" in snippet
+    assert f"pipe.scheduler = {scheduler}(" in snippet  # as make_scheduler builds it
     assert ("from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler" in snippet) == (sampler == "ddim")
 
 

@@ -143,9 +143,9 @@ def _check_templates(config: dict) -> list[str]:
     checks = ((check_caption_template, config["dataset"]["caption_template"]),
               (check_prompt_template, config["story"]["prompt_template"]),
               (parse_background, config["dataset"]["background"]))
-    for check, template in checks:
+    for check, value in checks:
         try:
-            check(template)
+            check(value)
         except UserError as err:
             problems.append(str(err))
     return problems

@@ -40,6 +40,13 @@ class DiffSynthDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
 
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "DiffSynthDDIMScheduler":
+        """From a Kolors scheduler config (Euler's, with keys DDIM has no use for): only the noise
+        schedule is taken, so from_config's warning about the other keys stays out of the logs."""
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        return cls(**{k: config[k] for k in keys if k in config})
+
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 

@@ -83,8 +83,7 @@ def make_scheduler(name: str, base_config: dict):
         # "leading" spacing and steps_offset 1 samples other timesteps): see diffsynth_ddim.py.
         from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler
 
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-        return DiffSynthDDIMScheduler(**{k: base_config[k] for k in keys if k in base_config})
+        return DiffSynthDDIMScheduler.from_scheduler_config(base_config)
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler.from_config(
             base_config, algorithm_type="dpmsolver++", solver_order=2

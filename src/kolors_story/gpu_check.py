@@ -147,7 +147,8 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path) -> Path:
     examples = read_metadata(dataset)
     assign_sizes(examples, settings)
     with phases.measure("encode_captions_and_latents") as record:
-        prepare_batches(folder, examples, settings, cache, phases.device, dtype, 1100, validating=False)
+        timesteps = folder.config("scheduler")["num_train_timesteps"]
+        prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps, validating=False)
         record["captions"], record["images"] = len(set(e.caption for e in examples)), len(examples)
     phases.release()
     with phases.measure("train_job_load_unet"):

@@ -496,7 +496,9 @@ def unet_skeleton(model_dir: Path) -> torch.nn.Module:
     for converting LoRA files, without loading gigabytes of weights."""
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(str(Path(model_dir) / "unet"))
+    from kolors_story.kolors_folder import KolorsFolder  # the folder's one owner reads its configs
+
+    config = KolorsFolder(model_dir).config("unet")
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(config)
 

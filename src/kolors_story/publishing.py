@@ -136,9 +136,7 @@ _SCHEDULER_CODE = {
     "ddim": ("# sampler ddim: DiffSynth-Studio's DDIM, from the kolors_story package (pip install the\n"
              "# kolors_story project); diffusers' DDIMScheduler samples other timesteps\n"
              "from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler",
-             'keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")\n'
-             "pipe.scheduler = DiffSynthDDIMScheduler(\n"
-             "    **{k: pipe.scheduler.config[k] for k in keys if k in pipe.scheduler.config})"),
+             "pipe.scheduler = DiffSynthDDIMScheduler.from_scheduler_config(pipe.scheduler.config)"),
 }
 
 
