@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test lint clean-demo env gpu-check wheelhouse
+.PHONY: demo test browser lint clean-demo env gpu-check wheelhouse
 
 env: $(STAMP)
 
@@ -21,18 +21,29 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake; from modelscope.msdatasets import MsDataset"
 	touch $(STAMP)
 
+DEMO_CONFIG := demo/config.yaml demo/sweep.yaml
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile demo/config.yaml
-	@echo "Demo outputs: results/demo/ (story.png, scenes/, scores.json, bundle/, manifest.json)"
+	$(BIN)/snakemake --cores $(CORES) --configfile $(DEMO_CONFIG)
+	@echo "Demo outputs: results/demo/ and results/demo-scale0.5/ (story.png, scenes/, scores.json, bundle/, manifest.json),"
+	@echo "ranked in results/leaderboard.csv and .png; the report: $(BIN)/snakemake --report report.html --configfile $(DEMO_CONFIG)"
 
-test: $(STAMP)
+# Debian packages the tests use: chromium + CJK fonts for the report's browser check (installed
+# when missing and root with apt-get; otherwise that one test is skipped, saying why).
+BROWSER_PACKAGES := chromium fonts-noto-cjk
+browser:
+	@if [ -x /usr/bin/chromium ] && fc-list :lang=zh | grep -q .; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
+	else echo "note: no chromium; the report's browser test will be skipped (apt-get install -y $(BROWSER_PACKAGES))"; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml
 
 clean-demo:
-	rm -rf results/demo resources/tiny resources/demo
+	rm -rf results/demo results/demo-scale0.5 results/shared results/leaderboard.* resources/tiny resources/demo
 
 # The real code path at full size on one CUDA GPU, no download (README "Checking a GPU host").
 # With wheelhouse/ (from `make wheelhouse`) it runs on the host's own python3 + torch, offline;

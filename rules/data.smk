@@ -1,4 +1,6 @@
-# Style dataset: download or collect, clean with Data-Juicer, lay out for training.
+# Style dataset: download or collect, clean with Data-Juicer, lay out for training. Keyed by the
+# dataset settings (download) and the filter settings (filter, metadata): variants that differ in
+# neither share the chain.
 
 
 rule build_demo_dataset:
@@ -18,14 +20,14 @@ rule download_dataset:
     input:
         dataset_input,
     output:
-        rows=f"{OUT}/data/rows.jsonl",
-        images=directory(f"{OUT}/data/images"),
-        stats=f"{OUT}/data/download_stats.json",
+        rows=f"{SHARED}/download/{{key}}/rows.jsonl",
+        images=directory(f"{SHARED}/download/{{key}}/images"),
+        stats=f"{SHARED}/download/{{key}}/download_stats.json",
     params:
-        dataset=config["dataset"],
+        dataset=download_settings,
     log:
-        f"{LOGS}/download_dataset.log",
-    retries: NETWORK_RETRIES if config["dataset"]["source"] == "modelscope" else 0
+        f"{SHARED}/logs/download_dataset/{{key}}.log",
+    retries: NETWORK_RETRIES if any(d["dataset"]["source"] == "modelscope" for d in PLAN.downloads.values()) else 0
     conda:
         ENV
     script:
@@ -34,18 +36,19 @@ rule download_dataset:
 
 rule filter_dataset:
     input:
-        rows=f"{OUT}/data/rows.jsonl",
-        images=f"{OUT}/data/images",
-        download_stats=f"{OUT}/data/download_stats.json",
+        rows=filter_input("rows.jsonl"),
+        images=filter_input("images"),
+        download_stats=filter_input("download_stats.json"),
     output:
-        rows=f"{OUT}/data/filtered.jsonl",
-        stats=report(f"{OUT}/data/filter_stats.json", caption="../report/filter.rst", category="Data"),
+        rows=f"{SHARED}/data/{{key}}/filtered.jsonl",
+        stats=f"{SHARED}/data/{{key}}/filter_stats.json",
+        dropped=f"{SHARED}/data/{{key}}/dropped.png",
     params:
-        ops=config["filter"]["ops"],
-        num_proc=config["filter"]["num_proc"],
-        work_dir=f"{OUT}/data/data_juicer",
+        ops=lambda wc: PLAN.filters[wc.key]["ops"],
+        num_proc=lambda wc: PLAN.filters[wc.key]["num_proc"],
+        work_dir=f"{SHARED}/data/{{key}}/data_juicer",
     log:
-        f"{LOGS}/filter_dataset.log",
+        f"{SHARED}/logs/filter_dataset/{{key}}.log",
     conda:
         ENV
     script:
@@ -54,12 +57,31 @@ rule filter_dataset:
 
 rule build_metadata:
     input:
-        rows=f"{OUT}/data/filtered.jsonl",
+        rows=f"{SHARED}/data/{{key}}/filtered.jsonl",
     output:
-        directory(f"{OUT}/dataset"),
+        directory(f"{SHARED}/data/{{key}}/dataset"),
     log:
-        f"{LOGS}/build_metadata.log",
+        f"{SHARED}/logs/build_metadata/{{key}}.log",
     conda:
         ENV
     script:
         "../scripts/build_metadata.py"
+
+
+rule variant_data:
+    """The variant's filter statistics and dropped images, for its report and manifest."""
+    input:
+        stats=lambda wc: f"{SHARED}/data/{jobs_of(wc).filter}/filter_stats.json",
+        dropped=lambda wc: f"{SHARED}/data/{jobs_of(wc).filter}/dropped.png",
+    output:
+        stats=report(f"{RUN_DIR}/data/filter_stats.json", caption="../report/filter.rst",
+                     category="{run}", subcategory="Data"),
+        dropped=report(f"{RUN_DIR}/data/dropped.png", caption="../report/dropped.rst",
+                       category="{run}", subcategory="Data"),
+    log:
+        f"{RUN_DIR}/logs/variant_data.log",
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../scripts/variant_data.py"

@@ -1,72 +1,91 @@
-# One job per story scene (GPU), then the panels tiled into one story image. Prompt embeddings are
-# cached under CACHE: a rerun with other sampler settings, seeds or LoRA does not load the 6B text
-# encoder again.
-
-
-rule generate_scene:
-    input:
-        unpack(generate_inputs),
-    output:
-        panel=report(f"{OUT}/scenes/{{scene}}.png", caption="../report/scene.rst", category="Scenes"),
-        candidates=directory(f"{OUT}/candidates/{{scene}}"),
-    params:
-        scene=scene_params,
-        sampler=SAMPLER,
-        consistency=lambda wc: CONSISTENCY if scene_anchors(wc) else None,
-        cache_dir=CACHE,
-        record_format=RECORD_FORMAT,  # a new candidates.json shape reruns the job, never refuses
-    resources:
-        gpu=1,
-    log:
-        f"{LOGS}/generate_scene/{{scene}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/generate_scene/{{scene}}.tsv"
-    conda:
-        ENV
-    script:
-        "../scripts/generate_scene.py"
+# Anchors (one per character) and scenes (one job per panel) on the GPU, keyed by the LoRA job,
+# the model and exactly what the image depends on: variants that render a scene alike share the
+# job. Prompt embeddings are cached under CACHE: a rerun with other sampler settings, seeds or
+# LoRA does not load the 6B text encoder again. Then each variant's panels, tiled.
 
 
 rule render_anchor:
     input:
-        lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-        model=model_path("kolors"),
-        model_check=f"{OUT}/models/kolors.json",
+        unpack(anchor_inputs),
     output:
-        f"{OUT}/anchors/{{character}}.safetensors",
+        f"{SHARED}/anchors/{{character}}/{{key}}.safetensors",
     params:
-        anchor=anchor_params,
-        sampler=SAMPLER,
-        consistency=ANCHOR_CONSISTENCY,
+        anchor=lambda wc: PLAN.anchors[wc.key]["anchor"],
+        sampler=lambda wc: PLAN.anchors[wc.key]["sampler"],
+        consistency=lambda wc: PLAN.anchors[wc.key]["consistency"],
         cache_dir=CACHE,
         record_format=RECORD_FORMAT,  # the anchor's metadata follows the record's format
     resources:
         gpu=1,
     log:
-        f"{LOGS}/render_anchor/{{character}}.log",
+        f"{SHARED}/logs/render_anchor/{{character}}/{{key}}.log",
     benchmark:
-        f"{OUT}/benchmarks/render_anchor/{{character}}.tsv"
+        f"{SHARED}/benchmarks/render_anchor/{{character}}/{{key}}.tsv"
     conda:
         ENV
     script:
         "../scripts/render_anchor.py"
 
 
+rule generate_scene:
+    input:
+        unpack(generate_inputs),
+    output:
+        panel=f"{SHARED}/scenes/{{scene}}/{{key}}/panel.png",
+        candidates=directory(f"{SHARED}/scenes/{{scene}}/{{key}}/candidates"),
+    params:
+        scene=lambda wc: PLAN.scenes[wc.key]["scene"],
+        sampler=lambda wc: PLAN.scenes[wc.key]["sampler"],
+        consistency=lambda wc: PLAN.scenes[wc.key]["consistency"],
+        cache_dir=CACHE,
+        record_format=RECORD_FORMAT,  # a new candidates.json shape reruns the job, never refuses
+    resources:
+        gpu=1,
+    log:
+        f"{SHARED}/logs/generate_scene/{{scene}}/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/generate_scene/{{scene}}/{{key}}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/generate_scene.py"
+
+
+rule variant_scene:
+    """The variant's panel and its candidates, copied from the scene job that rendered them."""
+    input:
+        panel=lambda wc: f"{scene_job_dir(wc)}/panel.png",
+        candidates=lambda wc: f"{scene_job_dir(wc)}/candidates",
+    output:
+        panel=report(f"{RUN_DIR}/scenes/{{scene}}.png", caption="../report/scene.rst",
+                     category="{run}", subcategory="Panels", labels=panel_labels),
+        candidates=directory(f"{RUN_DIR}/candidates/{{scene}}"),
+    params:
+        scene=lambda wc: scene_settings(V(wc))[wc.scene],  # the prompt for the report's caption
+    localrule: True
+    log:
+        f"{RUN_DIR}/logs/variant_scene/{{scene}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/copy_outputs.py"
+
+
 rule compose_story:
     input:
-        panels=[scene_png(s) for s in SCENE_IDS],
-        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
+        panels=variant_panels,
+        candidates=variant_candidates,
     output:
-        story=report(f"{OUT}/story.png", caption="../report/story.rst", category="Story"),
-        contact_sheet=report(
-            f"{OUT}/contact_sheet.png", caption="../report/contact_sheet.rst", category="Story"
-        ),
+        story=report(f"{RUN_DIR}/story.png", caption="../report/story.rst", category="{run}",
+                     subcategory="Story"),
+        contact_sheet=report(f"{RUN_DIR}/contact_sheet.png", caption="../report/contact_sheet.rst",
+                             category="{run}", subcategory="Story"),
     params:
-        layout=config["layout"],
-        title=config["story"]["title"],
-        captions=[SCENES[s]["caption"] for s in SCENE_IDS],
+        layout=lambda wc: V(wc)["layout"],
+        title=lambda wc: V(wc)["story"]["title"],
+        captions=lambda wc: [scene_settings(V(wc))[s]["caption"] for s in variant_scenes(wc)],
     log:
-        f"{LOGS}/compose_story.log",
+        f"{RUN_DIR}/logs/compose_story.log",
     conda:
         ENV
     script:

@@ -35,14 +35,14 @@ rule build_tiny_models:
 
 rule prepare_model:
     input:
-        lambda wc: model_path(wc.model_name),
+        lambda wc: model_folder(MODEL_REFS[(wc.model_name, wc.key)], f"models.{wc.model_name}"),
     output:
-        f"{OUT}/models/{{model_name}}.json",
+        f"{SHARED}/models/{{model_name}}/{{key}}.json",
     params:
-        ref=lambda wc: config["models"][wc.model_name],
+        ref=lambda wc: MODEL_REFS[(wc.model_name, wc.key)],
         config_key=lambda wc: f"models.{wc.model_name}",
     log:
-        f"{LOGS}/prepare_model/{{model_name}}.log",
+        f"{SHARED}/logs/prepare_model/{{model_name}}/{{key}}.log",
     conda:
         ENV
     script:

@@ -1,21 +1,22 @@
-# The challenge score, the ModelScope bundle (and opt-in upload), and the run's manifest.
+# Per variant: the challenge score, the ModelScope bundle (and opt-in upload), the manifest.
+# Across a sweep's variants: the leaderboard.
 
 
 rule score_images:
     input:
-        panels=[scene_png(s) for s in SCENE_IDS],
-        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
-        model=model_path("aesthetic"),
-        model_check=f"{OUT}/models/aesthetic.json",
+        unpack(lambda wc: model_inputs("aesthetic", V(wc)["models"]["aesthetic"])),
+        panels=variant_panels,
+        candidates=variant_candidates,
     output:
-        csv=report(f"{OUT}/scores.csv", caption="../report/scores.rst", category="Scores"),
-        json=f"{OUT}/scores.json",
+        csv=report(f"{RUN_DIR}/scores.csv", caption="../report/scores.rst", category="{run}",
+                   subcategory="Scores"),
+        json=f"{RUN_DIR}/scores.json",
     params:
-        threshold=config["score"]["threshold"],
-        characters={s: SCENES[s]["characters"] for s in SCENE_IDS},
-        compare=config["generate"]["consistency"]["enabled"] and config["generate"]["consistency"]["compare"],
+        threshold=lambda wc: V(wc)["score"]["threshold"],
+        characters=lambda wc: {s: v["characters"] for s, v in scene_settings(V(wc)).items()},
+        compare=lambda wc: V(wc)["generate"]["consistency"]["enabled"] and V(wc)["generate"]["consistency"]["compare"],
     log:
-        f"{LOGS}/score_images.log",
+        f"{RUN_DIR}/logs/score_images.log",
     conda:
         ENV
     script:
@@ -24,21 +25,21 @@ rule score_images:
 
 rule bundle:
     input:
-        lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-        panels=[scene_png(s) for s in SCENE_IDS],
-        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
-        story=f"{OUT}/story.png",
-        scores=f"{OUT}/scores.json",
+        lora=f"{RUN_DIR}/lora/{LORA_FILES['lora']}",
+        panels=variant_panels,
+        candidates=variant_candidates,
+        story=f"{RUN_DIR}/story.png",
+        scores=f"{RUN_DIR}/scores.json",
     output:
-        directory(f"{OUT}/bundle"),
+        directory(f"{RUN_DIR}/bundle"),
     params:
-        scenes=list(SCENES.values()),
-        bundle=config["bundle"],
-        base_model=config["models"]["kolors"],
-        run=RUN,
-        repo_id=config["upload"]["repo_id"],
+        scenes=lambda wc: list(scene_settings(V(wc)).values()),
+        bundle=lambda wc: V(wc)["bundle"],
+        base_model=lambda wc: V(wc)["models"]["kolors"],
+        run=lambda wc: wc.run,
+        repo_id=lambda wc: V(wc)["upload"]["repo_id"],
     log:
-        f"{LOGS}/bundle.log",
+        f"{RUN_DIR}/logs/bundle.log",
     conda:
         ENV
     script:
@@ -47,14 +48,14 @@ rule bundle:
 
 rule upload:
     input:
-        f"{OUT}/bundle",
+        f"{RUN_DIR}/bundle",
     output:
-        f"{OUT}/upload.json",
+        f"{RUN_DIR}/upload.json",
     params:
-        repo_id=config["upload"]["repo_id"],
-        visibility=config["upload"]["visibility"],
+        repo_id=lambda wc: V(wc)["upload"]["repo_id"],
+        visibility=lambda wc: V(wc)["upload"]["visibility"],
     log:
-        f"{LOGS}/upload.log",
+        f"{RUN_DIR}/logs/upload.log",
     retries: NETWORK_RETRIES
     conda:
         ENV
@@ -64,26 +65,43 @@ rule upload:
 
 rule manifest:
     input:
-        lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-        panels=[scene_png(s) for s in SCENE_IDS],
-        candidates=[f"{OUT}/candidates/{s}" for s in SCENE_IDS],
-        story=f"{OUT}/story.png",
-        scores=f"{OUT}/scores.json",
-        bundle=f"{OUT}/bundle",
-        dataset=f"{OUT}/data/filtered.jsonl",
-        training_data=f"{OUT}/dataset",
-        filter_stats=f"{OUT}/data/filter_stats.json",
-        models=expand(f"{OUT}/models/{{name}}.json", name=["kolors", "aesthetic"]),
-        benchmarks=gpu_benchmarks(),
+        unpack(manifest_inputs),
+        panels=variant_panels,
+        candidates=variant_candidates,
     output:
-        manifest=f"{OUT}/manifest.json",
-        config=f"{OUT}/config.yaml",
+        manifest=f"{RUN_DIR}/manifest.json",
+        config=report(f"{RUN_DIR}/config.yaml", caption="../report/config.rst", category="{run}",
+                      subcategory="Config"),
+        timings=report(f"{RUN_DIR}/timings.png", caption="../report/timings.rst", category="{run}",
+                       subcategory="Timings"),
     params:
-        config=config,
-        seeds={"train": config["train"]["seed"], **{s: v["seed"] for s, v in SCENES.items()}},
+        config=V,
+        seeds=lambda wc: {"train": V(wc)["train"]["seed"],
+                          **{s: v["seed"] for s, v in scene_settings(V(wc)).items()}},
+        benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
+        jobs=lambda wc: vars(jobs_of(wc)),
     log:
-        f"{LOGS}/manifest.log",
+        f"{RUN_DIR}/logs/manifest.log",
     conda:
         ENV
     script:
         "../scripts/manifest.py"
+
+
+rule compare_runs:
+    """Every variant of the sweep ranked by its mean score: results/leaderboard.csv and .png."""
+    input:
+        scores=[f"results/{v}/scores.json" for v in VARIANTS],
+        stories=[f"results/{v}/story.png" for v in VARIANTS],
+        configs=[f"results/{v}/config.yaml" for v in VARIANTS],
+    output:
+        csv="results/leaderboard.csv",
+        png=report("results/leaderboard.png", caption="../report/leaderboard.rst", category="Leaderboard"),
+    params:
+        variants=list(VARIANTS),
+    log:
+        f"{SHARED}/logs/compare_runs.log",
+    conda:
+        ENV
+    script:
+        "../scripts/compare_runs.py"

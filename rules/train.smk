@@ -1,56 +1,79 @@
-# The run's LoRA: trained on the Kolors UNet (GPU), or imported from a file (train.use_lora).
-# Checkpoints and caches live outside the declared outputs, so an interrupted training job,
-# rerun, continues from its last checkpoint.
+# The LoRA: trained on the Kolors UNet (GPU), or imported from a file (train.use_lora); keyed by
+# the filter job, the model and the training settings, so variants that differ only in how they
+# generate share one training. Checkpoints live in the job's work/ folder, outside the declared
+# outputs, so an interrupted training job, rerun, continues from its last checkpoint.
 
-if config["train"]["use_lora"]:
 
-    rule import_lora:
-        input:
-            lora=config["train"]["use_lora"],
-            model=model_path("kolors"),
-            model_check=f"{OUT}/models/kolors.json",
-        output:
-            lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-            diffsynth=f"{OUT}/lora/diffsynth_lora.ckpt",
-        params:
-            diffsynth_alpha=config["train"]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
-        log:
-            f"{LOGS}/import_lora.log",
-        conda:
-            ENV
-        script:
-            "../scripts/import_lora.py"
+rule import_lora:
+    input:
+        unpack(import_inputs),
+    output:
+        lora=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['lora']}",
+        diffsynth=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['diffsynth']}",
+    params:
+        diffsynth_alpha=lambda wc: PLAN.imports[wc.key]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
+    log:
+        f"{SHARED}/logs/import_lora/{{key}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/import_lora.py"
 
-else:
 
-    rule train_lora:
-        input:
-            unpack(train_inputs),
-        output:
-            lora=f"{OUT}/lora/pytorch_lora_weights.safetensors",
-            diffsynth=f"{OUT}/lora/diffsynth_lora.ckpt",
-            loss_csv=f"{OUT}/lora/loss.csv",
-            loss_png=report(f"{OUT}/lora/loss.png", caption="../report/loss.rst", category="Training"),
-            validation_csv=f"{OUT}/lora/validation.csv",
-            validation_png=report(
-                f"{OUT}/lora/validation.png", caption="../report/validation.rst", category="Training"
-            ),
-            summary=f"{OUT}/lora/training_summary.json",
-        params:
-            # diffsynth_alpha only matters with init_lora: leave other runs' params (reruns) alone
-            train={k: v for k, v in config["train"].items() if k not in ("use_lora", "processes")
-                   and (k != "diffsynth_alpha" or config["train"]["init_lora"])},
-            processes=config["train"]["processes"],
-            cache_dir=CACHE,
-            work_dir=f"{OUT}/lora/work",
-        threads: ALL_CORES
-        resources:
-            gpu=config["train"]["processes"],
-        log:
-            f"{LOGS}/train_lora.log",
-        benchmark:
-            f"{OUT}/benchmarks/train_lora.tsv"
-        conda:
-            ENV
-        script:
-            "../scripts/train_lora.py"
+rule train_lora:
+    input:
+        unpack(train_inputs),
+    output:
+        **{name: f"{SHARED}/lora/{{key}}/{file}" for name, file in LORA_FILES.items()},
+    params:
+        train=lambda wc: PLAN.trainings[wc.key]["train"],
+        processes=lambda wc: PLAN.trainings[wc.key]["processes"],
+        cache_dir=CACHE,
+        work_dir=f"{SHARED}/lora/{{key}}/work",
+    threads: ALL_CORES
+    resources:
+        gpu=lambda wc: PLAN.trainings[wc.key]["processes"],
+    log:
+        f"{SHARED}/logs/train_lora/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/train_lora/{{key}}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/train_lora.py"
+
+
+rule variant_lora:
+    """The variant's LoRA in both formats, copied from its training (or import) job."""
+    input:
+        **{name: variant_lora_source(name) for name in IMPORTED_FILES},
+    output:
+        **{name: f"{RUN_DIR}/lora/{file}" for name, file in IMPORTED_FILES.items()},
+    localrule: True
+    log:
+        f"{RUN_DIR}/logs/variant_lora.log",
+    conda:
+        ENV
+    script:
+        "../scripts/copy_outputs.py"
+
+
+rule variant_training:
+    """The training curves and summary of a trained variant's LoRA."""
+    input:
+        **{name: variant_lora_source(name) for name in CURVES},
+    output:
+        loss_csv=f"{RUN_DIR}/lora/{CURVES['loss_csv']}",
+        loss_png=report(f"{RUN_DIR}/lora/{CURVES['loss_png']}", caption="../report/loss.rst",
+                        category="{run}", subcategory="Training"),
+        validation_csv=f"{RUN_DIR}/lora/{CURVES['validation_csv']}",
+        validation_png=report(f"{RUN_DIR}/lora/{CURVES['validation_png']}", caption="../report/validation.rst",
+                              category="{run}", subcategory="Training"),
+        summary=f"{RUN_DIR}/lora/{CURVES['summary']}",
+    localrule: True
+    log:
+        f"{RUN_DIR}/logs/variant_training.log",
+    conda:
+        ENV
+    script:
+        "../scripts/copy_outputs.py"

@@ -2,8 +2,9 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.dataset import read_rows, relative_path, write_json, write_rows
-from kolors_story.filtering import filter_rows
+from kolors_story.dataset import read_rows, write_json, write_rows
+from kolors_story.filtering import filter_rows, relocate_dropped
+from kolors_story.report_figures import draw_dropped_sheet
 from kolors_story.rule_runner import run_rule
 
 
@@ -12,11 +13,11 @@ def main(snakemake):
     result = filter_rows(rows, snakemake.params.ops, Path(snakemake.params.work_dir), snakemake.params.num_proc)
     write_rows(result.kept, Path(snakemake.output.rows))
     stats_path = Path(snakemake.output.stats)
-    for dropped in result.stats["dropped"]:  # like the rows files: relative, so results/ can move
-        dropped["image"] = relative_path(dropped["image"], stats_path.parent)
     # What the download stage made of every input file, so one file tells where each image went.
     download = json.loads(Path(snakemake.input.download_stats).read_text(encoding="utf-8"))
-    write_json({**result.stats, "download": download}, stats_path)
+    stats = relocate_dropped({**result.stats, "download": download}, None, stats_path.parent)
+    write_json(stats, stats_path)
+    draw_dropped_sheet(stats, stats_path.parent, Path(snakemake.output.dropped))
     for op in result.stats["ops"]:
         logging.info("%-28s %5d -> %5d rows", op["op"], op["rows_in"], op["rows_out"])
 

@@ -1,8 +1,14 @@
 import json
 from pathlib import Path
 
-from kolors_story.manifest import build_manifest, read_benchmarks, write_manifest, write_resolved_config
+from kolors_story.manifest import (
+    build_manifest,
+    read_benchmarks,
+    write_manifest,
+    write_resolved_config,
+)
 from kolors_story.panel_record import read_record
+from kolors_story.report_figures import draw_timings, timing_rows
 from kolors_story.rule_runner import run_rule
 
 
@@ -23,9 +29,12 @@ def main(snakemake):
     seeds = dict(snakemake.params.seeds)
     seeds.update({f"{r.scene}_panel": r.seed for r in records})  # best-of-N: the seed of the kept candidate
     manifest = build_manifest(dict(snakemake.params.config), models, seeds, inputs, panels=records)
-    manifest["timings"] = read_benchmarks([Path(p) for p in snakemake.input.benchmarks], Path(snakemake.output.manifest).parent)
+    manifest["jobs"] = dict(snakemake.params.jobs)  # the keys of the shared jobs under results/shared/
+    benchmarks = dict(zip(snakemake.params.benchmark_labels, map(Path, snakemake.input.benchmarks)))
+    manifest["timings"] = read_benchmarks(benchmarks)
     write_manifest(manifest, Path(snakemake.output.manifest))
     write_resolved_config(dict(snakemake.params.config), Path(snakemake.output.config))
+    draw_timings(timing_rows(manifest["timings"]), Path(snakemake.output.timings))
 
 
 run_rule(main, snakemake)

@@ -9,7 +9,7 @@ from kolors_story.scoring import AestheticScorer, consistency_comparison, consis
 
 
 def main(snakemake):
-    scorer = AestheticScorer(Path(snakemake.input.model))
+    scorer = AestheticScorer(Path(snakemake.input.aesthetic))
     scores, embeddings = scorer.score_and_embed_files([Path(p) for p in snakemake.input.panels])
     characters = {f"{scene}.png": names for scene, names in snakemake.params.characters.items()}
     consistency = consistency_report(embeddings, characters)
@@ -23,7 +23,7 @@ def main(snakemake):
     if consistency["mean"] is not None:
         logging.info("character consistency (CLIP cosine, %d pairs): %.4f", len(consistency["pairs"]),
                      consistency["mean"])
-    if "tiny" in str(snakemake.input.model):
+    if "tiny" in str(snakemake.input.aesthetic):
         logging.warning("scored with a tiny random-weight predictor: demo scores are meaningless")
 
 

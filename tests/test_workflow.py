@@ -1,7 +1,7 @@
 """The demo DAG run for real with snakemake in a temp dir, its outputs, and what reruns after an edit.
 
-One complete demo run (about 2-3 minutes on 2 cores) is shared by the module; the caching tests are
-dry runs against it.
+One complete run of the demo sweep (`make demo`: the demo plus a half-strength variant, about 4
+minutes on 2 cores) is shared by the module; the caching tests are dry runs against it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 import yaml
 from challenge_reference import reference_evaluate
+from result_files import differing, result_files
 
 pytestmark = pytest.mark.workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]
+DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs
 SCENES = ["s1_class", "s2_sleepy", "s3_dream", "s4_prince", "s5_talk", "s6_ride", "s7_awake", "s8_study"]
 
 
@@ -36,23 +38,37 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def planned_jobs(workdir: Path, *configfiles: str) -> dict[str, int]:
-    """Rule -> job count of a dry run with the demo config plus overrides."""
-    proc = snakemake(workdir, "-n", "--cores", "2", "--configfile", "demo/config.yaml", *configfiles)
-    out = proc.stdout + proc.stderr
+def job_table(out: str) -> dict[str, int]:
     if "Nothing to be done" in out:
         return {}
     table = out.split("Job stats:")[1]
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m.group(1) != "total"}
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
+def planned_jobs(workdir: Path, *configfiles: str, base: str = "demo/config.yaml") -> dict[str, int]:
+    """Rule -> job count of a dry run with the demo config plus overrides."""
+    proc = snakemake(workdir, "-n", "--cores", "2", "--configfile", base, *configfiles)
+    return job_table(proc.stdout + proc.stderr)
+
+
+def copy_workflow(workdir: Path) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / name)
-    snakemake(workdir, "--cores", "2", "--configfile", "demo/config.yaml")
+    return workdir
+
+
+def shared_dir(workdir: Path, run: str, stage: str) -> Path:
+    """A run's keyed job folder under results/shared/, found through its manifest."""
+    jobs = json.loads((workdir / "results" / run / "manifest.json").read_text(encoding="utf-8"))["jobs"]
+    return workdir / "results/shared" / ("data" if stage == "filter" else stage) / jobs[stage]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
+    snakemake(workdir, "--cores", "2", "--configfile", *DEMO_SWEEP)
     return workdir
 
 
@@ -75,8 +91,9 @@ def test_demo_writes_every_output(demo_run):
     out = demo_run / "results" / "demo"
     for name in ["story.png", "contact_sheet.png", "lora/diffsynth_lora.ckpt", "scores.csv", "scores.json", "lora/pytorch_lora_weights.safetensors",
                  "lora/loss.csv", "lora/loss.png", "bundle/README.md", "manifest.json", "config.yaml",
-                 "data/filter_stats.json", "dataset/train/metadata.csv"]:
+                 "data/filter_stats.json", "data/dropped.png", "timings.png"]:
         assert (out / name).is_file(), name
+    assert (shared_dir(demo_run, "demo", "filter") / "dataset/train/metadata.csv").is_file()
     assert sorted(p.stem for p in (out / "scenes").glob("*.png")) == sorted(SCENES)
 
 
@@ -105,8 +122,11 @@ def test_filter_stats_show_the_demo_defects_dropped(demo_run):
     for name, op in ops.items():
         assert op["rows_out"] < op["rows_in"], f"{name} dropped nothing"
     assert len(stats["dropped"]) == stats["rows_in"] - stats["rows_out"]
-    kept = (demo_run / "results/demo/data/filtered.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = (shared_dir(demo_run, "demo", "filter") / "filtered.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(kept) == stats["rows_out"] > 0
+    # the variant's copy points at the dropped images from where it lies
+    assert all((demo_run / "results/demo/data" / d["image"]).is_file() for d in stats["dropped"]
+               if d["op"] != "integrity_check")
 
 
 def test_scores_match_the_challenge_reference_evaluate(demo_run):
@@ -175,42 +195,21 @@ def test_a_demo_panel_renders_again_bit_for_bit_from_its_bundle(demo_run):
         assert np.array_equal(np.asarray(image), np.asarray(published))
 
 
-# Files and fields that hold timings (wall clock, run time): everything else must be byte-identical.
-TIMING_DIRS = ("logs", "benchmarks", "lora/work")  # lora/work: checkpoints keep the loss log with seconds
-
-
-def comparable(path: Path, rel: str) -> bytes:
-    """The file's bytes, with the timing fields of the three files that carry some blanked."""
-    if rel == "lora/loss.csv":
-        return b"\n".join(b",".join(line.split(b",")[:3]) for line in path.read_bytes().splitlines())
-    if rel in ("lora/training_summary.json", "manifest.json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("seconds", "created", "timings"):
-            data.pop(key, None)
-        return json.dumps(data, sort_keys=True).encode()
-    return path.read_bytes()
-
-
 def test_the_resolved_config_in_a_fresh_folder_gives_byte_identical_relocatable_results(demo_run, tmp_path):
     """results/demo/config.yaml rerun in another folder (another depth too) reproduces every output
-    byte for byte but logs and timings, and no output holds the folder's absolute path."""
-    fresh = tmp_path / "elsewhere" / "clone"
-    fresh.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, fresh / name)
+    (the run's folder and the shared jobs it used) byte for byte but logs and timings, and no
+    output holds the folder's absolute path."""
+    fresh = copy_workflow(tmp_path / "elsewhere" / "clone")
     shutil.copy2(demo_run / "results/demo/config.yaml", fresh / "resolved.yaml")
     snakemake(fresh, "--cores", "2", "--configfile", "resolved.yaml")
-    first, second = demo_run / "results/demo", fresh / "results/demo"
-    files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
-    assert files == sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file())
-    differ = [rel for rel in files if not rel.startswith(TIMING_DIRS)
-              and comparable(first / rel, rel) != comparable(second / rel, rel)]
-    assert differ == []
+    first, second = demo_run / "results", fresh / "results"
+    files = result_files(second)
+    assert [f for f in result_files(first) if f.startswith("demo/")] == [f for f in files if f.startswith("demo/")]
+    assert {f.split("/")[0] for f in files} == {"demo", "shared"}
+    assert differing(first, second, files) == []  # the fresh run's shared jobs: a subset of the sweep's
     for root in (first, second):
-        holders = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
-                   and not str(p.relative_to(root)).startswith(TIMING_DIRS)
-                   and (str(root.parents[1]).encode() in p.read_bytes() or b"/tmp/" in p.read_bytes())]
+        holders = [rel for rel in result_files(root)
+                   if str(root.parents[0]).encode() in (root / rel).read_bytes() or b"/tmp/" in (root / rel).read_bytes()]
         assert holders == [], f"absolute paths in {holders}"
 
 
@@ -263,8 +262,11 @@ def test_changing_a_filter_setting_reruns_from_filtering(demo_run):
 
 
 def test_consistency_anchors_are_rendered_once_per_character(demo_run):
-    anchors = demo_run / "results/demo/anchors"
-    assert sorted(p.name for p in anchors.iterdir()) == ["girl.png", "girl.safetensors", "prince.png", "prince.safetensors"]
+    keys = json.loads((demo_run / "results/demo/manifest.json").read_text(encoding="utf-8"))["jobs"]["anchors"]
+    anchors = demo_run / "results/shared/anchors"
+    for character, key in keys.items():
+        assert sorted(p.name for p in (anchors / character).glob(f"{key}.*")) == [f"{key}.png", f"{key}.safetensors"]
+    assert sorted(keys) == ["girl", "prince"]
     jobs = planned_jobs(demo_run, override(demo_run, "strength", {"generate": {"consistency": {"strength": 0.5}}}))
     assert "render_anchor" not in jobs and jobs["generate_scene"] == len(SCENES)  # all scenes show someone
 
@@ -322,3 +324,84 @@ def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_ru
     trained = load_file(out / "pytorch_lora_weights.safetensors")
     assert imported.keys() == trained.keys()
     assert all(np.allclose(imported[k].numpy(), trained[k].numpy(), rtol=0, atol=1e-7) for k in trained)
+
+
+# ---------------------------------------------------------------- sweeps
+def test_the_demo_sweep_shares_one_data_chain_and_one_training(demo_run):
+    manifests = {v: json.loads((demo_run / f"results/{v}/manifest.json").read_text(encoding="utf-8"))
+                 for v in ("demo", "demo-scale0.5")}
+    jobs = {v: m["jobs"] for v, m in manifests.items()}
+    assert jobs["demo"]["filter"] == jobs["demo-scale0.5"]["filter"] and jobs["demo"]["lora"] == jobs["demo-scale0.5"]["lora"]
+    assert set(jobs["demo"]["scenes"].values()).isdisjoint(jobs["demo-scale0.5"]["scenes"].values())
+    assert len(list((demo_run / "results/shared/lora").iterdir())) == 1
+    assert (demo_run / "results/demo/lora/pytorch_lora_weights.safetensors").read_bytes() == \
+        (demo_run / "results/demo-scale0.5/lora/pytorch_lora_weights.safetensors").read_bytes()
+    assert manifests["demo-scale0.5"]["config"]["generate"]["lora_scale"] == 0.5
+
+
+def test_leaderboard_ranks_every_variant_by_its_scores(demo_run):
+    import csv
+
+    with open(demo_run / "results/leaderboard.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    means = {v: json.loads((demo_run / f"results/{v}/scores.json").read_text(encoding="utf-8"))["mean"]
+             for v in ("demo", "demo-scale0.5")}
+    assert [r["variant"] for r in rows] == sorted(means, key=lambda v: -means[v])
+    assert [float(r["mean_score"]) for r in rows] == sorted(means.values(), reverse=True)
+    assert [r["best"] for r in rows] == ["True", "False"] and [r["rank"] for r in rows] == ["1", "2"]
+    assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {"demo": "1.0", "demo-scale0.5": "0.5"}
+    assert all(r["passes"] == str(float(r["mean_score"]) >= 6.0) for r in rows)
+    from PIL import Image
+
+    with Image.open(demo_run / "results/leaderboard.png") as picture:
+        assert picture.height > 2 * 200  # a row with a story thumbnail per variant
+
+
+def test_a_generation_only_grid_of_four_plans_one_training(tmp_path):
+    workdir = copy_workflow(tmp_path / "fresh")
+    grid = override(workdir, "grid", {"sweep": [{"grid": {"generate.lora_scale": [0.5, 1.0],
+                                                          "generate.guidance_scale": [3.0, 5.0]}}]})
+    jobs = planned_jobs(workdir, grid)
+    assert jobs["train_lora"] == 1 and jobs["filter_dataset"] == 1 and jobs["download_dataset"] == 1
+    assert jobs["compose_story"] == 4 and jobs["compare_runs"] == 1 and jobs["generate_scene"] == 4 * len(SCENES)
+    rank = override(workdir, "rank", {"sweep": [{"grid": {"train.rank": [8, 16, 32]}}]})
+    jobs = planned_jobs(workdir, rank)
+    assert jobs["train_lora"] == 3 and jobs["filter_dataset"] == 1 and jobs["build_metadata"] == 1
+
+
+def planned_outputs(workdir: Path, *configfiles: str) -> list[str]:
+    """Every output file a dry run plans."""
+    proc = snakemake(workdir, "-n", "--cores", "2", "--configfile", *configfiles)
+    return [f.strip() for line in re.findall(r"^\s+output: (.*)$", proc.stdout, re.M) for f in line.split(",")]
+
+
+def test_editing_one_variant_reruns_that_variant_only(demo_run):
+    edited = override(demo_run, "edited", {"sweep": [{"name": "demo"}, {"name": "demo-scale0.5",
+                                                                         "generate": {"lora_scale": 0.6}}]})
+    outputs = planned_outputs(demo_run, "demo/config.yaml", edited)
+    assert outputs and not [f for f in outputs if f.startswith("results/demo/")]
+    assert {f.split("/")[1] for f in outputs} == {"demo-scale0.5", "shared", "leaderboard.csv", "leaderboard.png"}
+    shared = {f.split("/")[2] for f in outputs if f.startswith("results/shared/")}
+    assert shared == {"anchors", "scenes"}  # no data, no training: only the edited variant's images
+    jobs = planned_jobs(demo_run, edited)
+    assert jobs["generate_scene"] == len(SCENES) and "train_lora" not in jobs and jobs["compare_runs"] == 1
+
+
+def test_a_bad_variant_is_refused_at_parse_time_naming_it_and_the_key(demo_run):
+    bad = override(demo_run, "badvariant", {"sweep": [{"name": "big", "train": {"rank": 0}}]})
+    proc = snakemake(demo_run, "-n", "--configfile", "demo/config.yaml", bad, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "sweep variant 'big'" in out and "train.rank" in out
+
+
+def test_the_sweep_report_opens_in_a_browser_with_its_leaderboard_first(demo_run):
+    from report_browser import browser_missing_reason, inspect_report, report_problems
+
+    snakemake(demo_run, "--report", "report.html", "--configfile", *DEMO_SWEEP)
+    if reason := browser_missing_reason():
+        pytest.skip(reason)
+    shot = demo_run / "results/report_leaderboard.png"
+    for category in ("demo-scale0.5", "Leaderboard"):  # the screenshot kept is the leaderboard's
+        found = inspect_report(demo_run / "report.html", shot, category)
+        assert report_problems(found) == [], category
+    assert shot.is_file() and shot.stat().st_size > 10_000

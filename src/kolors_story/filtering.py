@@ -9,6 +9,7 @@ only reports totals.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -20,7 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
-from kolors_story.images import image_problem  # the integrity check: missing, undecodable, truncated, too large
+from kolors_story.images import (
+    image_problem,  # the integrity check: missing, undecodable, truncated, too large
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +271,22 @@ def _run_ops(rows: list[dict], alive: list[int], parsed: list[tuple[str, dict]],
         if len(dataset) == 0:
             raise _zero_rows_error(name, rows_in, dropped)
     return sorted(dataset[ROW_COL])
+
+
+def read_filter_stats(path: Path) -> dict:
+    """filter_stats.json as the filter job wrote it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Filter statistics {path} cannot be read ({exc}); rerun rule filter_dataset.") from exc
+
+
+def relocate_dropped(stats: dict, from_dir: Path | None, to_dir: Path) -> dict:
+    """`stats` with each dropped image's path relative to `to_dir` (from relative to `from_dir`,
+    or from absolute/cwd-relative when None): results files hold relative paths, so results/ can move."""
+    from kolors_story.dataset import relative_path
+
+    def moved(image: str) -> str:
+        return relative_path(Path(from_dir) / image if from_dir is not None else image, to_dir)
+
+    return {**stats, "dropped": [{**d, "image": moved(d["image"])} for d in stats["dropped"]]}

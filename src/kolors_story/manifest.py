@@ -11,10 +11,10 @@ import hashlib
 import json
 import platform
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import yaml
 
@@ -157,14 +157,13 @@ def build_manifest(
 TIMING_COLUMNS = ("s", "max_rss", "mean_load", "cpu_time")  # of Snakemake's benchmark files
 
 
-def read_benchmarks(files: Sequence[Path], run_dir: Path) -> dict[str, dict]:
+def read_benchmarks(files: Mapping[str, Path]) -> dict[str, dict]:
     """The GPU jobs' Snakemake benchmark rows (wall seconds, peak RSS MB, CPU load and time), keyed
-    by the file's path under the run's benchmarks/ folder (e.g. generate_scene/s1)."""
+    by the job's label (e.g. generate_scene/s1)."""
     timings = {}
-    for path in files:
+    for name, path in files.items():
         with open(path, encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
-        name = str(Path(path).relative_to(Path(run_dir) / "benchmarks").with_suffix(""))
         timings[name] = {k: float(rows[-1][k]) for k in TIMING_COLUMNS if rows and rows[-1].get(k) not in (None, "", "NA")}
     return timings
 

@@ -1,0 +1,43 @@
+"""Comparing two results/ trees: every file byte for byte except the ones that record time.
+
+One definition for every test that checks that a run reproduces (a fresh folder, a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TIMING_PARTS = {"logs", "benchmarks"}  # folders of logs and Snakemake benchmark files
+TIMED_JSON = ("seconds", "created", "timings")  # keys of the JSON files below that hold wall clock
+
+
+def is_timing(rel: str) -> bool:
+    """Logs, benchmarks and a training job's work/ folder (its checkpoints keep the loss log with
+    seconds) differ between two runs of the same config."""
+    parts = rel.split("/")
+    return bool(TIMING_PARTS & set(parts)) or ("lora" in parts and "work" in parts)
+
+
+def comparable(path: Path) -> bytes:
+    """The file's bytes, with the timing fields of the files that carry some blanked."""
+    if path.name == "loss.csv":
+        return b"\n".join(b",".join(line.split(b",")[:3]) for line in path.read_bytes().splitlines())
+    if path.name in ("training_summary.json", "manifest.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in TIMED_JSON:
+            data.pop(key, None)
+        return json.dumps(data, sort_keys=True).encode()
+    return path.read_bytes()
+
+
+def result_files(root: Path) -> list[str]:
+    """Every file under `root` but the timing ones, as sorted relative paths."""
+    return sorted(rel for rel in (str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+                  if not is_timing(rel))
+
+
+def differing(first: Path, second: Path, files: list[str]) -> list[str]:
+    """The files (relative paths) whose comparable bytes differ, or that one side lacks."""
+    return [rel for rel in files if not (first / rel).is_file() or not (second / rel).is_file()
+            or comparable(first / rel) != comparable(second / rel)]
