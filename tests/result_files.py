@@ -10,13 +10,15 @@ from pathlib import Path
 
 TIMING_PARTS = {"logs", "benchmarks"}  # folders of logs and Snakemake benchmark files
 TIMED_JSON = ("seconds", "created", "timings")  # keys of the JSON files below that hold wall clock
+TIMED_FILES = {"timings.png"}  # the GPU jobs' wall-clock seconds drawn
 
 
 def is_timing(rel: str) -> bool:
-    """Logs, benchmarks and a training job's work/ folder (its checkpoints keep the loss log with
-    seconds) differ between two runs of the same config."""
+    """Logs, benchmarks, the timings chart and a training job's work/ folder (its checkpoints keep
+    the loss log with seconds) differ between two runs of the same config."""
     parts = rel.split("/")
-    return bool(TIMING_PARTS & set(parts)) or ("lora" in parts and "work" in parts)
+    return (bool(TIMING_PARTS & set(parts)) or parts[-1] in TIMED_FILES
+            or ("lora" in parts and "work" in parts))
 
 
 def comparable(path: Path) -> bytes:

@@ -25,8 +25,8 @@ from kolors_story.story_layout import (
     HIGHLIGHT_COLOUR,
     PAGE_BACKGROUND,
     TEXT_COLOUR,
-    _draw_lines,
-    _line_height,
+    draw_lines,
+    line_height,
     load_font,
     wrap_text,
 )
@@ -177,7 +177,7 @@ def _text_lines(row: dict, settings: list[str]) -> list[tuple[str, str]]:
 def _badge(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, colour: tuple, font) -> int:
     """A filled rounded label at `xy`; returns its width."""
     w = round(font.getlength(text)) + 2 * (TEXT_PX // 2)
-    h = _line_height(font)
+    h = line_height(font)
     draw.rounded_rectangle((xy[0], xy[1], xy[0] + w, xy[1] + h), radius=h // 3, fill=colour)
     draw.text((xy[0] + TEXT_PX // 2, xy[1] + 1), text, font=font, fill=BADGE_TEXT)
     return w
@@ -198,7 +198,7 @@ def _draw_row(page: Image.Image, draw: ImageDraw.ImageDraw, top: int, geometry: 
     if row["best"]:  # the best variant: a thick border round its whole row
         draw.rectangle((left - PAD // 2, top - PAD // 2, geometry["right"] + PAD // 2, top + height + PAD // 2),
                        outline=HIGHLIGHT_COLOUR, width=BEST_BORDER)
-    _draw_lines(draw, [f"#{row['rank']}"], fonts["rank"], left, top + (height - _line_height(fonts["rank"])) // 2,
+    draw_lines(draw, [f"#{row['rank']}"], fonts["rank"], left, top + (height - line_height(fonts["rank"])) // 2,
                 rank_w, TEXT_COLOUR, centre=True)
     tx = left + rank_w + (thumb_w - thumb.width) // 2
     ty = top + (height - thumb.height) // 2
@@ -215,7 +215,7 @@ def _draw_row(page: Image.Image, draw: ImageDraw.ImageDraw, top: int, geometry: 
                 _badge(draw, (x + w + PAD // 2, y), "★ best", HIGHLIGHT_COLOUR, fonts["plain"])
         else:
             draw.text((x, y), text, font=font, fill=TEXT_COLOUR)
-        y += _line_height(font) + (4 if style == "badges" else 0)
+        y += line_height(font) + (4 if style == "badges" else 0)
 
 
 def draw_leaderboard(rows: list[dict], runs: list[RunResult], path: Path) -> Path:
@@ -232,7 +232,7 @@ def draw_leaderboard(rows: list[dict], runs: list[RunResult], path: Path) -> Pat
              "rank": load_font(TEXT_PX * 2, weight="Bold")}
     thumbs = [_thumbnail(by_name[row["variant"]].story) for row in rows]
     blocks = [_row_block(row, settings, fonts) for row in rows]
-    text_h = [sum(_line_height(fonts["name" if s == "name" else "plain"]) + (4 if s == "badges" else 0)
+    text_h = [sum(line_height(fonts["name" if s == "name" else "plain"]) + (4 if s == "badges" else 0)
                   for s, _ in block) for block in blocks]
     text_w = max(round(fonts["name" if s == "name" else "plain"].getlength(t)) for b in blocks for s, t in b)
     rank_w = round(fonts["rank"].getlength(f"#{len(rows)}")) + PAD
@@ -241,7 +241,7 @@ def draw_leaderboard(rows: list[dict], runs: list[RunResult], path: Path) -> Pat
     width = 2 * margin + rank_w + thumb_w + PAD + max(text_w, round(fonts["plain"].getlength("★ best")) * 3)
     heights = [max(THUMB_HEIGHT, th) for th in text_h]
     title = f"{len(rows)} variant{'s' if len(rows) != 1 else ''}, by mean aesthetic score"
-    title_h = _line_height(fonts["name"]) + PAD
+    title_h = line_height(fonts["name"]) + PAD
     page = Image.new("RGB", (width, 2 * margin + title_h + sum(heights) + 2 * PAD * (len(rows) - 1)), PAGE_BACKGROUND)
     draw = ImageDraw.Draw(page)
     draw.text((margin, margin - BEST_BORDER), title, font=fonts["name"], fill=TEXT_COLOUR)

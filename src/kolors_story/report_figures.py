@@ -23,8 +23,8 @@ from kolors_story.story_layout import (
     PAGE_BACKGROUND,
     TEXT_COLOUR,
     TITLE_COLOUR,
-    _draw_lines,
-    _line_height,
+    draw_lines,
+    line_height,
     load_font,
     wrap_text,
 )
@@ -60,8 +60,8 @@ def _tile_image(entry: dict, images_root: Path, font) -> Image.Image:
 
 def _text_tile(text: str, colour: tuple[int, int, int], font) -> Image.Image:
     tile = Image.new("RGB", (TILE, TILE), colour)
-    lines = wrap_text(text, font, TILE - 8)[: TILE // _line_height(font)]
-    _draw_lines(ImageDraw.Draw(tile), lines, font, 4, 4, TILE - 8, PLACEHOLDER_TEXT, centre=False)
+    lines = wrap_text(text, font, TILE - 8)[: TILE // line_height(font)]
+    draw_lines(ImageDraw.Draw(tile), lines, font, 4, 4, TILE - 8, PLACEHOLDER_TEXT, centre=False)
     return tile
 
 
@@ -90,7 +90,7 @@ def _title(filter_stats: dict, shown: int, total: int) -> str:
 def _nothing_dropped(filter_stats: dict, font) -> Image.Image:
     rows = filter_stats.get("rows_in")
     text = "nothing dropped" + (f": all {rows} rows kept" if rows is not None else "")
-    image = Image.new("RGB", (round(font.getlength(text)) + 2 * GAP, _line_height(font) + 2 * GAP), PAGE_BACKGROUND)
+    image = Image.new("RGB", (round(font.getlength(text)) + 2 * GAP, line_height(font) + 2 * GAP), PAGE_BACKGROUND)
     ImageDraw.Draw(image).text((GAP, GAP), text, font=font, fill=TEXT_COLOUR)
     return image
 
@@ -107,11 +107,11 @@ def draw_dropped_sheet(filter_stats: dict, images_root: Path, path: Path, max_ti
         return _save(_nothing_dropped(filter_stats, title_font), path)
     shown = entries[:max_tiles]
     captions = [_caption(e, font) for e in shown]
-    cell_h = TILE + 4 + max(len(c) for c in captions) * _line_height(font)
+    cell_h = TILE + 4 + max(len(c) for c in captions) * line_height(font)
     columns = min(COLUMNS, len(shown))
     rows = math.ceil(len(shown) / columns)
     title = _title(filter_stats, len(shown), len(entries))
-    title_h = _line_height(title_font) + GAP
+    title_h = line_height(title_font) + GAP
     sheet = Image.new("RGB", (GAP + columns * (TILE + GAP), GAP + title_h + rows * (cell_h + GAP)), PAGE_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw.text((GAP, GAP), title, font=title_font, fill=TITLE_COLOUR)
@@ -122,7 +122,7 @@ def draw_dropped_sheet(filter_stats: dict, images_root: Path, path: Path, max_ti
         ox, oy = x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2
         draw.rectangle((ox - 1, oy - 1, ox + tile.width, oy + tile.height), outline=BORDER_COLOUR)
         sheet.paste(tile, (ox, oy))
-        _draw_lines(draw, caption, font, x, y + TILE + 4, TILE, TEXT_COLOUR, centre=False)
+        draw_lines(draw, caption, font, x, y + TILE + 4, TILE, TEXT_COLOUR, centre=False)
     return _save(sheet, path)
 
 

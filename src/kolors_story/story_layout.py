@@ -104,7 +104,7 @@ def load_font(size: int, font: Path | None = None, weight: str = "Regular") -> I
     return _font(str(path), max(1, int(size)), weight)
 
 
-def _line_height(font: ImageFont.FreeTypeFont) -> int:
+def line_height(font: ImageFont.FreeTypeFont) -> int:
     ascent, descent = font.getmetrics()
     return ascent + descent + max(1, round(font.size * 0.15))
 
@@ -155,9 +155,9 @@ def wrap_text(text: str, font: ImageFont.FreeTypeFont, max_width: int) -> list[s
     return lines
 
 
-def _draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], font: ImageFont.FreeTypeFont,
+def draw_lines(draw: ImageDraw.ImageDraw, lines: list[str], font: ImageFont.FreeTypeFont,
                 x: int, y: int, width: int, fill, centre: bool) -> None:
-    step = _line_height(font)
+    step = line_height(font)
     for i, line in enumerate(lines):
         dx = (width - font.getlength(line)) / 2 if centre else 0
         draw.text((x + max(0, round(dx)), y + i * step), line, font=font, fill=fill)
@@ -257,19 +257,19 @@ def compose_page(
 
     wrapped = [wrap_text(str(c or "").strip(), caption_font, cell_w) if str(c or "").strip() else []
                for c in captions]
-    caption_h = max(len(lines) for lines in wrapped) * _line_height(caption_font)
+    caption_h = max(len(lines) for lines in wrapped) * line_height(caption_font)
     cell_h = panel_h + (pad + caption_h if caption_h else 0)
     grid_w = columns * cell_w + (columns - 1) * gap
     grid_h = rows * cell_h + (rows - 1) * gap
 
     title_lines = wrap_text(title.strip(), title_font, grid_w) if title and title.strip() else []
-    title_h = len(title_lines) * _line_height(title_font)
+    title_h = len(title_lines) * line_height(title_font)
     title_space = text_px + pad if title_lines else 0
 
     page = Image.new("RGB", (grid_w + 2 * margin, title_h + title_space + grid_h + 2 * margin),
                      PAGE_BACKGROUND)
     draw = ImageDraw.Draw(page)
-    _draw_lines(draw, title_lines, title_font, margin, margin, grid_w, TITLE_COLOUR, centre=True)
+    draw_lines(draw, title_lines, title_font, margin, margin, grid_w, TITLE_COLOUR, centre=True)
     top = margin + title_h + title_space
     cells = []
     for index, lines in enumerate(wrapped):
@@ -278,7 +278,7 @@ def compose_page(
         px = x + (cell_w - panel_w) // 2
         draw.rectangle((px - border, y - border, px + panel_w - 1 + border, y + panel_h - 1 + border),
                        outline=BORDER_COLOUR, width=border)
-        _draw_lines(draw, lines, caption_font, x, y + panel_h + pad, cell_w, TEXT_COLOUR,
+        draw_lines(draw, lines, caption_font, x, y + panel_h + pad, cell_w, TEXT_COLOUR,
                     centre=len(lines) == 1)
         cells.append((px, y))
     for image, (px, y) in zip(images, cells):  # after the borders: panels stay intact
@@ -320,19 +320,19 @@ def contact_sheet(
     hl = max(2, round(thumb * 0.03))  # highlight border width
     space = max(3 * hl, round(text_px * 1.2))  # between thumbnails (room for the highlight)
     margin = 2 * text_px
-    line_h = _line_height(label_font)
+    line_h = line_height(label_font)
     below = hl + max(2, hl // 2)  # thumbnail -> score label (clear of the highlight)
     id_w = max(math.ceil(label_font.getlength(str(scene))) for scene, *_ in rows) + space
     row_h = thumb + below + line_h + space
     most = max(len(images) for _, images, _, _ in rows)
     grid_w = id_w + most * thumb + (most - 1) * space + hl
     title_lines = wrap_text(title.strip(), title_font, grid_w) if title and title.strip() else []
-    title_h = len(title_lines) * _line_height(title_font) + (text_px if title_lines else 0)
+    title_h = len(title_lines) * line_height(title_font) + (text_px if title_lines else 0)
 
     sheet = Image.new("RGB", (grid_w + 2 * margin, title_h + len(rows) * row_h - space + 2 * margin),
                       PAGE_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    _draw_lines(draw, title_lines, title_font, margin, margin, grid_w, TITLE_COLOUR, centre=True)
+    draw_lines(draw, title_lines, title_font, margin, margin, grid_w, TITLE_COLOUR, centre=True)
     for r, (scene, images, scores, chosen) in enumerate(rows):
         y = margin + title_h + r * row_h + hl
         ascent, descent = label_font.getmetrics()
@@ -348,7 +348,7 @@ def contact_sheet(
                            outline=HIGHLIGHT_COLOUR if picked else BORDER_COLOUR, width=width)
             sheet.paste(small, (ox, oy))
             label = _score_label(score) + (" ★" if picked else "")
-            _draw_lines(draw, [label], chosen_font if picked else label_font, x, y + thumb + below,
+            draw_lines(draw, [label], chosen_font if picked else label_font, x, y + thumb + below,
                         thumb, HIGHLIGHT_COLOUR if picked else TEXT_COLOUR, centre=True)
     return sheet
 
