@@ -36,6 +36,9 @@ PLAN = plan_jobs(VARIANTS)
 SWEEP = bool(config["sweep"])
 SHARED = f"results/{SHARED_NAME}"  # keyed jobs' outputs, shared by every variant that needs them
 RUN_DIR = "results/{run}"
+# The report's category of the leaderboard: the report sorts categories by name, variant names
+# start with a letter or digit, so the star puts the leaderboard first.
+LEADERBOARD = "★ Leaderboard"
 CACHE = "resources/cache"  # content-keyed caches (text embeddings, latents, prompts); not outputs
 ENV = "../envs/kolors-story.yaml"
 NETWORK_RETRIES = 2  # jobs that download or upload try again after a failure (a dropped connection)

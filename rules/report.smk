@@ -96,7 +96,7 @@ rule compare_runs:
         configs=[f"results/{v}/config.yaml" for v in VARIANTS],
     output:
         csv="results/leaderboard.csv",
-        png=report("results/leaderboard.png", caption="../report/leaderboard.rst", category="Leaderboard"),
+        png=report("results/leaderboard.png", caption="../report/leaderboard.rst", category=LEADERBOARD),
     params:
         variants=list(VARIANTS),
     log:

@@ -401,7 +401,7 @@ def test_the_sweep_report_opens_in_a_browser_with_its_leaderboard_first(demo_run
     if reason := browser_missing_reason():
         pytest.skip(reason)
     shot = demo_run / "results/report_leaderboard.png"
-    for category in ("demo-scale0.5", "Leaderboard"):  # the screenshot kept is the leaderboard's
+    for category in ("demo-scale0.5", "★ Leaderboard"):  # the screenshot kept is the leaderboard's
         found = inspect_report(demo_run / "report.html", shot, category)
         assert report_problems(found) == [], category
     assert shot.is_file() and shot.stat().st_size > 10_000
