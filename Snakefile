@@ -16,6 +16,14 @@ include: "rules/generate.smk"
 include: "rules/report.smk"
 
 
+# Light jobs that run on the submitting host under a cluster executor (profiles/slurm).
+localrules:
+    compose_story,
+    bundle,
+    manifest,
+    upload,
+
+
 rule all:
     input:
         final_outputs(),
