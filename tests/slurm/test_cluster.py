@@ -136,7 +136,7 @@ def slurm_demo(tmp_path_factory) -> Path:
 
 
 def test_the_demo_through_slurm_gives_the_local_outputs_byte_for_byte(slurm_demo, tmp_path):
-    # One after the other, not side by side: two runs on 2 cores slow torch's threads many times.
+    # One after the other: side by side, the two runs would compete for the 2 cores.
     local = fresh_copy(tmp_path / "local")
     report(f"demo locally (--cores 2): {run(local, LOCAL_COMMAND, 'local'):.0f} s")
 
