@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test browser lint clean-demo env gpu-check wheelhouse
+.PHONY: demo test browser test-slurm lint clean-demo env gpu-check wheelhouse
 
 env: $(STAMP)
 
@@ -38,6 +38,13 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The demo through profiles/slurm on a real single-node SLURM started here (root, Debian: installs
+# slurmctld/slurmd/slurmdbd/munge/mariadb-server if missing), compared byte for byte with a local
+# run, then a lost node (README "Running on a SLURM cluster"). The cluster stops even on failure.
+test-slurm: $(STAMP)
+	@set -e; trap 'tests/slurm/cluster.sh down' EXIT; tests/slurm/cluster.sh up; \
+	KOLORS_SLURM_TEST=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/slurm -s -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml

@@ -19,6 +19,20 @@ include: "rules/generate.smk"
 include: "rules/report.smk"
 
 
+# Light jobs that run on the submitting host under a cluster executor (profiles/slurm): tiling,
+# bundling, manifests, the leaderboard, the copies into results/<variant>/, and the upload.
+localrules:
+    compose_story,
+    bundle,
+    manifest,
+    upload,
+    compare_runs,
+    variant_data,
+    variant_lora,
+    variant_training,
+    variant_scene,
+
+
 rule all:
     input:
         final_outputs(),

@@ -80,7 +80,6 @@ rule variant_data:
                        category="{run}", subcategory="Data"),
     log:
         f"{RUN_DIR}/logs/variant_data.log",
-    localrule: True
     conda:
         ENV
     script:

@@ -62,7 +62,6 @@ rule variant_scene:
         candidates=directory(f"{RUN_DIR}/candidates/{{scene}}"),
     params:
         scene=lambda wc: scene_settings(V(wc))[wc.scene],  # the prompt for the report's caption
-    localrule: True
     log:
         f"{RUN_DIR}/logs/variant_scene/{{scene}}.log",
     conda:

@@ -49,7 +49,6 @@ rule variant_lora:
         **{name: variant_lora_source(name) for name in IMPORTED_FILES},
     output:
         **{name: f"{RUN_DIR}/lora/{file}" for name, file in IMPORTED_FILES.items()},
-    localrule: True
     log:
         f"{RUN_DIR}/logs/variant_lora.log",
     conda:
@@ -70,7 +69,6 @@ rule variant_training:
         validation_png=report(f"{RUN_DIR}/lora/{CURVES['validation_png']}", caption="../report/validation.rst",
                               category="{run}", subcategory="Training"),
         summary=f"{RUN_DIR}/lora/{CURVES['summary']}",
-    localrule: True
     log:
         f"{RUN_DIR}/logs/variant_training.log",
     conda:

@@ -1,6 +1,6 @@
 """Comparing two results/ trees: every file byte for byte except the ones that record time.
 
-One definition for every test that checks that a run reproduces (a fresh folder, a cluster).
+One definition for every test that checks that a run reproduces (a fresh folder, a SLURM cluster).
 """
 
 from __future__ import annotations
@@ -21,10 +21,18 @@ def is_timing(rel: str) -> bool:
             or ("lora" in parts and "work" in parts))
 
 
+TIMED_COLUMNS = {"loss.csv": "seconds"}  # CSV files with a column of seconds (by its header)
+
+
 def comparable(path: Path) -> bytes:
-    """The file's bytes, with the timing fields of the files that carry some blanked."""
-    if path.name == "loss.csv":
-        return b"\n".join(b",".join(line.split(b",")[:3]) for line in path.read_bytes().splitlines())
+    """The file's bytes, with the timing column or keys of the files that carry some taken out."""
+    if path.name in TIMED_COLUMNS:
+        rows = [line.split(b",") for line in path.read_bytes().splitlines()]
+        column = TIMED_COLUMNS[path.name].encode()
+        if rows and column in rows[0]:
+            i = rows[0].index(column)
+            rows = [row[:i] + row[i + 1:] for row in rows]
+        return b"\n".join(b",".join(row) for row in rows)
     if path.name in ("training_summary.json", "manifest.json"):
         data = json.loads(path.read_text(encoding="utf-8"))
         for key in TIMED_JSON:
@@ -43,3 +51,10 @@ def differing(first: Path, second: Path, files: list[str]) -> list[str]:
     """The files (relative paths) whose comparable bytes differ, or that one side lacks."""
     return [rel for rel in files if not (first / rel).is_file() or not (second / rel).is_file()
             or comparable(first / rel) != comparable(second / rel)]
+
+
+def compare(first: Path, second: Path) -> dict[str, list[str]]:
+    """Files only in one results/ folder, and files in both whose comparable bytes differ."""
+    a, b = set(result_files(first)), set(result_files(second))
+    return {"only_in_first": sorted(a - b), "only_in_second": sorted(b - a),
+            "differ": differing(first, second, sorted(a & b))}

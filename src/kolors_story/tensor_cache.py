@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import torch
@@ -44,8 +46,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _writer_id() -> str:
+    """Who writes: host and process. PIDs repeat across the nodes of a cluster sharing one cache."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class TensorCache:
-    """A folder of safetensors files, one per key; writes are atomic (rename)."""
+    """A folder of safetensors files, one per key; writes are atomic (rename), also when processes
+    on several hosts fill the same entry at once on a shared filesystem: each writes its own
+    temporary file (host, PID and a random part in the name) beside the entry, then renames it
+    over the entry; a reader sees the old file or a complete new one, never a partial one."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -69,6 +79,10 @@ class TensorCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        tmp = path.with_name(f"{path.name}.tmp-{_writer_id()}-{secrets.token_hex(4)}")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
