@@ -14,7 +14,6 @@ from kolors_story.config import (
     is_local_model,
     load_schema,
     model_dir,
-    needs_scorer,
     scene_settings,
     validate_config,
 )
