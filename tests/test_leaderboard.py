@@ -96,9 +96,9 @@ def test_a_missing_file_is_a_user_error_naming_it(tmp_path, broken):
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("scores.json", "{not json", "cannot be read"),
     ("scores.json", '{"threshold": 6.0}', "no numeric 'mean'"),
-    ("scores.json", "[1, 2]", "not an object"),
+    ("scores.json", "[1, 2]", "holds list, not a mapping"),
     ("config.yaml", "train: [unclosed", "cannot be read"),
-    ("config.yaml", "- just a list", "not a YAML mapping"),
+    ("config.yaml", "- just a list", "holds list, not a mapping"),
 ])
 def test_an_unreadable_file_is_a_user_error_naming_it(tmp_path, name, content, message):
     make_run(tmp_path, "alpha", [5.0])

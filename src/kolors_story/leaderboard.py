@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,28 +56,26 @@ class RunResult:
     config: dict
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_mapping(path: Path, what: str, step: str, parse: Callable[[str], Any],
+                  errors: tuple[type[Exception], ...]) -> dict:
+    """A JSON or YAML file that must hold a mapping; every failure names the file and the fix."""
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist; run the variant's score_images step first.")
+        raise UserError(f"{what} {path} does not exist; run the variant's {step} step first.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, *errors) as exc:
         raise UserError(f"{what} {path} cannot be read ({exc}); delete it and rerun the variant.") from exc
     if not isinstance(data, dict):
-        raise UserError(f"{what} {path} holds {type(data).__name__}, not an object; delete it and rerun.")
+        raise UserError(f"{what} {path} holds {type(data).__name__}, not a mapping; delete it and rerun the variant.")
     return data
 
 
+def _read_json(path: Path, what: str) -> dict:
+    return _read_mapping(path, what, "score_images", json.loads, (json.JSONDecodeError,))
+
+
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"resolved config {path} does not exist; run the variant's manifest step first.")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"resolved config {path} cannot be read ({exc}); delete it and rerun the variant.") from exc
-    if not isinstance(config, dict):
-        raise UserError(f"resolved config {path} is not a YAML mapping; delete it and rerun the variant.")
-    return config
+    return _read_mapping(path, "resolved config", "manifest", yaml.safe_load, (yaml.YAMLError,))
 
 
 def _is_number(value: Any) -> bool:
