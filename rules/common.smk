@@ -18,7 +18,7 @@ from kolors_story.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
-from kolors_story.job_plan import plan_jobs
+from kolors_story.job_plan import IMAGE_KEYS, plan_jobs
 from kolors_story.panel_record import FORMAT as RECORD_FORMAT
 from kolors_story.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
 
@@ -48,8 +48,8 @@ except WorkflowError:
 
 # Folders that rules of this workflow build (the demo's data and tiny models).
 BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic"}
-SCENE_IDS = {name: list(scene_settings(c)) for name, c in VARIANTS.items()}
-ALL_SCENES = sorted({s for ids in SCENE_IDS.values() for s in ids})
+SCENES = {name: scene_settings(c) for name, c in VARIANTS.items()}  # resolved once: prompts are tokenized
+ALL_SCENES = sorted({s for scenes in SCENES.values() for s in scenes})
 ALL_CHARACTERS = sorted({c for v in PLAN.variants.values() for c in v.anchors})
 
 
@@ -128,7 +128,7 @@ def scene_dir(scene, key):
 
 
 def variant_scenes(wildcards):
-    return SCENE_IDS[wildcards.run]
+    return list(SCENES[wildcards.run])
 
 
 def variant_panels(wildcards):

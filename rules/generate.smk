@@ -61,7 +61,7 @@ rule variant_scene:
                      category="{run}", subcategory="Panels", labels=panel_labels),
         candidates=directory(f"{RUN_DIR}/candidates/{{scene}}"),
     params:
-        scene=lambda wc: scene_settings(V(wc))[wc.scene],  # the prompt for the report's caption
+        scene=lambda wc: {k: SCENES[wc.run][wc.scene][k] for k in IMAGE_KEYS},  # for the report's caption
     log:
         f"{RUN_DIR}/logs/variant_scene/{{scene}}.log",
     conda:
@@ -82,7 +82,7 @@ rule compose_story:
     params:
         layout=lambda wc: V(wc)["layout"],
         title=lambda wc: V(wc)["story"]["title"],
-        captions=lambda wc: [scene_settings(V(wc))[s]["caption"] for s in variant_scenes(wc)],
+        captions=lambda wc: [SCENES[wc.run][s]["caption"] for s in variant_scenes(wc)],
     log:
         f"{RUN_DIR}/logs/compose_story.log",
     conda:

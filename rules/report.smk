@@ -13,7 +13,7 @@ rule score_images:
         json=f"{RUN_DIR}/scores.json",
     params:
         threshold=lambda wc: V(wc)["score"]["threshold"],
-        characters=lambda wc: {s: v["characters"] for s, v in scene_settings(V(wc)).items()},
+        characters=lambda wc: {s: v["characters"] for s, v in SCENES[wc.run].items()},
         compare=lambda wc: V(wc)["generate"]["consistency"]["enabled"] and V(wc)["generate"]["consistency"]["compare"],
     log:
         f"{RUN_DIR}/logs/score_images.log",
@@ -33,7 +33,7 @@ rule bundle:
     output:
         directory(f"{RUN_DIR}/bundle"),
     params:
-        scenes=lambda wc: list(scene_settings(V(wc)).values()),
+        scenes=lambda wc: list(SCENES[wc.run].values()),
         bundle=lambda wc: V(wc)["bundle"],
         base_model=lambda wc: V(wc)["models"]["kolors"],
         run=lambda wc: wc.run,
@@ -77,7 +77,7 @@ rule manifest:
     params:
         config=V,
         seeds=lambda wc: {"train": V(wc)["train"]["seed"],
-                          **{s: v["seed"] for s, v in scene_settings(V(wc)).items()}},
+                          **{s: v["seed"] for s, v in SCENES[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
         jobs=lambda wc: vars(jobs_of(wc)),
     log:

@@ -15,7 +15,7 @@ def main(snakemake):
     stats_path = Path(snakemake.output.stats)
     # What the download stage made of every input file, so one file tells where each image went.
     download = json.loads(Path(snakemake.input.download_stats).read_text(encoding="utf-8"))
-    stats = relocate_dropped({**result.stats, "download": download}, None, stats_path.parent)
+    stats = relocate_dropped({**result.stats, "download": download}, Path.cwd(), stats_path.parent)
     write_json(stats, stats_path)
     draw_dropped_sheet(stats, stats_path.parent, Path(snakemake.output.dropped))
     for op in result.stats["ops"]:

@@ -281,12 +281,10 @@ def read_filter_stats(path: Path) -> dict:
         raise UserError(f"Filter statistics {path} cannot be read ({exc}); rerun rule filter_dataset.") from exc
 
 
-def relocate_dropped(stats: dict, from_dir: Path | None, to_dir: Path) -> dict:
-    """`stats` with each dropped image's path relative to `to_dir` (from relative to `from_dir`,
-    or from absolute/cwd-relative when None): results files hold relative paths, so results/ can move."""
+def relocate_dropped(stats: dict, from_dir: Path, to_dir: Path) -> dict:
+    """`stats` with each dropped image's path, relative to `from_dir` (or absolute), made relative
+    to `to_dir`: results files hold relative paths, so results/ can move."""
     from kolors_story.dataset import relative_path
 
-    def moved(image: str) -> str:
-        return relative_path(Path(from_dir) / image if from_dir is not None else image, to_dir)
-
-    return {**stats, "dropped": [{**d, "image": moved(d["image"])} for d in stats["dropped"]]}
+    return {**stats, "dropped": [{**d, "image": relative_path(Path(from_dir) / d["image"], to_dir)}
+                                 for d in stats["dropped"]]}

@@ -89,24 +89,24 @@ def anchor_settings(config: dict, character: str) -> dict:
             "seed": gen["consistency"]["seed"], "width": gen["width"], "height": gen["height"]}
 
 
-def _scene_jobs(plan: JobPlan, config: dict, jobs: VariantJobs) -> None:
+def _scene_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:
     gen, sampler = config["generate"], sampler_settings(config)
     consistency = consistency_settings(config) if gen["consistency"]["enabled"] else None
     scorer = config["models"]["aesthetic"] if needs_scorer(gen["candidates"], gen["lora_scale"]) else None
     base = {"kolors": config["models"]["kolors"], "sampler": sampler, "lora": jobs.lora,
             "imported": jobs.imported}
-    for scene_id, scene in scene_settings(config).items():
+    for scene_id, scene in scenes.items():
         anchors = [[c, jobs.anchors[c]] for c in scene["characters"]] if consistency else []
         settings = {**base, "scene": {k: scene[k] for k in IMAGE_KEYS}, "anchors": anchors,
                     "consistency": consistency if anchors else None, "aesthetic": scorer}
         jobs.scenes[scene_id] = _add(plan.scenes, settings)
 
 
-def _anchor_jobs(plan: JobPlan, config: dict, jobs: VariantJobs) -> None:
+def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:
     if not config["generate"]["consistency"]["enabled"]:
         return
     recording = {k: config["generate"]["consistency"][k] for k in ANCHOR_CONSISTENCY_KEYS}
-    shown = sorted({c for s in scene_settings(config).values() for c in s["characters"]})
+    shown = sorted({c for s in scenes.values() for c in s["characters"]})
     for character in shown:
         settings = {"kolors": config["models"]["kolors"], "sampler": sampler_settings(config),
                     "lora": jobs.lora, "imported": jobs.imported, "consistency": recording,
@@ -123,7 +123,8 @@ def plan_jobs(variants: dict[str, dict]) -> JobPlan:
                                          "num_proc": config["filter"]["num_proc"]})
         lora, imported = _lora_job(plan, config, filter_key)
         jobs = VariantJobs(name, download, filter_key, lora, imported)
-        _anchor_jobs(plan, config, jobs)
-        _scene_jobs(plan, config, jobs)
+        scenes = scene_settings(config)  # once: it tokenizes every prompt
+        _anchor_jobs(plan, config, scenes, jobs)
+        _scene_jobs(plan, config, scenes, jobs)
         plan.variants[name] = jobs
     return plan
