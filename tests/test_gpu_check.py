@@ -1,5 +1,7 @@
 """`python -m kolors_story.gpu_check` at tiny size on the CPU: the full-size check's code path, its
-JSON, and its promise to import nothing but the GPU host's few packages."""
+JSON, and its promise to run on the GPU host: it runs here on a Python path that holds only the
+host image's distributions and the wheelhouse's (tests/gpu_host), so a module the host lacks fails
+this test exactly as it would fail there."""
 
 from __future__ import annotations
 
@@ -11,53 +13,90 @@ from pathlib import Path
 
 import pytest
 
-# What an offline GPU host has or gets from `make wheelhouse`; the check must import nothing else
-# heavy (the workflow's own tools are not there).
-FORBIDDEN = ("snakemake", "data_juicer", "modelscope", "modelscope_hub", "diffsynth", "matplotlib", "ray", "imagededup")
+from gpu_host.site import build_host_site, isolated_command
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 RUN = """
 import runpy, sys, json
-forbidden = set(json.loads(sys.argv[2]))
-sys.argv = ["gpu_check"] + json.loads(sys.argv[1])
-try:
-    runpy.run_module("kolors_story.gpu_check", run_name="__main__")
-except SystemExit as done:
-    code = done.code
-bad = sorted({m.split(".")[0] for m in sys.modules} & forbidden)
-print("FORBIDDEN_IMPORTS", json.dumps(bad))
-sys.exit(code)
+sys.argv = ["gpu_check"] + json.loads({args!r})
+runpy.run_module("kolors_story.gpu_check", run_name="__main__")
 """
 
 
 @pytest.fixture(scope="module")
-def checked(tmp_path_factory) -> tuple[dict, str, Path]:
+def host_site(tmp_path_factory) -> Path:
+    site, linked, _ = build_host_site(tmp_path_factory.mktemp("host_site"))
+    assert {"torch", "diffusers", "transformers", "peft", "simple-aesthetics-predictor"} <= linked
+    return site
+
+
+def run_check(host_site: Path, args: list[str]) -> subprocess.CompletedProcess:
     from kolors_story.tiny_kolors import kolors_tokenizer_dir
 
-    work = tmp_path_factory.mktemp("gpu_check")
-    args = ["--size", "tiny", "--device", "cpu", "--train-steps", "3", "--resolution", "64", "--images", "2",
-            "--sample-steps", "2", "--candidates", "2", "--precision", "fp32", "--work", str(work),
-            "--out", str(work / "gpu_check.json")]
     # As on a GPU host without diffsynth: the tokenizer files come from a copy named by the variable.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KOLORS_TOKENIZER_DIR": str(kolors_tokenizer_dir())}
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(args), json.dumps(FORBIDDEN)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(isolated_command(host_site, SRC, RUN.format(args=json.dumps(args))),
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+TINY = ["--size", "tiny", "--device", "cpu", "--train-steps", "3", "--resolution", "64", "--images", "2",
+        "--sample-steps", "2", "--candidates", "2"]
+
+
+@pytest.fixture(scope="module")
+def checked(host_site, tmp_path_factory) -> tuple[dict, str, Path]:
+    work = tmp_path_factory.mktemp("gpu_check")
+    proc = run_check(host_site, [*TINY, "--work", str(work), "--out", str(work / "gpu_check.json")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((work / "gpu_check.json").read_text()), proc.stdout, work
+    return json.loads((work / "gpu_check.json").read_text()), proc.stdout + proc.stderr, work
+
+
+def test_the_host_site_lacks_what_the_host_lacks(host_site):
+    proc = subprocess.run(isolated_command(host_site, SRC, "import jsonschema"), capture_output=True, text=True)
+    assert proc.returncode != 0 and "No module named 'jsonschema'" in proc.stderr
 
 
 def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
-    report, stdout, work = checked
+    report, output, work = checked
     phases = report["phases"]
-    for name in ("build_kolors", "build_aesthetic", "encode_captions_and_latents", "train_job_load_unet", "train",
-                 "scene_job_encode_prompt", "scene_job_load_pipeline", "render", "score"):
+    for name in ("build_kolors", "build_aesthetic", "train_encode_captions_and_latents", "train_unet_disk_load",
+                 "train_unet_to_gpu", "train", "chatglm_disk_load_to_gpu", "encode_texts",
+                 "scene_unet_vae_disk_load", "scene_move_to_gpu", "scene_lora_load", "scene_lora_fuse",
+                 "scene_render", "score", "anchor_job", "consistency_scene_job"):
         assert phases[name]["seconds"] > 0, name
+    assert report["status"] == "complete" and "failed" not in report
     assert phases["train"]["steps"] == 3 and report["seconds_per_training_step"] > 0
-    assert phases["render"]["images"] == 2 and report["seconds_per_image"] > 0
+    render = phases["scene_render"]
+    assert render["images"] == 2 and render["vae_decode_calls"] >= 1 and 0 < render["vae_decode_seconds"] < render["seconds"]
     assert len(phases["score"]["scores"]) == 2
-    assert set(report["model_load_seconds"]) == {"train_job_unet", "scene_job_text_encoder_and_prompt",
-                                                 "scene_job_pipeline"}
-    assert "s/training step" in stdout and (work / "panel.png").is_file()
+    assert phases["scene_prompt_embeddings_from_cache"]["chatglm_loaded"] is False
+    # The defaults are the config's: generation in fp16 (fp32 on the CPU), training in bf16.
+    assert report["settings"]["precision"] == "fp16" and report["settings"]["train_precision"] == "bf16"
+    assert "s/training step" in output and (work / "panel.png").is_file() and (work / "consistency_panel.png").is_file()
     assert (work / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_lora_round_trip_renders_the_trained_lora(checked):
+    trip = checked[0]["phases"]["lora_round_trip"]
+    assert trip["ok"] and trip["lora_vs_no_lora_mean_abs"] > 10 * trip["fused_vs_unfused_mean_abs"]
+
+
+def test_a_rerun_reuses_the_built_models(checked, host_site):
+    _, _, work = checked
+    out = work / "again.json"
+    proc = run_check(host_site, [*TINY, "--work", str(work), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = json.loads(out.read_text())["phases"]
+    assert phases["build_kolors"]["reused"] and phases["build_aesthetic"]["reused"]
+
+
+def test_a_failing_phase_leaves_the_finished_ones_and_its_traceback(host_site, tmp_path):
+    # A LoRA rank the tiny UNet refuses? Simpler and real: a dataset image count of 0 fails in training.
+    proc = run_check(host_site, [*TINY, "--images", "0", "--work", str(tmp_path), "--out", str(tmp_path / "g.json")])
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert proc.returncode != 0 and report["status"] == "failed"
+    assert "build_kolors" in report["phases"] and report["failed"]["phase"] not in report["phases"]
+    assert "Traceback" in report["failed"]["traceback"] and report["failed"]["phase"] in proc.stderr
 
 
 def test_gpu_check_builds_the_real_layout(checked):
@@ -67,12 +106,6 @@ def test_gpu_check_builds_the_real_layout(checked):
     folder = KolorsFolder(work / "kolors-tiny")
     assert folder.variant == "fp16" and folder.weights["text_encoder"].index == "model.safetensors.index.fp16.json"
     assert (work / "aesthetic-tiny" / "pytorch_model.bin").is_file()
-
-
-def test_gpu_check_imports_only_what_a_gpu_host_has(checked):
-    _, stdout, _ = checked
-    line = next(x for x in stdout.splitlines() if x.startswith("FORBIDDEN_IMPORTS"))
-    assert json.loads(line.split(" ", 1)[1]) == []
 
 
 def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import jsonschema
 import yaml
 
 from kolors_story.errors import UserError
+from kolors_story.panel_choice import needs_scorer  # noqa: F401 (the rules' and tests' name for it)
 from kolors_story.prompts import assemble_prompt, check_length, check_prompt_template
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
@@ -185,14 +185,6 @@ def _check_switches(config: dict) -> list[str]:
     if upload["enabled"] and not upload.get("repo_id"):
         problems.append("config key 'upload.repo_id': required when upload.enabled is true.")
     return problems
-
-
-def needs_scorer(candidates: int, lora_scale: float | Sequence[float]) -> bool:
-    """Whether a scene job renders several images (best-of-N, or a sweep of LoRA scales) and so
-    picks one with the aesthetic predictor. The one decision: the rules give the job the model
-    when this is true, and render_scene refuses to start without it."""
-    n_scales = len(lora_scale) if isinstance(lora_scale, (list, tuple)) else 1
-    return candidates * n_scales > 1
 
 
 def check_upload_token(config: dict) -> None:

@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 from kolors_story import models
-from kolors_story.config import needs_scorer
 from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.panel_choice import needs_scorer
 from kolors_story.panel_record import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, write_record
 from kolors_story.prompt_embeddings import PromptEmbeddings
-from kolors_story.training.lora_file import LORA_WEIGHT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class SamplerSettings:
     precision: str = "fp16"
     candidates: int = 1
     batch_candidates: bool = True
+    compile: bool = False  # torch.compile the UNet (first call pays the compile, logged apart)
 
 
 @dataclass(frozen=True)
@@ -103,15 +103,51 @@ def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.devi
     pipe = KolorsFolder(model_dir).load_pipeline(pipeline_dtype(settings, device), text_encoder=text_encoder)
     pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(desc="denoise", leave=False)
+    # Best-of-N decodes its latents one at a time: 4 at 1024 px in the upcast fp32 VAE hold ~12 GiB
+    # at once, one ~3.3 GiB (bench/gpu_memory_estimate.py), and the UNet batch is unchanged.
+    pipe.vae.enable_slicing()
     return pipe
 
 
-def load_style_lora(pipe, lora_file: Path, scale: float) -> None:
-    """Attach the trained LoRA with stock diffusers loading, at the given strength."""
+def move_to_device(pipe, device: torch.device, settings: SamplerSettings) -> None:
+    """The pipeline to its device, with the GPU's fast paths: TF32 for the fp32 matmuls and
+    convolutions (the upcast VAE, the scorer), channels_last UNet and VAE, and torch.compile of the
+    UNet when generate.compile asks. The CPU path stays the stock one (bitwise the recipe)."""
+    pipe.to(device)
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    if settings.compile:
+        pipe.unet = torch.compile(pipe.unet)
+
+
+def load_style_lora(pipe, lora_file: Path, scale: float, fuse: bool = False) -> None:
+    """Attach the trained LoRA with stock diffusers loading, at the given strength. fuse=True
+    merges it into the UNet's weights (no LoRA branch in every attention projection at every
+    step); a job that renders several LoRA scales keeps it unfused and switches by set_adapters,
+    so each scale's images are exactly those of a fresh pipeline (an unfuse is not bitwise)."""
     lora_file = Path(lora_file)
     # weight_name is needed even for a local folder when the hub is offline (FACTS.md).
     pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER)
     pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    if fuse:
+        pipe.fuse_lora(components=["unet"], adapter_names=[ADAPTER])
+
+
+def warm_up(pipe, scene: "Scene", embeds: dict) -> float:
+    """Seconds of one 1-step call at the scene's size: with a compiled UNet, the compile itself,
+    paid before the timed candidates and logged apart from them."""
+    import time
+
+    start = time.perf_counter()
+    pipe(width=scene.width, height=scene.height, num_inference_steps=1, guidance_scale=1.0,
+         generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **embeds)
+    seconds = time.perf_counter() - start
+    log.info("torch.compile of the UNet + warm-up at %dx%d: %.1f s", scene.width, scene.height, seconds)
+    return seconds
 
 
 def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
@@ -175,12 +211,15 @@ def render_scene(
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or models.pick_device()
     pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
-    pipe.to(device)
+    move_to_device(pipe, device, settings)
     scales = lora_scales(settings)
-    load_style_lora(pipe, lora_file, scales[0])
+    fused = len(scales) == 1
+    load_style_lora(pipe, lora_file, scales[0], fuse=fused)
     consistency = (consistency or Consistency()) if anchors else None
     sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
-    images, drawn = render_candidates(pipe, scene, settings, scales, embeds)
+    if settings.compile:
+        warm_up(pipe, scene, embeds)
+    images, drawn = render_candidates(pipe, scene, settings, scales, embeds, fused)
     compare = bool(sharing and consistency.compare and candidates_dir is not None)
     if not compare:
         del pipe  # frees the UNet before the predictor loads
@@ -198,14 +237,15 @@ def render_scene(
         scene=scene.id, prompt=scene.prompt, negative_prompt=scene.negative_prompt or "", width=scene.width,
         height=scene.height, sampler=settings.sampler, steps=settings.steps,
         guidance_scale=settings.guidance_scale, precision=settings.precision,
-        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type,
+        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type, lora_fused=fused,
         candidates=tuple(Candidate(*d, score=s, anchor_similarity=a, selection_score=c, file=f)
                          for d, s, a, c, f in zip(drawn, scores, similarity, combined, files)),
         chosen=chosen, consistency=sharing)
     if candidates_dir is not None:
         if compare:
             record = replace(record, without_consistency=render_without_sharing(
-                pipe, scene, settings, record.seed, record.lora_scale, embeds, Path(candidates_dir)))
+                pipe, scene, settings, record.seed, None if fused else record.lora_scale, embeds,
+                Path(candidates_dir)))
         write_record(record, Path(candidates_dir))
     if len(images) > 1:
         log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
@@ -213,17 +253,19 @@ def render_scene(
     return record
 
 
-def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float],
-                      embeds: dict) -> tuple[list[Image.Image], list[tuple[int, float, tuple[int, ...]]]]:
+def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: dict,
+                      fused: bool = False) -> tuple[list[Image.Image], list[tuple[int, float, tuple[int, ...]]]]:
     """Every (LoRA scale, seed) candidate, and per image its seed, scale and the seeds of the
-    pipeline call that drew it (what renders it again bit for bit)."""
+    pipeline call that drew it (what renders it again bit for bit). fused: the one scale is
+    already merged into the UNet."""
     seeds = candidate_seeds(scene.seed, settings.candidates)
     log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
              scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
              settings.steps, settings.guidance_scale, scales)
     images, drawn = [], []
     for scale in scales:
-        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+        if not fused:
+            pipe.set_adapters([ADAPTER], adapter_weights=[scale])
         for batch in candidate_batches(settings, seeds):
             images += render(pipe, scene, settings, batch, embeds)
             drawn += [(seed, scale, tuple(batch)) for seed in batch]
@@ -250,14 +292,16 @@ def save_candidates(images: list[Image.Image], folder: Path) -> list[str]:
     return [f"{k}.png" for k in range(len(images))]
 
 
-def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float,
+def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float | None,
                            embeds: dict, out_dir: Path) -> str:
     """The kept candidate's seed and LoRA scale rendered with attention sharing off: that panel as
-    it would look without the option, everything else equal (the with/without comparison)."""
+    it would look without the option, everything else equal (the with/without comparison).
+    scale None: the LoRA is fused at the panel's scale already."""
     from kolors_story.consistency import disable
 
     disable(pipe)
-    pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    if scale is not None:
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
     render(pipe, scene, settings, [seed], embeds)[0].save(out_dir / WITHOUT_CONSISTENCY)
     log.info("scene %s: rendered seed %d without consistency for the comparison", scene.id, seed)
     return WITHOUT_CONSISTENCY
@@ -272,9 +316,9 @@ def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: Samp
 
     device = device or models.pick_device()
     pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
-    pipe.to(device)
+    move_to_device(pipe, device, settings)
     scale = lora_scales(settings)[0]
-    load_style_lora(pipe, lora_file, scale)
+    load_style_lora(pipe, lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
     image, features, meta = record_anchor(
         pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
         max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
@@ -310,5 +354,5 @@ def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, devi
     return [s for s, _ in scored], similarity
 
 
-__all__ = ["LORA_WEIGHT_NAME", "SamplerSettings", "Scene", "candidate_seeds", "load_pipeline",
-           "load_style_lora", "render", "render_scene"]
+__all__ = ["SamplerSettings", "Scene", "candidate_seeds", "load_pipeline", "load_style_lora", "move_to_device",
+           "render", "render_scene"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from kolors_story.errors import UserError
 
 RECORD_FILE = "candidates.json"
-FORMAT = 1  # bumped when the file's shape changes; older files are refused with the fix
+FORMAT = 2  # bumped when the file's shape changes; older files are refused with the fix
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class PanelRecipe:
     batch_seeds: tuple[int, ...]  # batched candidates: one call with these seeds...
     batch_index: int  # ...whose image at this index is the panel
     consistency: ConsistencyRecipe | None = None
+    lora_fused: bool = False  # the LoRA was merged into the UNet (pipe.fuse_lora) before rendering
 
     @property
     def stock_diffusers(self) -> bool:
@@ -120,6 +121,7 @@ class CandidateRecord:
     candidates: tuple[Candidate, ...]
     chosen: int
     consistency: ConsistencyRecipe | None = None
+    lora_fused: bool = False  # one LoRA scale: merged into the UNet; several: adapters switched
     without_consistency: str | None = None  # the kept seed rendered with sharing off (compare)
 
     def __post_init__(self) -> None:
@@ -154,7 +156,8 @@ class CandidateRecord:
             width=self.width, height=self.height, sampler=self.sampler, steps=self.steps,
             guidance_scale=self.guidance_scale, lora_scale=panel.lora_scale, precision=self.precision,
             dtype=self.dtype, device=self.device, batch_seeds=panel.batch_seeds,
-            batch_index=panel.batch_seeds.index(panel.seed), consistency=self.consistency)
+            batch_index=panel.batch_seeds.index(panel.seed), consistency=self.consistency,
+            lora_fused=self.lora_fused)
 
     def selection(self) -> dict:
         """How the panel was picked: for prompts.json and the manifest."""

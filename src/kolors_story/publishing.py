@@ -19,9 +19,9 @@ from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.lora_io import LORA_WEIGHT_NAME
 from kolors_story.panel_record import CandidateRecord
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
 # in diffusers' release tags): KolorsPipeline arrived in 0.30.0 with the SDXL LoRA mixin, which
 # then touched text_encoder_2 only for text_encoder_2 keys (0.33.0 moved Kolors to the SD mixin);
@@ -176,6 +176,9 @@ def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> st
         scheduler_line,
         f'pipe.load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}", adapter_name="style")',
         'pipe.set_adapters(["style"], adapter_weights=[panel["lora_scale"]])',
+        'if panel["lora_fused"]:  # merged into the UNet, as the scene job rendered it',
+        '    pipe.fuse_lora(components=["unet"], adapter_names=["style"])',
+        "pipe.vae.enable_slicing()  # the candidates were decoded one at a time",
         'pipe.to(panel["device"])  # bit for bit only on the device type and dtype it was rendered with',
         "# The seed was drawn in one batch with the other candidates: the same batch redraws it exactly",
         '# (generator=torch.Generator("cpu").manual_seed(panel["seed"]) alone: up to rounding).',

@@ -25,9 +25,10 @@ from PIL import Image
 from kolors_story import models
 from kolors_story.errors import UserError
 from kolors_story.generation import (
-    LORA_WEIGHT_NAME, Consistency, SamplerSettings, Scene, load_style_lora, pipeline_and_embeddings,
+    Consistency, SamplerSettings, Scene, load_style_lora, move_to_device, pipeline_and_embeddings,
     pipeline_dtype, render, render_anchor,
 )
+from kolors_story.lora_io import LORA_WEIGHT_NAME
 from kolors_story.panel_record import AnchorRecipe, PanelRecipe
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
     with tempfile.TemporaryDirectory(prefix="anchors.") as tmp:
         anchors = _record_anchors(model_dir, lora, recipe, device, Path(tmp)) if recipe.consistency else []
         pipe, embeds = pipeline_and_embeddings(Path(model_dir), settings, scene, device)
-        pipe.to(device)
-        load_style_lora(pipe, lora, recipe.lora_scale)
+        move_to_device(pipe, device, settings)
+        load_style_lora(pipe, lora, recipe.lora_scale, fuse=recipe.lora_fused)
         if anchors:
             enable_sharing(pipe, [load_anchor(p) for p in anchors], recipe.consistency.strength,
                            recipe.consistency.steps_fraction)

@@ -7,11 +7,20 @@ lora_file (the adapter and its diffusers file), checkpoints (exact resume), vali
 accelerate launch), launch (one process or N), report (CSV/PNG).
 """
 
-from kolors_story.training.encoding import encode_latents
-from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, save_lora
-from kolors_story.training.loop import TrainingDiverged, TrainResult, train_lora
-from kolors_story.training.report import write_loss_log, write_validation_log
-from kolors_story.training.settings import TrainSettings, ValidationSettings
+from importlib import import_module
 
-__all__ = ["LORA_WEIGHT_NAME", "TrainResult", "TrainSettings", "TrainingDiverged", "ValidationSettings",
-           "add_lora", "encode_latents", "save_lora", "train_lora", "write_loss_log", "write_validation_log"]
+# Names resolved on first use (PEP 562): importing one module of the package (gpu_check takes
+# training.data) must not load the loop, its validation and the aesthetic predictor with it.
+_EXPORTS = {
+    "encode_latents": "encoding", "LORA_WEIGHT_NAME": "lora_file", "add_lora": "lora_file",
+    "save_lora": "lora_file", "TrainingDiverged": "loop", "TrainResult": "loop", "train_lora": "loop",
+    "write_loss_log": "report", "write_validation_log": "report", "TrainSettings": "settings",
+    "ValidationSettings": "settings",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
+from kolors_story.lora_io import LORA_WEIGHT_NAME
 from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
-
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def add_lora(unet, settings: TrainSettings) -> list[torch.nn.Parameter]:
