@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,55 @@ def claim_slot(names: list[str], lock_dir: Path = LOCK_DIR, poll_s: float = 0.5)
             log.info("all %d GPUs are held by other jobs; waiting for one", len(names))
             waited = True
         time.sleep(poll_s)
+
+
+def claim_slots(names: list[str], n: int, lock_dir: Path = LOCK_DIR, poll_s: float = 0.5) -> tuple[list[int], list[IO]]:
+    """Indices of n of `names` that no other holder has locked, and their open lock files; waits
+    (holding none) until n are free at once, so two multi-GPU jobs never deadlock on half each."""
+    if n > len(names):
+        raise ValueError(f"{n} GPUs asked for, {len(names)} visible")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        held: list[tuple[int, IO]] = []
+        for index, name in enumerate(names):
+            handle = open(lock_dir / f"{name}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append((index, handle))
+            except BlockingIOError:
+                handle.close()
+            if len(held) == n:
+                return [i for i, _ in held], [h for _, h in held]
+        for _, handle in held:
+            handle.close()
+        if not waited:
+            log.info("waiting for %d of %d GPUs to be free of other jobs", n, len(names))
+            waited = True
+        time.sleep(poll_s)
+
+
+def visible_devices(count: int) -> list[str]:
+    """The ids CUDA_VISIBLE_DEVICES gives this process's GPUs 0..count-1 (e.g. SLURM's), else 0..count-1."""
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return given[:count] if len(given) >= count else [str(i) for i in range(count)]
+
+
+def hold_free_gpus(n: int) -> str | None:
+    """Claim n GPUs no other job holds, for the life of this process (a multi-process training's
+    ranks), and return the CUDA_VISIBLE_DEVICES value that gives its children exactly those;
+    None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+    names = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
+    indices, handles = claim_slots(names, n)
+    _HELD.extend(handles)
+    chosen = ",".join(visible_devices(count)[i] for i in indices)
+    log.info("training processes get GPUs %s (CUDA_VISIBLE_DEVICES), free of other jobs", chosen)
+    return chosen
 
 
 def use_free_gpu() -> int | None:

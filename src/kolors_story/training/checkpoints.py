@@ -1,7 +1,9 @@
 """Checkpoints that make an interrupted run continue exactly where it stopped.
 
-A checkpoint holds the LoRA tensors, optimizer and LR-scheduler state, the generator state, the
-pending batch order, the step, and the loss and validation history. It is written to a temporary
+A checkpoint holds the LoRA tensors, optimizer, LR-scheduler and fp16 loss-scaler state, the
+generator state, the pending batch order, the step, and the loss and validation history. It loads
+onto the CPU whatever device wrote it (the optimizer moves its state to the parameters' device),
+so a run resumes on another GPU index, another host or the CPU. It is written to a temporary
 folder and renamed, so a kill during the write leaves the previous checkpoint intact.
 """
 
@@ -47,7 +49,8 @@ def save_checkpoint(root: Path, step: int, lora: dict[str, torch.Tensor], state:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(Path(path) / LORA_FILE), torch.load(Path(path) / STATE_FILE, weights_only=True)
+    return load_file(Path(path) / LORA_FILE), torch.load(Path(path) / STATE_FILE, map_location="cpu",
+                                                         weights_only=True)
 
 
 def prune_states(root: Path, keep_last: int = 1) -> None:

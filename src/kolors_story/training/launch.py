@@ -92,7 +92,7 @@ def train(
         per_process = max(1, (threads or os.cpu_count() or 1) // processes)
         command = accelerate_command(processes, per_process, args, Path(tmp))
         log.info("launching %d training processes: %s", processes, " ".join(command))
-        returncode = run_logged(command)
+        returncode = run_logged(command, ranks_env(processes))
         if returncode != 0 or not result_json.is_file():
             raise UserError(
                 f"train_lora: the {processes} training processes failed (exit {returncode}); their "
@@ -101,11 +101,20 @@ def train(
         return TrainResult.from_json(result_json.read_text(encoding="utf-8"))
 
 
-def run_logged(command: list[str]) -> int:
+def ranks_env(processes: int) -> dict[str, str]:
+    """The ranks' environment: CUDA_VISIBLE_DEVICES names `processes` GPUs that no other job of
+    this host holds (claimed here for the launch's lifetime; rule_runner claims one GPU only)."""
+    from kolors_story.gpu_slots import hold_free_gpus
+
+    devices = hold_free_gpus(processes)
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": devices} if devices is not None else dict(os.environ)
+
+
+def run_logged(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run a command, passing each line it prints to this process's log (and so the rule's log)."""
     child_log = logging.getLogger("kolors_story.training")
     # SIGTERM when this process dies: the launcher then stops its ranks, no orphaned training.
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace", bufsize=1, preexec_fn=lambda: exit_with_parent(signal.SIGTERM)) as proc:
         for line in proc.stdout:
             line = line.rstrip()

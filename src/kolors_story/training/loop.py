@@ -247,14 +247,14 @@ class TrainState:
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
         warmup = max(1, settings.lr_warmup_steps)
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16" and device.type == "cuda")
         return cls(unet, params, optimizer, lr_schedule, scaler, torch.Generator().manual_seed(settings.seed),
                    BatchOrder(examples, settings.batch_size), settings, dtype)
 
     def state_dict(self, step: int) -> dict:
         return {"step": step, "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_schedule.state_dict(),
                 "generator": self.gen.get_state(), "batch_order": self.order.state_dict(), "losses": self.losses,
-                "validations": self.validations}
+                "validations": self.validations, "scaler": self.scaler.state_dict()}
 
     def resume(self, ckpt_root: Path) -> int:
         """Load the newest resumable checkpoint, if any; returns its step (0: a fresh start)."""
@@ -266,6 +266,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_scheduler"])
         self.gen.set_state(state["generator"])
+        if state.get("scaler"):  # fp16: the loss scale and its growth tracker go on where they were
+            self.scaler.load_state_dict(state["scaler"])
         self.order.load_state_dict(state["batch_order"])
         self.losses, self.validations = state["losses"], state["validations"]
         log.info("resuming from checkpoint %s (step %d)", resumable[-1].name, state["step"])

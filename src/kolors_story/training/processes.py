@@ -17,10 +17,23 @@ import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from kolors_story import models
+
+
+# Ranks > 0 wait in a barrier while rank 0 fills the caches (every caption through ChatGLM, every
+# image through the VAE): on a real dataset that outlasts the default 10-minute collective timeout.
+BARRIER_TIMEOUT_ENV = "KOLORS_STORY_BARRIER_TIMEOUT_S"
+DEFAULT_BARRIER_TIMEOUT = timedelta(hours=2)
+
+
+def barrier_timeout() -> timedelta:
+    """How long a rank waits in a collective ($KOLORS_STORY_BARRIER_TIMEOUT_S seconds, default 2 h)."""
+    value = os.environ.get(BARRIER_TIMEOUT_ENV)
+    return timedelta(seconds=float(value)) if value else DEFAULT_BARRIER_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class Processes:
         from accelerate import PartialState
 
         # cpu=True on a host without CUDA gives the gloo backend (multi-process CPU runs, tests).
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=barrier_timeout())
         return cls(state.process_index, state.num_processes, torch.device(state.device))
 
     @property
