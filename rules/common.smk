@@ -183,6 +183,21 @@ def filter_input(name):
     return lambda wc: f"{SHARED}/download/{PLAN.filters[wc.key]['download']}/{name}"
 
 
+# ---------------------------------------------------------------- of the text encoder
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+def embeddings_file(key):
+    """A job's embeddings, as an ancient() input: the encode job's reruns trigger no consumer."""
+    return ancient(f"{SHARED}/embeddings/{key}/{EMBEDDINGS_FILE}")
+
+
+def encode_inputs(wildcards):
+    job = PLAN.encodings[wildcards.key]
+    return {**model_inputs("kolors", job["kolors"]),
+            "datasets": [f"{SHARED}/data/{f}/dataset" for f in job["filters"]]}
+
+
 # ---------------------------------------------------------------- of the LoRA rules
 LORA_FILES = {
     "lora": "pytorch_lora_weights.safetensors",
@@ -203,7 +218,8 @@ def import_inputs(wildcards):
 
 def train_inputs(wildcards):
     job = PLAN.trainings[wildcards.key]
-    inputs = {"dataset": f"{SHARED}/data/{job['filter']}/dataset", **model_inputs("kolors", job["kolors"])}
+    inputs = {"dataset": f"{SHARED}/data/{job['filter']}/dataset", **model_inputs("kolors", job["kolors"]),
+              "embeddings": embeddings_file(job["encoding"])}
     if job["aesthetic"]:
         inputs.update(model_inputs("aesthetic", job["aesthetic"]))
     if job["train"]["init_lora"]:
@@ -226,7 +242,8 @@ def job_lora_file(job):
 
 def anchor_inputs(wildcards):
     job = PLAN.anchors[wildcards.key]
-    return {"lora": job_lora_file(job), **model_inputs("kolors", job["kolors"])}
+    return {"lora": job_lora_file(job), **model_inputs("kolors", job["kolors"]),
+            "embeddings": embeddings_file(job["encoding"])}
 
 
 def generate_inputs(wildcards):
@@ -235,6 +252,7 @@ def generate_inputs(wildcards):
         "lora": job_lora_file(job),
         **model_inputs("kolors", job["kolors"]),
         "anchors": [anchor_file(c, k) for c, k in job["anchors"]],
+        "embeddings": embeddings_file(job["encoding"]),
     }
     if job["aesthetic"]:  # best-of-N or a LoRA-scale sweep: kolors_story.config.needs_scorer
         inputs.update(model_inputs("aesthetic", job["aesthetic"]))

@@ -13,7 +13,7 @@ def main(snakemake):
         aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
         anchors=[Path(p) for p in inp.anchors],
         consistency=Consistency(**params.consistency) if params.consistency else None,
-        cache_dir=Path(params.cache_dir),
+        cache_dir=Path(params.cache_dir), embeddings=Path(inp.embeddings),
     )
 
 

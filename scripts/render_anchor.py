@@ -10,7 +10,7 @@ def main(snakemake):
         Path(inp.model), Path(inp.lora),
         Scene(a["id"], a["prompt"], a["negative_prompt"], a["seed"], a["width"], a["height"]),
         SamplerSettings(**snakemake.params.sampler), Consistency(**snakemake.params.consistency),
-        Path(snakemake.output[0]), cache_dir=Path(snakemake.params.cache_dir),
+        Path(snakemake.output[0]), cache_dir=Path(snakemake.params.cache_dir), embeddings=Path(inp.embeddings),
     )
 
 

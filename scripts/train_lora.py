@@ -13,7 +13,7 @@ def main(snakemake):
         Path(inp.model), Path(inp.dataset), Path(out.lora).parent, TrainSettings.from_dict(params.train),
         cache_dir=Path(params.cache_dir), work_dir=Path(params.work_dir),
         aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
-        processes=params.processes, threads=snakemake.threads,
+        processes=params.processes, threads=snakemake.threads, embeddings=Path(inp.embeddings),
     )
     write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
     write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))

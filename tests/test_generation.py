@@ -187,3 +187,31 @@ def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tin
         assert "1 cached, 1 to encode" in caplog.text
     assert np.array_equal(uncached, first) and np.array_equal(first, second)
     assert len(list((cache / "text").rglob("*.safetensors"))) == 3  # prompt and both negatives
+
+
+def test_the_embeddings_file_gives_bitwise_the_cache_and_the_scene_never_loads_chatglm(
+        tiny_kolors, lora, tmp_path, monkeypatch):
+    """The encode_texts job's file: the pipeline's own embeddings, bitwise, and a scene job that
+    reads it renders the same panel without ever loading the text encoder."""
+    from kolors_story.errors import UserError
+    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.prompt_embeddings import PromptEmbeddings, write_embeddings
+
+    folder, settings = KolorsFolder(tiny_kolors), SamplerSettings(steps=2)
+    scene = Scene("s1", "水墨画，山水", "丑陋", seed=4, width=32, height=32)
+    store = write_embeddings(folder, [scene.prompt, scene.negative_prompt, "二次元"], tmp_path / "e.safetensors",
+                             torch.float32, CPU, tmp_path / "cache")
+    direct = PromptEmbeddings(folder, torch.float32, CPU).for_pipeline(scene.prompt, scene.negative_prompt)
+    stored = PromptEmbeddings(folder, torch.float32, CPU, store=store).for_pipeline(scene.prompt, scene.negative_prompt)
+    assert direct.keys() == stored.keys() and all(torch.equal(direct[k], stored[k]) for k in direct)
+    render_scene(tiny_kolors, lora, scene, settings, tmp_path / "encoded.png", device=CPU)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a scene job with an embeddings file loaded ChatGLM")
+
+    monkeypatch.setattr(KolorsFolder, "load_text_encoder", refuse)
+    render_scene(tiny_kolors, lora, scene, settings, tmp_path / "stored.png", device=CPU, embeddings=store)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "encoded.png")), np.asarray(Image.open(tmp_path / "stored.png")))
+    with pytest.raises(UserError, match="snakemake -R encode_texts"):
+        render_scene(tiny_kolors, lora, Scene("s2", "另一个提示", seed=1, width=32, height=32), settings,
+                     tmp_path / "missing.png", device=CPU, embeddings=store)

@@ -60,7 +60,7 @@ def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
     report, output, work = checked
     phases = report["phases"]
     for name in ("build_kolors", "build_aesthetic", "train_encode_captions_and_latents", "train_unet_disk_load",
-                 "train_unet_to_gpu", "train", "chatglm_disk_load_to_gpu", "encode_texts",
+                 "train_unet_to_gpu", "train", "chatglm_disk_load_to_gpu", "encode_texts", "write_embeddings_file",
                  "scene_unet_vae_disk_load", "scene_move_to_gpu", "scene_lora_load", "scene_lora_fuse",
                  "scene_render", "score", "anchor_job", "consistency_scene_job"):
         assert phases[name]["seconds"] > 0, name
@@ -69,7 +69,7 @@ def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
     render = phases["scene_render"]
     assert render["images"] == 2 and render["vae_decode_calls"] >= 1 and 0 < render["vae_decode_seconds"] < render["seconds"]
     assert len(phases["score"]["scores"]) == 2
-    assert phases["scene_prompt_embeddings_from_cache"]["chatglm_loaded"] is False
+    assert phases["write_embeddings_file"]["mib"] > 0 and phases["scene_prompt_embeddings_from_file"]["seconds"] > 0
     # The defaults are the config's: generation in fp16 (fp32 on the CPU), training in bf16.
     assert report["settings"]["precision"] == "fp16" and report["settings"]["train_precision"] == "bf16"
     assert "s/training step" in output and (work / "panel.png").is_file() and (work / "consistency_panel.png").is_file()

@@ -134,3 +134,15 @@ def test_a_filter_grid_shares_the_download(demo):
     ops = [{"image_shape_filter": {"min_width": w, "min_height": 64}} for w in (64, 70)]
     plan = plan_jobs(variants_of(demo, [{"name": f"w{i}", "filter": {"ops": [op]}} for i, op in enumerate(ops)]))
     assert (len(plan.downloads), len(plan.filters), len(plan.trainings)) == (1, 2, 2)
+
+
+def test_variants_of_one_model_share_one_text_encoder_job_with_every_text(demo):
+    variants = variants_of(demo, [{"name": "a"}, {"name": "b", "story": {"negative_prompt": "另一个负面提示"}}])
+    plan = plan_jobs(variants)
+    assert len(plan.encodings) == 1
+    (job,) = plan.encodings.values()
+    assert "另一个负面提示" in job["texts"] and demo["story"]["negative_prompt"] in job["texts"]
+    assert job["filters"] == [plan.variants["a"].filter] and job["texts"] == sorted(set(job["texts"]))
+    assert {plan.scenes[k]["encoding"] for v in plan.variants.values() for k in v.scenes.values()} == set(plan.encodings)
+    other = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", "generate": {"precision": "bf16"}}]))
+    assert len(other.encodings) == 2  # one per model and precision

@@ -151,11 +151,13 @@ def warm_up(pipe, scene: "Scene", embeds: dict) -> float:
 
 
 def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
-                            cache_dir: Path | None = None) -> tuple[object, dict]:
+                            cache_dir: Path | None = None, store: Path | None = None) -> tuple[object, dict]:
     """The pipeline without its text encoder, and the scene's prompt embeddings (bitwise those of
-    the pipeline's encode_prompt). ChatGLM is loaded, used and released first, and only when
-    cache_dir lacks the prompt or the negative prompt: the 6B encoder and the UNet never meet."""
-    embeddings = PromptEmbeddings(KolorsFolder(model_dir), pipeline_dtype(settings, device), device, cache_dir)
+    the pipeline's encode_prompt). From `store` (the encode_texts job's file) ChatGLM is never
+    loaded; without it, ChatGLM is loaded, used and released first, and only when cache_dir lacks
+    the prompt or the negative prompt: the 6B encoder and the UNet never meet."""
+    embeddings = PromptEmbeddings(KolorsFolder(model_dir), pipeline_dtype(settings, device), device, cache_dir,
+                                  store)
     embeds = embeddings.for_pipeline(scene.prompt, scene.negative_prompt)
     return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
 
@@ -201,6 +203,7 @@ def render_scene(
     anchors: list[Path] = (),
     consistency: Consistency | None = None,
     cache_dir: Path | None = None,
+    embeddings: Path | None = None,
 ) -> CandidateRecord:
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
     candidates (written to candidates_dir/candidates.json when given). With anchors (one per
@@ -210,7 +213,7 @@ def render_scene(
         raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or models.pick_device()
-    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
     move_to_device(pipe, device, settings)
     scales = lora_scales(settings)
     fused = len(scales) == 1
@@ -309,13 +312,13 @@ def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: 
 
 def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,
                   consistency: Consistency, out_path: Path, device: torch.device | None = None,
-                  cache_dir: Path | None = None) -> Path:
+                  cache_dir: Path | None = None, embeddings: Path | None = None) -> Path:
     """Render a character's anchor with the scenes' sampler and LoRA, recording the
     self-attention features the scene jobs will share (out_path: .safetensors, image beside)."""
     from kolors_story.consistency import record_anchor, save_anchor
 
     device = device or models.pick_device()
-    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir)
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
     move_to_device(pipe, device, settings)
     scale = lora_scales(settings)[0]
     load_style_lora(pipe, lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job

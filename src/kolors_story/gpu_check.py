@@ -6,9 +6,9 @@ Without --model it builds random-weight Kolors components at the real sizes from
 and saves them in the real Kwai-Kolors/Kolors-diffusers layout (fp16 files, sharded text encoder),
 plus a random full-size aesthetic predictor in its real layout; a later run reuses them from
 --work. Then, through the project's own functions (the ones the Snakemake jobs call), it runs the
-default run's GPU work in the default config's precisions: the trainer's encoding and LoRA steps at
-1024 px (rank 16, gradient checkpointing), the text-encoder job (ChatGLM loaded once, every text),
-one best-of-4 scene (50 steps, CFG 5: disk load, move to GPU, LoRA load and fuse, steps, VAE
+default run's GPU work in the default config's precisions: the text-encoder job (ChatGLM loaded
+once, straight to the GPU, every prompt and caption into one embeddings file), the trainer's
+latent encoding and LoRA steps at 1024 px (rank 16, gradient checkpointing), one best-of-4 scene (50 steps, CFG 5: disk load, move to GPU, LoRA load and fuse, steps, VAE
 decode, scoring, each timed apart), a LoRA round trip (the saved file reloaded renders the same
 image fused and unfused, and another one than without the LoRA), and a character anchor with a
 consistency scene. gpu_check.json is written after every phase: a crash leaves the finished
@@ -182,8 +182,9 @@ def write_dataset(root: Path, images: int, resolution: int) -> Path:
     return root
 
 
-def check_training(args, phases: Phases, kolors: Path, dataset: Path) -> Path:
-    """Encode (the trainer's own prepare_batches, caches filled), load, then train from warm caches."""
+def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Path) -> Path:
+    """The trainer's prepare_batches (caption embeddings from the encode job's file, latents
+    encoded and cached), the UNet's load, then training from warm caches."""
     from kolors_story.kolors_folder import KolorsFolder
     from kolors_story.training.data import assign_sizes, read_metadata
     from kolors_story.training.loop import precision_dtypes, prepare_batches, train_lora
@@ -197,7 +198,8 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path) -> Path:
     assign_sizes(examples, settings)
     with phases.measure("train_encode_captions_and_latents") as record:
         timesteps = folder.config("scheduler")["num_train_timesteps"]
-        prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps, validating=False)
+        prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps, validating=False,
+                        embeddings=store)
         record["captions"], record["images"] = len(set(e.caption for e in examples)), len(examples)
     phases.release()
     with phases.measure("train_unet_disk_load"):
@@ -207,7 +209,7 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path) -> Path:
     del unet
     phases.release()
     with phases.measure("train") as record:
-        result = train_lora(kolors, dataset, args.work / "lora", settings, cache_dir=cache)
+        result = train_lora(kolors, dataset, args.work / "lora", settings, cache_dir=cache, embeddings=store)
         elapsed = [row["seconds"] for row in result.losses]
         steps = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step also loads the UNet
         record.update(steps=len(result.losses), precision=settings.precision, final_loss=result.losses[-1]["loss"],
@@ -217,19 +219,19 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path) -> Path:
     return result.lora_file
 
 
-def check_text_encoder(args, phases: Phases, kolors: Path) -> None:
-    """The text-encoder job: ChatGLM loaded once, every prompt and negative of the scenes encoded
-    into the cache the scene and anchor jobs read (they never load ChatGLM)."""
+def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
+    """The encode_texts job: ChatGLM from disk straight to the GPU, once, every prompt and negative
+    of the scenes encoded, then its embeddings file (scene and anchor jobs never load ChatGLM)."""
     from kolors_story.generation import SamplerSettings, pipeline_dtype
     from kolors_story.kolors_folder import KolorsFolder
-    from kolors_story.prompt_embeddings import PromptEmbeddings
+    from kolors_story.prompt_embeddings import PromptEmbeddings, write_embeddings
 
     dtype = pipeline_dtype(SamplerSettings(precision=args.precision), phases.device)
     embeddings = PromptEmbeddings(KolorsFolder(kolors), dtype, phases.device, args.work / "cache")
     with phases.measure("chatglm_disk_load_to_gpu"):
         tokenizer = embeddings.folder.load_tokenizer()
-        encoder = embeddings.folder.load_text_encoder(dtype).to(phases.device)
-    texts = [PROMPT, NEGATIVE, CHARACTER]
+        encoder = embeddings.folder.load_text_encoder(dtype, phases.device)
+    texts = [PROMPT, NEGATIVE, CHARACTER, *CAPTIONS]  # the run's every text: prompts and the captions
     with phases.measure("encode_texts") as record:
         from kolors_story.prompt_embeddings import encode_prompts
 
@@ -239,6 +241,11 @@ def check_text_encoder(args, phases: Phases, kolors: Path) -> None:
         record["texts"] = len(texts)
     del encoder, embeds, pooled
     phases.release()
+    with phases.measure("write_embeddings_file") as record:  # from the cache just filled: no second load
+        store = write_embeddings(embeddings.folder, texts, args.work / "embeddings.safetensors", dtype,
+                                 phases.device, args.work / "cache")
+        record["mib"] = round(store.stat().st_size / 2**20, 1)
+    return store
 
 
 class DecodeTimer:
@@ -258,20 +265,18 @@ class DecodeTimer:
         return out
 
 
-def scene_pipeline(args, phases: Phases, kolors: Path, lora: Path, settings):
+def scene_pipeline(args, phases: Phases, kolors: Path, lora: Path, settings, store: Path):
     """A scene job's pipeline, each step timed: UNet + VAE from disk, to the GPU, LoRA in."""
     from kolors_story.generation import Scene, load_pipeline, load_style_lora, move_to_device
     from kolors_story.kolors_folder import KolorsFolder
     from kolors_story.prompt_embeddings import PromptEmbeddings
 
     scene = Scene("gpu_check", PROMPT, NEGATIVE, seed=0, width=args.resolution, height=args.resolution)
-    with phases.measure("scene_prompt_embeddings_from_cache") as record:
+    with phases.measure("scene_prompt_embeddings_from_file"):
         from kolors_story.generation import pipeline_dtype
 
-        cache = PromptEmbeddings(KolorsFolder(kolors), pipeline_dtype(settings, phases.device), phases.device,
-                                 args.work / "cache")
-        embeds = cache.for_pipeline(scene.prompt, scene.negative_prompt)
-        record["chatglm_loaded"] = cache.cache.misses > 0 if cache.cache else None
+        embeds = PromptEmbeddings(KolorsFolder(kolors), pipeline_dtype(settings, phases.device), phases.device,
+                                  store=store).for_pipeline(scene.prompt, scene.negative_prompt)
     with phases.measure("scene_unet_vae_disk_load"):
         pipe = load_pipeline(kolors, settings, phases.device, text_encoder=False)
     with phases.measure("scene_move_to_gpu"):
@@ -281,13 +286,13 @@ def scene_pipeline(args, phases: Phases, kolors: Path, lora: Path, settings):
     return pipe, scene, embeds
 
 
-def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path) -> None:
+def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path, store: Path) -> None:
     """One best-of-N scene as generate_scene renders it, with the LoRA round trip beside it."""
     from kolors_story.generation import SamplerSettings, candidate_seeds, render, score_candidates, warm_up
 
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
                                precision=args.precision, candidates=args.candidates, compile=args.compile)
-    pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings)
+    pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings, store)
     unfused = lora_round_trip_image(pipe, scene, settings, embeds)
     with phases.measure("scene_lora_fuse"):
         pipe.fuse_lora(components=["unet"], adapter_names=["style"])
@@ -339,7 +344,7 @@ def compare_round_trip(pipe, scene, settings, embeds, unfused: torch.Tensor) -> 
     return record
 
 
-def check_consistency(args, phases: Phases, kolors: Path, lora: Path) -> None:
+def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Path) -> None:
     """An anchor as render_anchor records it, then a scene sharing attention with it."""
     from kolors_story.generation import Consistency, SamplerSettings, Scene, render_anchor, render_scene
 
@@ -350,18 +355,18 @@ def check_consistency(args, phases: Phases, kolors: Path, lora: Path) -> None:
     anchor = args.work / "anchors" / "girl.safetensors"
     with phases.measure("anchor_job") as record:
         render_anchor(kolors, lora, Scene("girl", CHARACTER, NEGATIVE, seed=7, **size), settings, consistency,
-                      anchor, phases.device, cache_dir=args.work / "cache")
+                      anchor, phases.device, embeddings=store)
         record["anchor_mib"] = round(anchor.stat().st_size / 2**20, 1)
     phases.release()
     with phases.measure("consistency_scene_job"):
         render_scene(kolors, lora, Scene("with_girl", PROMPT, NEGATIVE, seed=1, **size), settings,
                      args.work / "consistency_panel.png", device=phases.device, anchors=[anchor],
-                     consistency=consistency, cache_dir=args.work / "cache")
+                     consistency=consistency, embeddings=store)
     phases.release()
 
 
 # gpu_check phase -> bench/gpu_memory_estimate.py phase (estimates with margins)
-MEMORY_PAIRS = {"train_encode_captions_and_latents": ("text_encoding", "vae_encoding"), "train": ("training",),
+MEMORY_PAIRS = {"train_encode_captions_and_latents": ("vae_encoding",), "train": ("training",),
                 "encode_texts": ("text_encoding",), "scene_render": ("scene_best_of_4",), "anchor_job": ("anchor",),
                 "score": ("scoring",)}
 
@@ -417,15 +422,15 @@ def run_checks(args, phases: Phases) -> None:
         shutil.rmtree(args.work / stale, ignore_errors=True)
     phases.stage = "build_models"
     kolors, aesthetic = build_models(args, phases)
+    phases.stage = "text_encoder"
+    store = check_text_encoder(args, phases, kolors)
     phases.stage = "training"
     dataset = write_dataset(args.work / "dataset", args.images, args.resolution)
-    lora = check_training(args, phases, kolors, dataset)
-    phases.stage = "text_encoder"
-    check_text_encoder(args, phases, kolors)
+    lora = check_training(args, phases, kolors, dataset, store)
     phases.stage = "scene"
-    check_scene(args, phases, kolors, lora, aesthetic)
+    check_scene(args, phases, kolors, lora, aesthetic, store)
     phases.stage = "consistency"
-    check_consistency(args, phases, kolors, lora)
+    check_consistency(args, phases, kolors, lora, store)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ class VariantJobs:
     filter: str
     lora: str  # the key of the train or import job
     imported: bool
+    encoding: str = ""  # the key of the encode_texts job (the model's text encoder, one precision)
     anchors: dict[str, str] = field(default_factory=dict)
     scenes: dict[str, str] = field(default_factory=dict)
 
@@ -38,6 +39,7 @@ class VariantJobs:
 class JobPlan:
     """Every distinct job of the variants: key -> the settings its rule passes as params."""
 
+    encodings: dict[str, dict] = field(default_factory=dict)  # + "texts" and "filters", filled as planned
     downloads: dict[str, dict] = field(default_factory=dict)
     filters: dict[str, dict] = field(default_factory=dict)
     trainings: dict[str, dict] = field(default_factory=dict)
@@ -69,15 +71,35 @@ def _add(table: dict[str, dict], settings: dict) -> str:
     return key
 
 
-def _lora_job(plan: JobPlan, config: dict, filter_key: str) -> tuple[str, bool]:
+def encoding_settings(config: dict) -> dict:
+    """One text-encoder job per model and precision: ChatGLM runs in the generation precision, so
+    the scenes' embeddings are bitwise what the stock pipeline's encode_prompt gives in that dtype,
+    and training casts the same stored embeddings to its own."""
+    return {"kolors": config["models"]["kolors"], "precision": config["generate"]["precision"]}
+
+
+def _encoding_job(plan: JobPlan, config: dict) -> str:
+    key = _add(plan.encodings, encoding_settings(config))
+    plan.encodings[key].setdefault("texts", set())
+    plan.encodings[key].setdefault("filters", set())
+    return key
+
+
+def _note_texts(plan: JobPlan, key: str, texts: list[str]) -> None:
+    plan.encodings[key]["texts"].update(texts)
+
+
+def _lora_job(plan: JobPlan, config: dict, filter_key: str, encoding: str) -> tuple[str, bool]:
     models, train = config["models"], config["train"]
     if train["use_lora"]:
         settings = {"use_lora": train["use_lora"], "diffsynth_alpha": train["diffsynth_alpha"],
                     "kolors": models["kolors"]}
         return _add(plan.imports, settings), True
     settings = {"filter": filter_key, "train": train_params(train), "processes": train["processes"],
-                "kolors": models["kolors"],
+                "kolors": models["kolors"], "encoding": encoding,
                 "aesthetic": models["aesthetic"] if train["validation"]["every"] else None}
+    plan.encodings[encoding]["filters"].add(filter_key)  # its captions
+    _note_texts(plan, encoding, [t for p in train["validation"]["prompts"] for t in (p["prompt"], p["negative_prompt"])])
     return _add(plan.trainings, settings), False
 
 
@@ -94,12 +116,13 @@ def _scene_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: Vari
     consistency = consistency_settings(config) if gen["consistency"]["enabled"] else None
     scorer = config["models"]["aesthetic"] if needs_scorer(gen["candidates"], gen["lora_scale"]) else None
     base = {"kolors": config["models"]["kolors"], "sampler": sampler, "lora": jobs.lora,
-            "imported": jobs.imported}
+            "imported": jobs.imported, "encoding": jobs.encoding}
     for scene_id, scene in scenes.items():
         anchors = [[c, jobs.anchors[c]] for c in scene["characters"]] if consistency else []
         settings = {**base, "scene": {k: scene[k] for k in IMAGE_KEYS}, "anchors": anchors,
                     "consistency": consistency if anchors else None, "aesthetic": scorer}
         jobs.scenes[scene_id] = _add(plan.scenes, settings)
+        _note_texts(plan, jobs.encoding, [scene["prompt"], scene["negative_prompt"]])
 
 
 def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:
@@ -108,10 +131,12 @@ def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: Var
     recording = {k: config["generate"]["consistency"][k] for k in ANCHOR_CONSISTENCY_KEYS}
     shown = sorted({c for s in scenes.values() for c in s["characters"]})
     for character in shown:
+        anchor = anchor_settings(config, character)
         settings = {"kolors": config["models"]["kolors"], "sampler": sampler_settings(config),
-                    "lora": jobs.lora, "imported": jobs.imported, "consistency": recording,
-                    "anchor": anchor_settings(config, character)}
+                    "lora": jobs.lora, "imported": jobs.imported, "encoding": jobs.encoding,
+                    "consistency": recording, "anchor": anchor}
         jobs.anchors[character] = _add(plan.anchors, settings)
+        _note_texts(plan, jobs.encoding, [anchor["prompt"], anchor["negative_prompt"]])
 
 
 def plan_jobs(variants: dict[str, dict]) -> JobPlan:
@@ -121,10 +146,13 @@ def plan_jobs(variants: dict[str, dict]) -> JobPlan:
         download = _add(plan.downloads, {"dataset": config["dataset"]})
         filter_key = _add(plan.filters, {"download": download, "ops": config["filter"]["ops"],
                                          "num_proc": config["filter"]["num_proc"]})
-        lora, imported = _lora_job(plan, config, filter_key)
-        jobs = VariantJobs(name, download, filter_key, lora, imported)
+        encoding = _encoding_job(plan, config)
+        lora, imported = _lora_job(plan, config, filter_key, encoding)
+        jobs = VariantJobs(name, download, filter_key, lora, imported, encoding)
         scenes = scene_settings(config)  # once: it tokenizes every prompt
         _anchor_jobs(plan, config, scenes, jobs)
         _scene_jobs(plan, config, scenes, jobs)
         plan.variants[name] = jobs
+    for job in plan.encodings.values():  # plain sorted lists: params Snakemake compares across runs
+        job["texts"], job["filters"] = sorted(job["texts"]), sorted(job["filters"])
     return plan

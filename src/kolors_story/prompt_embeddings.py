@@ -1,21 +1,28 @@
 """ChatGLM prompt embeddings, exactly as KolorsPipeline.encode_prompt computes them, cached on disk.
 
-Training captions, validation prompts, scene and anchor prompts all go through `PromptEmbeddings`:
-one content-keyed cache per text encoder (its files' fingerprint) and dtype, so a caption encoded
-for training is not encoded again for a scene, and a rerun with other seeds, samplers or LoRA never
-loads the 6B ChatGLM. ChatGLM is loaded only when some text is missing, and released before the
-caller loads the UNet: the two are never resident together.
+In the workflow one job per Kolors model and precision (rule encode_texts) loads ChatGLM once and
+writes every text the run needs (training captions, validation prompts, scene and anchor prompts
+and negatives of every variant) into one embeddings file (`write_embeddings`), in the encoder's
+own dtype. Training, scene and anchor jobs read it (`PromptEmbeddings(..., store=file)`), cast at
+use, and never load ChatGLM. Encoding goes through a content-keyed cache per text encoder (its
+files' fingerprint) and dtype, so editing one prompt encodes one text. Without a store (tests, the
+GPU check, `python -m kolors_story.training`) a text missing from the cache is encoded on the spot:
+ChatGLM is loaded, used and released before the caller loads the UNet.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from kolors_story.errors import UserError
 from kolors_story.kolors_folder import KolorsFolder
 from kolors_story.tensor_cache import TensorCache
 
@@ -59,13 +66,59 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def text_name(text: str) -> str:
+    """A text's tensor names in an embeddings file: a digest (texts hold any characters)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def write_embeddings(folder: KolorsFolder, texts: list[str], out_file: Path, dtype: torch.dtype,
+                     device: torch.device, cache_root: Path | None = None) -> Path:
+    """Every distinct text's (prompt_embeds, pooled) in one safetensors file, in the encoder's dtype
+    (lossless: that is what ChatGLM computed), the texts in its metadata; written atomically."""
+    from safetensors.torch import save_file
+
+    got = PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
+    tensors, names = {}, {}
+    for text, (embeds, pooled) in got.items():
+        name = text_name(text)
+        names[name] = text
+        tensors[f"{name}.embeds"] = embeds.to(dtype).contiguous()
+        tensors[f"{name}.pooled"] = pooled.to(dtype).contiguous()
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    save_file(tensors, tmp, metadata={"texts": json.dumps(names, ensure_ascii=False, sort_keys=True),
+                                      "dtype": str(dtype).removeprefix("torch.")})
+    os.replace(tmp, out_file)
+    log.info("embeddings: %d text(s) in %s (%s)", len(names), out_file, dtype)
+    return out_file
+
+
+def read_embeddings(store: Path, texts: list[str]) -> dict[str, Embedding]:
+    """Float32 CPU (prompt_embeds, pooled) of each text from an embeddings file; a text that is
+    not there is refused, naming it and the job that writes it."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(store), framework="pt") as f:
+        for text in sorted(set(texts)):
+            name = text_name(text)
+            if f"{name}.embeds" not in f.keys():
+                raise UserError(f"the text {text!r} is not in the embeddings file {store}: it was written "
+                                "for other prompts. Rerun its job: snakemake -R encode_texts")
+            out[text] = (f.get_tensor(f"{name}.embeds").float(), f.get_tensor(f"{name}.pooled").float())
+    return out
+
+
 class PromptEmbeddings:
     """Embeddings per text for one Kolors folder, encoder dtype and device; cache_root=None keeps
-    nothing on disk. Each text is encoded alone (batch of one), as the pipeline encodes a prompt."""
+    nothing on disk. Each text is encoded alone (batch of one), as the pipeline encodes a prompt.
+    store: an embeddings file (write_embeddings) that holds every text asked for; then ChatGLM is
+    never loaded."""
 
     def __init__(self, folder: KolorsFolder, dtype: torch.dtype, device: torch.device,
-                 cache_root: Path | None = None):
-        self.folder, self.dtype, self.device = folder, dtype, device
+                 cache_root: Path | None = None, store: Path | None = None):
+        self.folder, self.dtype, self.device, self.store = folder, dtype, device, store
         self.cache = TensorCache(Path(cache_root) / "text" / folder.fingerprint("text_encoder")) if cache_root else None
 
     def _key(self, text: str) -> str:
@@ -74,6 +127,8 @@ class PromptEmbeddings:
 
     def get(self, texts: list[str]) -> dict[str, Embedding]:
         """Float32 CPU (prompt_embeds, pooled) per distinct text."""
+        if self.store is not None:
+            return read_embeddings(self.store, texts)
         distinct = sorted(set(texts))
         found = {t: self.cache.get(self._key(t)) if self.cache else None for t in distinct}
         missing = [t for t, v in found.items() if v is None]
@@ -85,7 +140,7 @@ class PromptEmbeddings:
 
     def _encode(self, texts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         tokenizer = self.folder.load_tokenizer()
-        encoder = self.folder.load_text_encoder(self.dtype).to(self.device)
+        encoder = self.folder.load_text_encoder(self.dtype, self.device)
         out = {}
         for text in tqdm(texts, desc="encode prompts", leave=False):
             embeds, pooled = encode_prompts(tokenizer, encoder, [text], self.device)

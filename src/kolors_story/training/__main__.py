@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--work-dir", type=Path)
     parser.add_argument("--aesthetic", type=Path, help="aesthetic predictor folder (validation)")
+    parser.add_argument("--embeddings", type=Path, help="the encode_texts job's file (then ChatGLM is not loaded)")
     parser.add_argument("--result", type=Path, help="write the run's result (history, picked step) as JSON")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = TrainSettings.from_dict(json.loads(args.settings))
         result = train_lora(args.model, args.dataset, args.out, settings, args.cache_dir,
-                            args.work_dir, args.aesthetic)
+                            args.work_dir, args.aesthetic, embeddings=args.embeddings)
     except UserError as err:
         logging.error("%s", err)
         return 1

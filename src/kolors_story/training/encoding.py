@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 
 
 def encode_texts(
-    folder: KolorsFolder, texts: list[str], cache_root: Path, device: torch.device, dtype: torch.dtype
+    folder: KolorsFolder, texts: list[str], cache_root: Path, device: torch.device, dtype: torch.dtype,
+    store: Path | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(prompt_embeds, pooled) per distinct text, from the prompt-embedding cache that scene jobs
-    share. ChatGLM is loaded only if some text is not cached yet, and released before returning:
-    it is never resident beside the UNet."""
-    return PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
+    """(prompt_embeds, pooled) per distinct text: from the encode_texts job's file when given (no
+    ChatGLM), else from the prompt-embedding cache, ChatGLM loaded only if some text is not cached
+    yet and released before returning: it is never resident beside the UNet."""
+    return PromptEmbeddings(folder, dtype, device, cache_root, store).get(texts)
 
 
 @torch.no_grad()

@@ -76,17 +76,20 @@ def train(
     aesthetic_dir: Path | None = None,
     processes: int = 1,
     threads: int | None = None,
+    embeddings: Path | None = None,
 ) -> TrainResult:
     """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; each
     line the processes print goes to this process's log (the rule's log)."""
     if processes <= 1:
-        return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir)
+        return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir,
+                          embeddings=embeddings)
     check_process_count(processes, visible_gpus())
     with tempfile.TemporaryDirectory(prefix="kolors-train-") as tmp:
         result_json = Path(tmp) / "result.json"
         args = ["--model", str(model_dir), "--dataset", str(dataset_dir), "--out", str(out_dir),
                 "--settings", json.dumps(settings.to_dict()), "--result", str(result_json)]
-        for flag, value in (("--cache-dir", cache_dir), ("--work-dir", work_dir), ("--aesthetic", aesthetic_dir)):
+        for flag, value in (("--cache-dir", cache_dir), ("--work-dir", work_dir), ("--aesthetic", aesthetic_dir),
+                            ("--embeddings", embeddings)):
             if value is not None:
                 args += [flag, str(value)]
         per_process = max(1, (threads or os.cpu_count() or 1) // processes)

@@ -141,6 +141,7 @@ def train_lora(
     work_dir: Path | None = None,
     aesthetic_dir: Path | None = None,
     device: torch.device | None = None,
+    embeddings: Path | None = None,
 ) -> TrainResult:
     """Train (or resume) a LoRA; write <out_dir>/pytorch_lora_weights.safetensors. Under
     `accelerate launch` each process trains on its share of every step (see processes.py)."""
@@ -167,7 +168,7 @@ def train_lora(
     with procs.main_first():  # rank 0 fills the caches, the others read them
         batches = prepare_batches(folder, examples, settings, cache_root, device, dtype,
                                   noise_scheduler.config.num_train_timesteps,
-                                  validating=bool(val.every) and procs.is_main)
+                                  validating=bool(val.every) and procs.is_main, embeddings=embeddings)
 
     run = TrainState.create(folder, settings, examples, dtype, device)
     validator = None
@@ -307,12 +308,12 @@ def accumulate_gradients(run: TrainState, batches: Batches, procs: Processes, no
 
 def prepare_batches(
     folder: KolorsFolder, examples: list[Example], settings: TrainSettings, cache_root: Path, device: torch.device,
-    dtype: torch.dtype, num_timesteps: int, validating: bool,
+    dtype: torch.dtype, num_timesteps: int, validating: bool, embeddings: Path | None = None,
 ) -> Batches:
     """Text embeddings (ChatGLM loaded only for uncached captions, then released) and, for center
     crops, latents from the cache; the VAE stays loaded only for random crops or validation."""
     texts = encode_texts(folder, [e.caption for e in examples] + validation_texts(settings.validation),
-                         cache_root, device, dtype)
+                         cache_root, device, dtype, embeddings)
     vae_dtype = LATENT_VAE_DTYPE  # whatever train.precision is: the latents' numerics never depend on it
     load_vae = functools.cache(lambda: folder.load_vae(vae_dtype).to(device))
     latents = None
