@@ -48,6 +48,7 @@ import _common as C  # noqa: E402
 RESULTS = C.ROOT / "bench" / "results" / "gpu_memory_estimate.json"
 BASELINE_REPORTED_GB = 22.0  # the challenge baseline (DiffSynth-Studio 1.1) as reported
 GOAL_GB = 16.0
+CARD_GIB = 24.0  # the challenge's users' cards (A10, RTX 4090): every phase of the default run must fit
 
 
 # ---------------------------------------------------------------- live-tensor accounting
@@ -230,6 +231,90 @@ def trace_vae_encode(resolution: int, batch: int) -> dict:
     return {"weights": weights, "peak": live.peak, "transient": live.peak - weights}
 
 
+def meta_module(build, dtype: torch.dtype):
+    """A module built on the meta device with `dtype` parameters (no memory)."""
+    with torch.device("meta"), C.default_dtype(dtype):
+        return build().eval()
+
+
+def _decode_all(vae, latents: torch.Tensor, sliced: bool) -> None:
+    """The pipeline's decode with the VAE upcast to fp32 (fp16 + the SDXL VAE's force_upcast):
+    one latent at a time with vae.enable_slicing(), else the whole batch at once."""
+    for z in (latents.split(1) if sliced else [latents]):
+        image = vae.decode(z.float() / 0.13025).sample
+        del image
+
+
+def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
+    """A scene job's GPU phase in fp16: the UNet resident, one CFG denoising step of `images`
+    latents (UNet batch 2 x images), then the upcast fp32 VAE decoding them (sliced or not)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    unet = meta_module(lambda: UNet2DConditionModel(**C.KOLORS_UNET), torch.float16)
+    vae = meta_module(lambda: AutoencoderKL(**C.SDXL_VAE), torch.float32)
+    lat, batch = resolution // 8, 2 * images
+    with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
+        materialize_fake(unet)
+        materialize_fake(vae)
+        weights = live.current
+        live.tag = "denoise"
+        latents = torch.randn(images, 4, lat, lat, dtype=torch.float16)
+        pred = unet(torch.cat([latents] * 2), torch.tensor([999] * batch),
+                    encoder_hidden_states=torch.randn(batch, 256, 4096, dtype=torch.float16),
+                    added_cond_kwargs={"text_embeds": torch.randn(batch, 4096, dtype=torch.float16),
+                                       "time_ids": torch.randn(batch, 6, dtype=torch.float16)}).sample
+        del pred
+        denoise_peak = live.peak
+        live.tag = "decode"
+        _decode_all(vae, latents, sliced)
+    return {"images": images, "sliced": sliced, "weights": weights, "denoise_peak": denoise_peak,
+            "peak": live.peak, "peak_during": live.peak_tag}
+
+
+def trace_scoring() -> dict:
+    """The challenge's predictor (CLIP ViT-L/14 + MLP, fp32) scoring one 224 px image."""
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kolors_story.tiny_aesthetic import full_clip_vision_config
+
+    model = meta_module(lambda: AestheticsPredictorV2Linear(full_clip_vision_config()), torch.float32)
+    with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
+        materialize_fake(model)
+        weights = live.current
+        live.tag = "score"
+        out = model(pixel_values=torch.randn(1, 3, 224, 224))
+        del out
+    return {"weights": weights, "peak": live.peak}
+
+
+def generation_phases(resolution: int, candidates: int, margin) -> tuple[dict, dict]:
+    """Traces and with-margin peaks of the generation side: best-of-N scene (sliced decode, and
+    the old all-at-once decode for comparison), an anchor (one image; its recorded features go to
+    host memory as they are made) and scoring."""
+    traces = {"scene": trace_generation(resolution, candidates), "anchor": trace_generation(resolution, 1),
+              "scene_unsliced": trace_generation(resolution, candidates, sliced=False), "scoring": trace_scoring()}
+    name = f"scene_best_of_{candidates}"
+    phases = {name: traces["scene"]["peak"], f"{name}_unsliced_decode": traces["scene_unsliced"]["peak"],
+              "anchor": traces["anchor"]["peak"], "scoring": traces["scoring"]["peak"]}
+    return traces, {k: v + margin(v) for k, v in phases.items()}
+
+
+def print_card_table(phases: dict) -> bool:
+    """Each phase's peak (with margins) against a 24 GiB card; True when every default phase fits."""
+    print(f"\nevery GPU phase of the default run against a {CARD_GIB:.0f} GiB card (with margins)")
+    fits = True
+    for name, value in phases.items():
+        ok = gib(value) <= CARD_GIB
+        default = not name.endswith("_unsliced_decode")  # the old decode, shown for comparison
+        fits &= ok or not default
+        note = "" if default else " (before VAE slicing, for comparison)"
+        print(f"  {name:<34} {gib(value):6.2f} GiB  {gib(value) / CARD_GIB:5.0%} of {CARD_GIB:.0f} GiB  "
+              f"{'fits' if ok else 'DOES NOT FIT'}, headroom {CARD_GIB - gib(value):5.2f} GiB{note}")
+    return fits
+
+
 def tracker_self_check() -> tuple[int, int]:
     """The tracker's peak for one LoRA step of the tiny Kolors UNet, on real and on fake tensors:
     equal numbers mean fake tensors reproduce the real storage lifetimes."""
@@ -294,8 +379,13 @@ def main() -> None:
     parser.add_argument("--no-trace", action="store_true", help="only the parameter counts (seconds)")
     parser.add_argument("--no-self-check", dest="self_check", action="store_false",
                         help="skip checking the tracker on real vs fake tensors (tiny model, seconds)")
+    parser.add_argument("--candidates", type=int, default=4, help="best-of-N of the traced scene")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every phase at 256 px, no cross-check or self-check (what make test runs)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.smoke:
+        args.resolution, args.check_resolutions, args.self_check = 256, "", False
     start = time.perf_counter()
 
     # 1. parameter counts on the meta device
@@ -362,7 +452,12 @@ def main() -> None:
     phases = {"text_encoding": text["peak"] + margin(text["peak"]),
               "vae_encoding": vae_t["peak"] + margin(vae_t["peak"]), "training": train_total}
     worst = max(phases, key=phases.get)
-    line(f"project peak = max over phases ({worst}), with margins", phases[worst])
+    line(f"trainer peak = max over its phases ({worst}), with margins", phases[worst])
+    generation, generation_peaks = generation_phases(args.resolution, args.candidates, margin)
+    report["traces"]["generation"] = generation
+    print(f"\ngeneration phases at {args.resolution} px, fp16 UNet, upcast fp32 VAE - traced")
+    for name, value in generation_peaks.items():
+        line(f"{name}: with margins", value)
 
     # DiffSynth-style: ChatGLM and VAE resident during the UNet step (encodes run before its forward)
     resident = text["weights"] + vae_t["weights"]
@@ -399,7 +494,10 @@ def main() -> None:
     print(f"\nestimate: {gb(phases[worst]):.1f} GB ({gib(phases[worst]):.1f} GiB) peak for the project's trainer "
           f"-> {verdict} the {GOAL_GB:.0f} GB goal; baseline layout {gb(base_total):.1f} GB "
           f"(reported {BASELINE_REPORTED_GB:.0f} GB)")
-    report["estimate"] = {"phases_with_margins": phases, "peak_phase": worst, "peak": phases[worst],
+    every = {**phases, **generation_peaks}
+    fits = print_card_table(every)
+    report["estimate"] = {"phases_with_margins": every, "peak_phase": worst, "peak": phases[worst],
+                          "card_gib": CARD_GIB, "default_run_fits_card": fits,
                           "baseline_layout_peak": base_peak, "baseline_layout_with_margins": base_total,
                           "goal_gb": GOAL_GB, "under_goal": verdict == "UNDER",
                           "margins": {"context_gib": args.context_gib, "fragmentation": args.fragmentation}}
