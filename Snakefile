@@ -20,9 +20,11 @@ include: "rules/generate.smk"
 include: "rules/report.smk"
 
 
-# Light jobs that run on the submitting host under a cluster executor (profiles/slurm): tiling,
-# bundling, manifests, the leaderboard, the copies into results/<variant>/, and the upload.
+# Light jobs that run on the submitting host under a cluster executor (profiles/slurm): text
+# markers, tiling, bundling, manifests, the leaderboard, the copies into results/<variant>/, and
+# the upload.
 localrules:
+    note_text,
     compose_story,
     bundle,
     manifest,

@@ -194,11 +194,11 @@ def trace_unet_step(resolution: int, rank: int, batch: int) -> dict:
     }
 
 
-def trace_text_encoding() -> dict:
+def trace_text_encoding(layers: int = C.CHATGLM3_6B_LAYERS) -> dict:
     """ChatGLM3-6B (28 layers, bf16) encoding one 256-token prompt with output_hidden_states."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    model = meta_chatglm()
+    model = meta_chatglm(layers)
     with FakeTensorMode(), LiveBytes() as live:
         materialize_fake(model)
         weights = live.current
@@ -381,11 +381,12 @@ def main() -> None:
                         help="skip checking the tracker on real vs fake tensors (tiny model, seconds)")
     parser.add_argument("--candidates", type=int, default=4, help="best-of-N of the traced scene")
     parser.add_argument("--smoke", action="store_true",
-                        help="every phase at 256 px, no cross-check or self-check (what make test runs)")
+                        help="every phase at 128 px, best-of-2, a 2-layer ChatGLM, no cross-check or self-check "
+                             "(what make test runs: the code path, not the figures)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.smoke:
-        args.resolution, args.check_resolutions, args.self_check = 256, "", False
+        args.resolution, args.check_resolutions, args.self_check, args.candidates = 128, "", False, 2
     start = time.perf_counter()
 
     # 1. parameter counts on the meta device
@@ -421,7 +422,7 @@ def main() -> None:
     print("\ntracing (FakeTensorMode, no arithmetic; ~40 s per UNet step traced on 2 CPU cores, ~2.5 min in all)...", flush=True)
     unet = trace_unet_step(args.resolution, args.rank, args.batch)
     print(f"  UNet step at {args.resolution} px traced in {unet['trace_s']} s", flush=True)
-    text = trace_text_encoding()
+    text = trace_text_encoding(2 if args.smoke else C.CHATGLM3_6B_LAYERS)  # smoke: the code path, not the size
     vae_t = trace_vae_encode(args.resolution, args.batch)
     checks = []
     for r in [int(x) for x in args.check_resolutions.split(",") if x.strip()]:

@@ -1,7 +1,11 @@
 # Anchors (one per character) and scenes (one job per panel) on the GPU, keyed by the LoRA job,
 # the model and exactly what the image depends on: variants that render a scene alike share the
-# job. Prompt embeddings are cached under CACHE: a rerun with other sampler settings, seeds or
-# LoRA does not load the 6B text encoder again. Then each variant's panels, tiled.
+# job. Neither loads the 6B text encoder: their prompt embeddings come from rule encode_texts'
+# file (rules/encode.smk), an ancient() input, so a rerun of that job (another scene's prompt
+# edited) reruns no anchor or scene by itself; each reruns when its own params (its prompt, seed,
+# size, sampler) or its LoRA change, and its prompts' markers (rule note_text) bring a job with a
+# new prompt into the plan. A prompt missing from the file stops the job with the fix
+# (snakemake -R encode_texts). Then each variant's panels, tiled.
 
 
 rule render_anchor:

@@ -1,7 +1,9 @@
 # The LoRA: trained on the Kolors UNet (GPU), or imported from a file (train.use_lora); keyed by
 # the filter job, the model and the training settings, so variants that differ only in how they
-# generate share one training. Checkpoints live in the job's work/ folder, outside the declared
-# outputs, so an interrupted training job, rerun, continues from its last checkpoint.
+# generate share one training. Its caption and validation-prompt embeddings come from rule
+# encode_texts' file (ancient(): an edited scene prompt re-encodes, but retrains nothing).
+# Checkpoints live in the job's work/ folder, outside the declared outputs, so an interrupted
+# training job, rerun, continues from its last checkpoint.
 
 
 rule import_lora:

@@ -1,9 +1,8 @@
 from pathlib import Path
 
 from kolors_story import models
-from kolors_story.generation import SamplerSettings, pipeline_dtype
 from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import write_embeddings
+from kolors_story.prompt_embeddings import encoder_dtype, write_embeddings
 from kolors_story.rule_runner import run_rule
 from kolors_story.training.data import read_metadata
 
@@ -12,9 +11,8 @@ def main(snakemake):
     inp, params = snakemake.input, snakemake.params
     captions = [example.caption for folder in inp.datasets for example in read_metadata(Path(folder))]
     device = models.pick_device()
-    dtype = pipeline_dtype(SamplerSettings(precision=params.precision), device)
-    write_embeddings(KolorsFolder(Path(inp.model)), [*params.texts, *captions], Path(snakemake.output[0]), dtype,
-                     device, Path(params.cache_dir))
+    write_embeddings(KolorsFolder(Path(inp.model)), [*params.texts, *captions], Path(snakemake.output[0]),
+                     encoder_dtype(params.precision, device), device, Path(params.cache_dir))
 
 
 run_rule(main, snakemake)

@@ -191,20 +191,26 @@ def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tin
 
 def test_the_embeddings_file_gives_bitwise_the_cache_and_the_scene_never_loads_chatglm(
         tiny_kolors, lora, tmp_path, monkeypatch):
-    """The encode_texts job's file: the pipeline's own embeddings, bitwise, and a scene job that
-    reads it renders the same panel without ever loading the text encoder."""
+    """The encode_texts job's file: the pipeline's own embeddings, bitwise, and a scene or anchor
+    job that reads it renders the same image without ever loading the text encoder."""
+    from safetensors.torch import load_file
+
     from kolors_story.errors import UserError
+    from kolors_story.generation import Consistency, render_anchor
     from kolors_story.kolors_folder import KolorsFolder
-    from kolors_story.prompt_embeddings import PromptEmbeddings, write_embeddings
+    from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, write_embeddings
 
     folder, settings = KolorsFolder(tiny_kolors), SamplerSettings(steps=2)
     scene = Scene("s1", "水墨画，山水", "丑陋", seed=4, width=32, height=32)
-    store = write_embeddings(folder, [scene.prompt, scene.negative_prompt, "二次元"], tmp_path / "e.safetensors",
-                             torch.float32, CPU, tmp_path / "cache")
+    girl = Scene("girl", "水墨画，少女", "丑陋", seed=0, width=32, height=32)
+    store = write_embeddings(folder, [scene.prompt, scene.negative_prompt, girl.prompt, "二次元"],
+                             tmp_path / "e.safetensors", torch.float32, CPU, tmp_path / "cache")
     direct = PromptEmbeddings(folder, torch.float32, CPU).for_pipeline(scene.prompt, scene.negative_prompt)
-    stored = PromptEmbeddings(folder, torch.float32, CPU, store=store).for_pipeline(scene.prompt, scene.negative_prompt)
+    stored = EmbeddingsFile(store, folder, torch.float32, CPU).for_pipeline(scene.prompt, scene.negative_prompt)
     assert direct.keys() == stored.keys() and all(torch.equal(direct[k], stored[k]) for k in direct)
+    option = Consistency(strength=1.0, steps_fraction=1.0, max_tokens=16)
     render_scene(tiny_kolors, lora, scene, settings, tmp_path / "encoded.png", device=CPU)
+    render_anchor(tiny_kolors, lora, girl, settings, option, tmp_path / "encoded/girl.safetensors", device=CPU)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a scene job with an embeddings file loaded ChatGLM")
@@ -212,6 +218,10 @@ def test_the_embeddings_file_gives_bitwise_the_cache_and_the_scene_never_loads_c
     monkeypatch.setattr(KolorsFolder, "load_text_encoder", refuse)
     render_scene(tiny_kolors, lora, scene, settings, tmp_path / "stored.png", device=CPU, embeddings=store)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "encoded.png")), np.asarray(Image.open(tmp_path / "stored.png")))
+    render_anchor(tiny_kolors, lora, girl, settings, option, tmp_path / "stored/girl.safetensors", device=CPU,
+                  embeddings=store)
+    encoded, read = load_file(tmp_path / "encoded/girl.safetensors"), load_file(tmp_path / "stored/girl.safetensors")
+    assert encoded.keys() == read.keys() and all(torch.equal(encoded[k], read[k]) for k in encoded)
     with pytest.raises(UserError, match="snakemake -R encode_texts"):
-        render_scene(tiny_kolors, lora, Scene("s2", "另一个提示", seed=1, width=32, height=32), settings,
+        render_scene(tiny_kolors, lora, Scene("s2", "另一个提示", "丑陋", seed=1, width=32, height=32), settings,
                      tmp_path / "missing.png", device=CPU, embeddings=store)

@@ -1,6 +1,6 @@
 """Resume anywhere and multi-GPU on a shared host: checkpoints load whatever device wrote them, the
 fp16 loss scaler resumes where it was, ranks wait for rank 0's caches as long as it takes, and a
-multi-process training gets GPUs of its own."""
+multi-process training gets GPUs of its own, held while its ranks run."""
 
 from __future__ import annotations
 
@@ -158,3 +158,115 @@ def test_the_ranks_see_exactly_the_claimed_gpus(monkeypatch):
     assert [visible_devices(4)[i] for i in (1, 3)] == ["5", "7"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_devices(3) == ["0", "1", "2"]
+
+
+def test_a_run_resumes_on_the_cpu_from_a_checkpoint_its_gpu_run_wrote(tiny_kolors, tmp_path):
+    """The whole resume path, not just the file: AdamW moments written on cuda:1 go on on the CPU."""
+    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.training.loop import TrainState
+    from kolors_story.training.lora_file import lora_state
+    from kolors_story.training.settings import TrainSettings
+
+    settings = TrainSettings(steps=2, resolution=32, precision="fp32", rank=4)
+    folder, cpu = KolorsFolder(tiny_kolors), torch.device("cpu")
+    run = TrainState.create(folder, settings, [], torch.float32, cpu)
+    for p in run.params:
+        p.grad = torch.full_like(p, 0.5)
+    run.optimizer_step()
+    path = ckpt.save_checkpoint(tmp_path, 1, lora_state(run.unet), run.state_dict(1))
+    _relocate(path / ckpt.STATE_FILE, "cuda:1")
+    resumed = TrainState.create(folder, settings, [], torch.float32, cpu)
+    assert resumed.resume(tmp_path) == 1
+    for p, q in zip(run.params, resumed.params):
+        before, after = run.optimizer.state[p], resumed.optimizer.state[q]
+        assert after["exp_avg"].device == q.device and torch.equal(after["exp_avg"], before["exp_avg"])
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("value", ["ten", "0", "-5", "nan", "inf"])
+def test_a_bad_barrier_timeout_is_refused_with_the_variable_named(monkeypatch, value):
+    from kolors_story.errors import UserError
+
+    monkeypatch.setenv("KOLORS_STORY_BARRIER_TIMEOUT_S", value)
+    with pytest.raises(UserError, match="KOLORS_STORY_BARRIER_TIMEOUT_S"):
+        barrier_timeout()
+    monkeypatch.setenv("KOLORS_STORY_BARRIER_TIMEOUT_S", "90")
+    assert barrier_timeout() == timedelta(seconds=90)
+
+
+@pytest.fixture
+def four_fake_gpus(monkeypatch, tmp_path):
+    """Four CUDA GPUs with UUIDs a..d, shown to this job as SLURM's 4,5,6,7; locks in a temp folder."""
+    from types import SimpleNamespace
+
+    from kolors_story import gpu_slots
+
+    names = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=names[i][4:]))
+    monkeypatch.setattr(gpu_slots, "LOCK_DIR", tmp_path / "locks")
+    monkeypatch.setattr(gpu_slots, "_HELD", {})
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    yield names
+    for handle in gpu_slots._HELD.values():
+        handle.close()
+
+
+def _is_free(lock_dir: Path, name: str) -> bool:
+    import fcntl
+
+    with open(lock_dir / f"{name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+def test_train_launches_its_ranks_on_gpus_no_other_job_holds_and_frees_them(four_fake_gpus, tmp_path, monkeypatch):
+    from kolors_story import gpu_slots
+    from kolors_story.errors import UserError
+    from kolors_story.training import launch
+    from kolors_story.training.settings import TrainSettings
+
+    lock_dir = gpu_slots.LOCK_DIR
+    _, scene_job = claim_slots(four_fake_gpus, 1, lock_dir)  # another job holds gpu-a (SLURM's 4)
+    seen: dict[str, str] = {}
+
+    def fake_launch(command: list[str], env: dict[str, str] | None = None) -> int:
+        seen.update(env or {})
+        seen["free_during"] = ",".join(n for n in four_fake_gpus if _is_free(lock_dir, n))
+        return 1
+
+    monkeypatch.setattr(launch, "run_logged", fake_launch)
+    with pytest.raises(UserError, match="2 training processes failed"):
+        launch.train(tmp_path, tmp_path, tmp_path / "out", TrainSettings(steps=1), processes=2)
+    assert seen["CUDA_VISIBLE_DEVICES"] == "5,6"  # the ranks see exactly the two it took
+    assert seen["free_during"] == "gpu-d"  # ... held while they ran
+    assert all(_is_free(lock_dir, n) for n in four_fake_gpus[1:])  # and freed after the launch
+    scene_job[0].close()
+
+
+def test_a_training_in_a_one_gpu_job_counts_the_gpu_it_already_holds(four_fake_gpus):
+    """With `--resources gpu=1` Snakemake caps a 2-process training's gpu=2 at 1, so rule_runner
+    claims a GPU for the job before the launcher asks for two: that one must be one of them."""
+    import threading
+
+    from kolors_story import gpu_slots
+    from kolors_story.training.launch import ranks_env
+
+    own = gpu_slots.use_free_gpu()  # what rule_runner does for a gpu=1 job
+    got: list[str] = []
+
+    def launch() -> None:
+        with ranks_env(2) as env:
+            got.append(env["CUDA_VISIBLE_DEVICES"])
+
+    thread = threading.Thread(target=launch, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert got == ["4,5"], "the launcher waited for the GPU its own job holds"
+    assert own == 0 and not _is_free(gpu_slots.LOCK_DIR, "gpu-a")  # the job's own claim stays
+    assert _is_free(gpu_slots.LOCK_DIR, "gpu-b")

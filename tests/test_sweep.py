@@ -144,5 +144,22 @@ def test_variants_of_one_model_share_one_text_encoder_job_with_every_text(demo):
     assert "另一个负面提示" in job["texts"] and demo["story"]["negative_prompt"] in job["texts"]
     assert job["filters"] == [plan.variants["a"].filter] and job["texts"] == sorted(set(job["texts"]))
     assert {plan.scenes[k]["encoding"] for v in plan.variants.values() for k in v.scenes.values()} == set(plan.encodings)
-    other = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", "generate": {"precision": "bf16"}}]))
-    assert len(other.encodings) == 2  # one per model and precision
+    assert {plan.anchors[k]["encoding"] for v in plan.variants.values() for k in v.anchors.values()} == set(plan.encodings)
+    assert {t["encoding"] for t in plan.trainings.values()} == set(plan.encodings)
+    for key, scene in plan.scenes.items():  # each reader's texts (its markers' texts), all encoded
+        assert plan.texts[key] == sorted({scene["scene"]["prompt"], scene["scene"]["negative_prompt"]})
+    assert set().union(*plan.texts.values()) == set(job["texts"])
+
+
+def test_one_text_encoder_precision_serves_training_and_generation(demo):
+    """models.text_encoder_precision is the encoder's one precision: training and generation
+    precisions do not reach the encode job, so a precision sweep still encodes once and a
+    generation-only one still trains once; another encoder precision is another job (and LoRA)."""
+    plan = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", "generate": {"precision": "bf16"}},
+                                        {"name": "c", "train": {"precision": "fp16"}}]))
+    assert len(plan.encodings) == 1 and len(plan.trainings) == 2
+    assert plan.variants["a"].lora == plan.variants["b"].lora
+    (job,) = plan.encodings.values()
+    assert job["precision"] == "fp16" and job["kolors"] == demo["models"]["kolors"]
+    other = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", "models": {"text_encoder_precision": "bf16"}}]))
+    assert len(other.encodings) == 2 and len(other.trainings) == 2  # one per model and precision

@@ -239,6 +239,20 @@ def test_changing_one_scene_reruns_that_scene_only(demo_run):
     assert not {"train_lora", "filter_dataset", "build_metadata"} & set(jobs)
 
 
+def test_editing_one_scene_prompt_encodes_once_and_renders_that_scene_only(demo_run):
+    """One encode_texts job per model and precision encodes every text of the run; the scene,
+    anchor and training jobs take its file as ancient(): an edited prompt reruns that job and the
+    edited scene, not the training, the anchors or any other scene."""
+    embeddings = sorted((demo_run / "results/shared/embeddings").iterdir())
+    assert len(embeddings) == 1 and (embeddings[0] / "embeddings.safetensors").is_file()  # one job for the sweep
+    scenes = demo_scenes(demo_run)
+    scenes[4] = {**scenes[4], "action": scenes[4]["action"] + "，手持折扇"}
+    jobs = planned_jobs(demo_run, override(demo_run, "prompt", {"story": {"scenes": scenes}}))
+    assert jobs.get("encode_texts") == 1 and jobs.get("generate_scene") == 1
+    assert jobs.get("note_text") == 1  # the new prompt's marker (rules/encode.smk)
+    assert not {"train_lora", "render_anchor", "build_metadata"} & set(jobs)
+
+
 def test_changing_one_scene_seed_or_size_reruns_that_scene_only(demo_run):
     scenes = demo_scenes(demo_run)
     scenes[5] = {**scenes[5], "seed": 99, "width": 48}

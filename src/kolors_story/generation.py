@@ -151,14 +151,18 @@ def warm_up(pipe, scene: "Scene", embeds: dict) -> float:
 
 
 def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
-                            cache_dir: Path | None = None, store: Path | None = None) -> tuple[object, dict]:
+                            cache_dir: Path | None = None, embeddings: Path | None = None) -> tuple[object, dict]:
     """The pipeline without its text encoder, and the scene's prompt embeddings (bitwise those of
-    the pipeline's encode_prompt). From `store` (the encode_texts job's file) ChatGLM is never
-    loaded; without it, ChatGLM is loaded, used and released first, and only when cache_dir lacks
-    the prompt or the negative prompt: the 6B encoder and the UNet never meet."""
-    embeddings = PromptEmbeddings(KolorsFolder(model_dir), pipeline_dtype(settings, device), device, cache_dir,
-                                  store)
-    embeds = embeddings.for_pipeline(scene.prompt, scene.negative_prompt)
+    the pipeline's encode_prompt in the encoder's dtype), cast to the pipeline's dtype. From
+    `embeddings` (the encode_texts job's file) ChatGLM is never loaded; without it, ChatGLM is
+    loaded, used and released first, and only when cache_dir lacks the prompt or the negative
+    prompt: the 6B encoder and the UNet never meet."""
+    from kolors_story.prompt_embeddings import EmbeddingsFile
+
+    folder, dtype = KolorsFolder(model_dir), pipeline_dtype(settings, device)
+    source = (EmbeddingsFile(embeddings, folder, dtype, device) if embeddings is not None
+              else PromptEmbeddings(folder, dtype, device, cache_dir))
+    embeds = source.for_pipeline(scene.prompt, scene.negative_prompt)
     return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
 
 

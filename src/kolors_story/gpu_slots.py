@@ -1,5 +1,6 @@
 """One GPU per job on hosts with several: GPU jobs that Snakemake runs side by side
-(`--resources gpu=N`) each take a GPU no other job holds, instead of all landing on the first.
+(`--resources gpu=N`) each take a GPU no other job holds, instead of all landing on the first;
+a multi-process training takes its N GPUs at once and gives its ranks exactly those.
 
 A GPU is held by an exclusive lock on a file named after the GPU's UUID (the same physical GPU
 whatever CUDA_VISIBLE_DEVICES says); the lock goes with the process, so a killed job frees it.
@@ -7,23 +8,26 @@ whatever CUDA_VISIBLE_DEVICES says); the lock goes with the process, so a killed
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 log = logging.getLogger(__name__)
 
 LOCK_DIR = Path(tempfile.gettempdir()) / "kolors-story-gpu-locks"
-_HELD: list[IO] = []  # open lock files of this process: closing one would free its GPU
+_HELD: dict[str, IO] = {}  # GPU name -> open lock file this process holds (closing it frees the GPU)
 
 
-def claim_slot(names: list[str], lock_dir: Path = LOCK_DIR, poll_s: float = 0.5) -> tuple[int, IO]:
+def claim_slot(names: list[str], lock_dir: Path | None = None, poll_s: float = 0.5) -> tuple[int, IO]:
     """Index of the first of `names` no other holder has locked, and the open file that holds it.
     Waits while every one is taken (more parallel GPU jobs than GPUs)."""
+    lock_dir = Path(lock_dir or LOCK_DIR)  # looked up at call time (tests point it elsewhere)
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
@@ -40,11 +44,16 @@ def claim_slot(names: list[str], lock_dir: Path = LOCK_DIR, poll_s: float = 0.5)
         time.sleep(poll_s)
 
 
-def claim_slots(names: list[str], n: int, lock_dir: Path = LOCK_DIR, poll_s: float = 0.5) -> tuple[list[int], list[IO]]:
+def claim_slots(
+    names: list[str], n: int, lock_dir: Path | None = None, poll_s: float = 0.5
+) -> tuple[list[int], list[IO]]:
     """Indices of n of `names` that no other holder has locked, and their open lock files; waits
     (holding none) until n are free at once, so two multi-GPU jobs never deadlock on half each."""
     if n > len(names):
         raise ValueError(f"{n} GPUs asked for, {len(names)} visible")
+    if n <= 0:
+        return [], []
+    lock_dir = Path(lock_dir or LOCK_DIR)  # looked up at call time (tests point it elsewhere)
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
@@ -72,33 +81,47 @@ def visible_devices(count: int) -> list[str]:
     return given[:count] if len(given) >= count else [str(i) for i in range(count)]
 
 
-def hold_free_gpus(n: int) -> str | None:
-    """Claim n GPUs no other job holds, for the life of this process (a multi-process training's
-    ranks), and return the CUDA_VISIBLE_DEVICES value that gives its children exactly those;
-    None without CUDA."""
+def cuda_gpu_names() -> list[str]:
+    """Lock names of this process's visible CUDA GPUs, by UUID; [] without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
-        return None
-    count = torch.cuda.device_count()
-    names = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(count)]
-    indices, handles = claim_slots(names, n)
-    _HELD.extend(handles)
-    chosen = ",".join(visible_devices(count)[i] for i in indices)
-    log.info("training processes get GPUs %s (CUDA_VISIBLE_DEVICES), free of other jobs", chosen)
-    return chosen
+        return []
+    return [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+
+
+@contextlib.contextmanager
+def hold_free_gpus(n: int) -> Iterator[str | None]:
+    """Hold n GPUs no other job holds while the block runs (a multi-process training's ranks) and
+    yield the CUDA_VISIBLE_DEVICES value that gives its children exactly those; None without CUDA.
+    A GPU this process already holds (rule_runner's one-GPU claim, when Snakemake capped the job's
+    gpu=N at --resources gpu=1) counts as one of them: locking it again would wait on ourselves."""
+    names = cuda_gpu_names()
+    if not names:
+        yield None
+        return
+    mine = [i for i, name in enumerate(names) if name in _HELD][:n]
+    others = [i for i in range(len(names)) if i not in mine]
+    picked, handles = claim_slots([names[i] for i in others], n - len(mine))
+    try:
+        chosen = ",".join(visible_devices(len(names))[i] for i in sorted(mine + [others[j] for j in picked]))
+        log.info("training processes get GPUs %s (CUDA_VISIBLE_DEVICES), free of other jobs", chosen)
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def use_free_gpu() -> int | None:
     """With several visible GPUs, make a free one the current CUDA device of this process (so
     `torch.device("cuda")` means it) and return its index; None with fewer than two GPUs."""
+    names = cuda_gpu_names()
+    if len(names) < 2:
+        return None
     import torch
 
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return None
-    names = [f"gpu-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
     index, handle = claim_slot(names)
-    _HELD.append(handle)
+    _HELD[names[index]] = handle
     torch.cuda.set_device(index)
     log.info("using GPU %d of %d (free of other jobs)", index, len(names))
     return index

@@ -47,6 +47,9 @@ class JobPlan:
     anchors: dict[str, dict] = field(default_factory=dict)
     scenes: dict[str, dict] = field(default_factory=dict)
     variants: dict[str, VariantJobs] = field(default_factory=dict)
+    # a training, anchor or scene job's key -> the texts it reads from its encode_texts job's file
+    # (captions aside: they come from the training folder when the encode job runs)
+    texts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def sampler_settings(config: dict) -> dict:
@@ -72,10 +75,12 @@ def _add(table: dict[str, dict], settings: dict) -> str:
 
 
 def encoding_settings(config: dict) -> dict:
-    """One text-encoder job per model and precision: ChatGLM runs in the generation precision, so
-    the scenes' embeddings are bitwise what the stock pipeline's encode_prompt gives in that dtype,
-    and training casts the same stored embeddings to its own."""
-    return {"kolors": config["models"]["kolors"], "precision": config["generate"]["precision"]}
+    """One text-encoder job per model and models.text_encoder_precision (one setting for training
+    and generation, so they share the job; each casts the stored embeddings to its own precision).
+    Neither train.precision nor generate.precision reaches it: a generation-only sweep still
+    shares one training."""
+    models = config["models"]
+    return {"kolors": models["kolors"], "precision": models["text_encoder_precision"]}
 
 
 def _encoding_job(plan: JobPlan, config: dict) -> str:
@@ -85,8 +90,11 @@ def _encoding_job(plan: JobPlan, config: dict) -> str:
     return key
 
 
-def _note_texts(plan: JobPlan, key: str, texts: list[str]) -> None:
-    plan.encodings[key]["texts"].update(texts)
+def _note_texts(plan: JobPlan, encoding: str, job: str, texts: list[str]) -> str:
+    """The texts job `job` reads, added to its encode_texts job's; returns `job`."""
+    plan.encodings[encoding]["texts"].update(texts)
+    plan.texts[job] = sorted(set(texts))
+    return job
 
 
 def _lora_job(plan: JobPlan, config: dict, filter_key: str, encoding: str) -> tuple[str, bool]:
@@ -99,8 +107,8 @@ def _lora_job(plan: JobPlan, config: dict, filter_key: str, encoding: str) -> tu
                 "kolors": models["kolors"], "encoding": encoding,
                 "aesthetic": models["aesthetic"] if train["validation"]["every"] else None}
     plan.encodings[encoding]["filters"].add(filter_key)  # its captions
-    _note_texts(plan, encoding, [t for p in train["validation"]["prompts"] for t in (p["prompt"], p["negative_prompt"])])
-    return _add(plan.trainings, settings), False
+    validation = [t for p in train["validation"]["prompts"] for t in (p["prompt"], p["negative_prompt"])]
+    return _note_texts(plan, encoding, _add(plan.trainings, settings), validation), False
 
 
 def anchor_settings(config: dict, character: str) -> dict:
@@ -121,8 +129,8 @@ def _scene_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: Vari
         anchors = [[c, jobs.anchors[c]] for c in scene["characters"]] if consistency else []
         settings = {**base, "scene": {k: scene[k] for k in IMAGE_KEYS}, "anchors": anchors,
                     "consistency": consistency if anchors else None, "aesthetic": scorer}
-        jobs.scenes[scene_id] = _add(plan.scenes, settings)
-        _note_texts(plan, jobs.encoding, [scene["prompt"], scene["negative_prompt"]])
+        jobs.scenes[scene_id] = _note_texts(plan, jobs.encoding, _add(plan.scenes, settings),
+                                            [scene["prompt"], scene["negative_prompt"]])
 
 
 def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:
@@ -135,8 +143,8 @@ def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: Var
         settings = {"kolors": config["models"]["kolors"], "sampler": sampler_settings(config),
                     "lora": jobs.lora, "imported": jobs.imported, "encoding": jobs.encoding,
                     "consistency": recording, "anchor": anchor}
-        jobs.anchors[character] = _add(plan.anchors, settings)
-        _note_texts(plan, jobs.encoding, [anchor["prompt"], anchor["negative_prompt"]])
+        jobs.anchors[character] = _note_texts(plan, jobs.encoding, _add(plan.anchors, settings),
+                                              [anchor["prompt"], anchor["negative_prompt"]])
 
 
 def plan_jobs(variants: dict[str, dict]) -> JobPlan:

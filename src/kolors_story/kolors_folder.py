@@ -240,10 +240,13 @@ class KolorsFolder:
 
     def load_text_encoder(self, dtype: torch.dtype, device: torch.device | None = None):
         """ChatGLM on `device` (default: the CPU). A CUDA device gets the shards loaded straight onto
-        it (device_map), not through a 12.5 GB copy in host memory first."""
+        it (`device_map={"": index}`, which also implies low_cpu_mem_usage), not through a 12.5 GB
+        copy in host memory first. `dtype`, not `torch_dtype`: the one spelling that transformers
+        4.56+ and 5.x both take without a deprecation warning (ChatGLM is a transformers model)."""
         from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
 
         args = self._load_args("text_encoder", dtype)
+        args["dtype"] = args.pop("torch_dtype")
         device = torch.device(device) if device is not None else None
         if device is not None and device.type == "cuda":  # the index use_free_gpu made current
             args["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}

@@ -144,7 +144,7 @@ def test_the_demo_through_slurm_gives_the_local_outputs_byte_for_byte(slurm_demo
     ids = re.findall(r"has been submitted with SLURM jobid (\d+)", (slurm_demo / "slurm.out").read_text())
     assert ids, "no job went through SLURM"
     gres = accounted_gpus(ids)
-    gpu_rules = {"train_lora", "generate_scene", "render_anchor"}
+    gpu_rules = {"encode_texts", "train_lora", "generate_scene", "render_anchor"}
     for job_id, (rule, gpus) in gres.items():
         assert gpus == (1 if rule in gpu_rules else 0), f"SLURM job {job_id} ({rule}) got {gpus} GPUs"
     rules = {rule for rule, _ in gres.values()}

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import PromptEmbeddings
+from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings
 from kolors_story.tensor_cache import TensorCache
 from kolors_story.training.data import Example, crop_origin, load_pixels
 
@@ -22,10 +22,13 @@ def encode_texts(
     folder: KolorsFolder, texts: list[str], cache_root: Path, device: torch.device, dtype: torch.dtype,
     store: Path | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(prompt_embeds, pooled) per distinct text: from the encode_texts job's file when given (no
-    ChatGLM), else from the prompt-embedding cache, ChatGLM loaded only if some text is not cached
-    yet and released before returning: it is never resident beside the UNet."""
-    return PromptEmbeddings(folder, dtype, device, cache_root, store).get(texts)
+    """Float32 CPU (prompt_embeds, pooled) per distinct text: from the encode_texts job's file when
+    given (ChatGLM never loaded; the file's dtype is models.text_encoder_precision's, the caller
+    casts to its own), else encoded in `dtype` through the prompt-embedding cache, ChatGLM loaded
+    only if some text is not cached yet and released before returning: never beside the UNet."""
+    if store is not None:
+        return EmbeddingsFile(store, folder, dtype, device).get(texts)
+    return PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from kolors_story.errors import UserError
@@ -95,7 +97,8 @@ def train(
         per_process = max(1, (threads or os.cpu_count() or 1) // processes)
         command = accelerate_command(processes, per_process, args, Path(tmp))
         log.info("launching %d training processes: %s", processes, " ".join(command))
-        returncode = run_logged(command, ranks_env(processes))
+        with ranks_env(processes) as env:  # the GPUs stay held until the ranks are gone
+            returncode = run_logged(command, env)
         if returncode != 0 or not result_json.is_file():
             raise UserError(
                 f"train_lora: the {processes} training processes failed (exit {returncode}); their "
@@ -104,13 +107,14 @@ def train(
         return TrainResult.from_json(result_json.read_text(encoding="utf-8"))
 
 
-def ranks_env(processes: int) -> dict[str, str]:
+@contextlib.contextmanager
+def ranks_env(processes: int) -> Iterator[dict[str, str]]:
     """The ranks' environment: CUDA_VISIBLE_DEVICES names `processes` GPUs that no other job of
-    this host holds (claimed here for the launch's lifetime; rule_runner claims one GPU only)."""
+    this host holds, held while the block runs (rule_runner claims one GPU only, gpu=1 jobs)."""
     from kolors_story.gpu_slots import hold_free_gpus
 
-    devices = hold_free_gpus(processes)
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": devices} if devices is not None else dict(os.environ)
+    with hold_free_gpus(processes) as devices:
+        yield {**os.environ, "CUDA_VISIBLE_DEVICES": devices} if devices is not None else dict(os.environ)
 
 
 def run_logged(command: list[str], env: dict[str, str] | None = None) -> int:

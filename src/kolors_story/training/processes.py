@@ -22,6 +22,7 @@ from datetime import timedelta
 import torch
 
 from kolors_story import models
+from kolors_story.errors import UserError
 
 
 # Ranks > 0 wait in a barrier while rank 0 fills the caches (every caption through ChatGLM, every
@@ -32,8 +33,17 @@ DEFAULT_BARRIER_TIMEOUT = timedelta(hours=2)
 
 def barrier_timeout() -> timedelta:
     """How long a rank waits in a collective ($KOLORS_STORY_BARRIER_TIMEOUT_S seconds, default 2 h)."""
-    value = os.environ.get(BARRIER_TIMEOUT_ENV)
-    return timedelta(seconds=float(value)) if value else DEFAULT_BARRIER_TIMEOUT
+    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_BARRIER_TIMEOUT
+    try:
+        timeout = timedelta(seconds=float(value))
+    except (ValueError, OverflowError):  # not a number, NaN, inf
+        timeout = timedelta(0)
+    if timeout <= timedelta(0):
+        raise UserError(f"{BARRIER_TIMEOUT_ENV}={value!r} is not a number of seconds > 0; unset it for "
+                        f"the default ({DEFAULT_BARRIER_TIMEOUT}) or set e.g. {BARRIER_TIMEOUT_ENV}=14400.")
+    return timeout
 
 
 @dataclass(frozen=True)

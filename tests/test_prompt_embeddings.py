@@ -1,0 +1,138 @@
+"""The encode_texts job's embeddings file on the tiny Kolors: bitwise the encoded embeddings, one
+stored dtype cast at use, one ChatGLM load per rerun and only for missing texts, clear refusals,
+training reads it without ChatGLM, and ChatGLM loads straight onto a CUDA device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kolors_story.errors import UserError
+from kolors_story.kolors_folder import KolorsFolder
+from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, encoder_dtype, write_embeddings
+
+CPU = torch.device("cpu")
+PROMPT, NEGATIVE = "水墨画，山水", "丑陋"
+
+
+@pytest.fixture
+def counted_loads(monkeypatch) -> list[torch.dtype]:
+    """Every ChatGLM load, by dtype."""
+    loads, load = [], KolorsFolder.load_text_encoder
+
+    def counting(self, dtype, device=None):
+        loads.append(dtype)
+        return load(self, dtype, device)
+
+    monkeypatch.setattr(KolorsFolder, "load_text_encoder", counting)
+    return loads
+
+
+def refuse_chatglm(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("ChatGLM was loaded although the embeddings file holds every text")
+
+    monkeypatch.setattr(KolorsFolder, "load_text_encoder", refuse)
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("force_zeros", [False, True])
+@pytest.mark.parametrize("negative", [NEGATIVE, ""])
+def test_for_pipeline_from_the_file_is_bitwise_the_encoded_one(tiny_kolors, tmp_path, monkeypatch, force_zeros,
+                                                                 negative):
+    monkeypatch.setattr(KolorsFolder, "force_zeros_for_empty_prompt", property(lambda self: force_zeros))
+    folder = KolorsFolder(tiny_kolors)
+    direct = PromptEmbeddings(folder, torch.float32, CPU).for_pipeline(PROMPT, negative)
+    store = write_embeddings(folder, [PROMPT, negative, "二次元"], tmp_path / "e.safetensors", torch.float32, CPU)
+    refuse_chatglm(monkeypatch)
+    stored = EmbeddingsFile(store, folder, torch.float32, CPU).for_pipeline(PROMPT, negative)
+    assert same(direct, stored)
+    assert same(stored, PromptEmbeddings(folder, torch.float32, CPU, store=store).for_pipeline(PROMPT, negative))
+    zeroed = not torch.any(stored["negative_prompt_embeds"])
+    assert zeroed == (force_zeros and not negative)
+
+
+def test_one_stored_dtype_the_encoders_own_cast_at_use(tiny_kolors, tmp_path, monkeypatch):
+    folder = KolorsFolder(tiny_kolors)
+    store = write_embeddings(folder, [PROMPT, NEGATIVE], tmp_path / "e.safetensors", torch.bfloat16, CPU)
+    with safe_open(str(store), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert EmbeddingsFile(store, folder, torch.float32, CPU).about()["dtype"] == "bfloat16"
+    encoded = PromptEmbeddings(folder, torch.bfloat16, CPU).for_pipeline(PROMPT, NEGATIVE)
+    refuse_chatglm(monkeypatch)
+    assert same(encoded, EmbeddingsFile(store, folder, torch.bfloat16, CPU).for_pipeline(PROMPT, NEGATIVE))
+    as_fp32 = EmbeddingsFile(store, folder, torch.float32, CPU).for_pipeline(PROMPT, NEGATIVE)  # cast at use
+    assert same(as_fp32, {k: v.float() for k, v in encoded.items()})
+    assert encoder_dtype("fp16", CPU) == torch.float32 and encoder_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+
+
+def test_a_rerun_encodes_only_the_new_text_with_one_chatglm_load(tiny_kolors, tmp_path, counted_loads, caplog):
+    folder, cache = KolorsFolder(tiny_kolors), tmp_path / "cache"
+    out = tmp_path / "shared" / "e.safetensors"
+    write_embeddings(folder, ["a", "b", "c", "a"], out, torch.float32, CPU, cache)
+    assert len(counted_loads) == 1 and EmbeddingsFile(out, folder, torch.float32, CPU).texts() == ["a", "b", "c"]
+    first = EmbeddingsFile(out, folder, torch.float32, CPU).get(["a", "b"])
+    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
+        write_embeddings(folder, ["a", "b", "d"], out, torch.float32, CPU, cache)  # "c" edited to "d"
+        assert "3 distinct, 2 cached, 1 to encode" in caplog.text
+    assert len(counted_loads) == 2 and EmbeddingsFile(out, folder, torch.float32, CPU).texts() == ["a", "b", "d"]
+    again = EmbeddingsFile(out, folder, torch.float32, CPU).get(["a", "b"])
+    assert all(torch.equal(x, y) for t in "ab" for x, y in zip(first[t], again[t]))
+    write_embeddings(folder, ["d", "b", "a"], out, torch.float32, CPU, cache)
+    assert len(counted_loads) == 2  # everything cached: ChatGLM not loaded at all
+    assert [p.name for p in out.parent.iterdir()] == ["e.safetensors"]  # no temporary file left
+
+
+def test_a_missing_text_or_a_damaged_file_is_refused_with_the_fix(tiny_kolors, tmp_path):
+    folder = KolorsFolder(tiny_kolors)
+    store = write_embeddings(folder, [PROMPT, NEGATIVE], tmp_path / "e.safetensors", torch.float32, CPU)
+    with pytest.raises(UserError, match=r"'另一个提示' is not in the embeddings file .*snakemake -R encode_texts"):
+        EmbeddingsFile(store, folder, torch.float32, CPU).for_pipeline("另一个提示", NEGATIVE)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(store.read_bytes()[:100])
+    for path in (damaged, tmp_path / "absent.safetensors"):
+        with pytest.raises(UserError, match=rf"{path.name} cannot be read .*snakemake -R encode_texts"):
+            EmbeddingsFile(path, folder, torch.float32, CPU).get([PROMPT])
+
+
+def test_training_reads_the_file_without_chatglm(tiny_kolors, training_folder, tmp_path, monkeypatch):
+    from kolors_story.training.data import read_metadata
+    from kolors_story.training.encoding import encode_texts
+
+    folder = KolorsFolder(tiny_kolors)
+    texts = [e.caption for e in read_metadata(training_folder)] + ["验证", ""]
+    encoded = encode_texts(folder, texts, tmp_path / "cache", CPU, torch.float32)  # the fallback: no file
+    store = write_embeddings(folder, texts, tmp_path / "e.safetensors", torch.float32, CPU, tmp_path / "cache")
+    refuse_chatglm(monkeypatch)
+    stored = encode_texts(folder, texts, tmp_path / "other_cache", CPU, torch.float32, store)
+    assert stored.keys() == encoded.keys() == set(texts)
+    assert all(torch.equal(a, b) for t in texts for a, b in zip(encoded[t], stored[t]))
+    assert not (tmp_path / "other_cache").exists()
+
+
+def test_chatglm_loads_straight_onto_a_cuda_device(tiny_kolors, monkeypatch):
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    calls = []
+
+    class Loaded:
+        def eval(self):
+            return self
+
+        def to(self, *args, **kwargs):
+            raise AssertionError("moved after loading: it went through host memory")
+
+    def from_pretrained(folder, **kwargs):
+        calls.append(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(ChatGLMModel, "from_pretrained", staticmethod(from_pretrained))
+    KolorsFolder(tiny_kolors).load_text_encoder(torch.float16, torch.device("cuda", 1))
+    assert calls[-1]["device_map"] == {"": 1} and calls[-1]["dtype"] == torch.float16
+    assert "torch_dtype" not in calls[-1]  # the spelling both transformers 4.56+ and 5.x take
