@@ -322,6 +322,9 @@ def test_upload_without_token_fails_before_any_job(demo_run):
 
 
 # ---------------------------------------------------------------- LoRA interop
+@pytest.mark.xfail(strict=True, reason="known, open (issue 16): switching to use_lora drops the validation texts, so "
+                   "encode_texts reruns from its params and Snakemake 9 then skips the new jobs downstream of it "
+                   "whose inputs from it are all ancient(); the next snakemake call plans them")
 def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_run):
     from safetensors.torch import load_file
 
