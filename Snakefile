@@ -4,6 +4,12 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# Snakemake 9 does not plan a job behind an ancient() input when that input's job reruns in the
+# same call (the encode job: rules/encode.smk); this fixes its planning (the module says how).
+from kolors_story import snakemake_ancient
+
+snakemake_ancient.apply()
+
 
 configfile: "config.yaml"
 
@@ -20,11 +26,9 @@ include: "rules/generate.smk"
 include: "rules/report.smk"
 
 
-# Light jobs that run on the submitting host under a cluster executor (profiles/slurm): text
-# markers, tiling, bundling, manifests, the leaderboard, the copies into results/<variant>/, and
-# the upload.
+# Light jobs that run on the submitting host under a cluster executor (profiles/slurm): tiling,
+# bundling, manifests, the leaderboard, the copies into results/<variant>/, and the upload.
 localrules:
-    note_text,
     compose_story,
     bundle,
     manifest,

@@ -21,7 +21,6 @@ from kolors_story.errors import UserError
 from kolors_story.job_plan import IMAGE_KEYS, plan_jobs
 from kolors_story.panel_record import FORMAT as RECORD_FORMAT
 from kolors_story.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
-from kolors_story.text_names import text_name
 
 SCHEMA = load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml")
 try:
@@ -187,33 +186,18 @@ def filter_input(name):
 
 # ---------------------------------------------------------------- of the text encoder
 EMBEDDINGS_FILE = "embeddings.safetensors"
-# (encode job key, text name) -> the text: what rule note_text writes into each text's marker
-TEXT_NAMES = {(key, text_name(t)): t for key, job in PLAN.encodings.items() for t in job["texts"]}
 
 
-def text_marker(key, text):
-    """The marker file of one text of encode job `key` (rules/encode.smk says why it exists)."""
-    return f"{SHARED}/embeddings/{key}/texts/{text_name(text)}.json"
-
-
-def write_text_marker(path, text, log_path):
-    """Rule note_text's file (in-process: a job a text, no interpreter start-up)."""
-    Path(path).write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
-    Path(log_path).write_text(f"marker of {text!r}\n", encoding="utf-8")
-
-
-def embeddings_inputs(encoding, job):
-    """A training, anchor or scene job's inputs from its encode job: the embeddings file as
-    ancient() (that job's reruns trigger no consumer) and the markers of the texts it reads."""
-    return {"embeddings": ancient(f"{SHARED}/embeddings/{encoding}/{EMBEDDINGS_FILE}"),
-            "text_markers": [text_marker(encoding, t) for t in PLAN.texts[job]]}
+def embeddings_inputs(encoding):
+    """A training, anchor or scene job's input from its encode job: the embeddings file as
+    ancient(), so that job's reruns (another text edited) rerun no consumer by themselves."""
+    return {"embeddings": ancient(f"{SHARED}/embeddings/{encoding}/{EMBEDDINGS_FILE}")}
 
 
 def encode_inputs(wildcards):
     job = PLAN.encodings[wildcards.key]
     return {**model_inputs("kolors", job["kolors"]),
-            "datasets": [f"{SHARED}/data/{f}/dataset" for f in job["filters"]],
-            "text_markers": [text_marker(wildcards.key, t) for t in job["texts"]]}
+            "datasets": [f"{SHARED}/data/{f}/dataset" for f in job["filters"]]}
 
 
 # ---------------------------------------------------------------- of the LoRA rules
@@ -237,7 +221,7 @@ def import_inputs(wildcards):
 def train_inputs(wildcards):
     job = PLAN.trainings[wildcards.key]
     inputs = {"dataset": f"{SHARED}/data/{job['filter']}/dataset", **model_inputs("kolors", job["kolors"]),
-              **embeddings_inputs(job["encoding"], wildcards.key)}
+              **embeddings_inputs(job["encoding"])}
     if job["aesthetic"]:
         inputs.update(model_inputs("aesthetic", job["aesthetic"]))
     if job["train"]["init_lora"]:
@@ -261,7 +245,7 @@ def job_lora_file(job):
 def anchor_inputs(wildcards):
     job = PLAN.anchors[wildcards.key]
     return {"lora": job_lora_file(job), **model_inputs("kolors", job["kolors"]),
-            **embeddings_inputs(job["encoding"], wildcards.key)}
+            **embeddings_inputs(job["encoding"])}
 
 
 def generate_inputs(wildcards):
@@ -270,7 +254,7 @@ def generate_inputs(wildcards):
         "lora": job_lora_file(job),
         **model_inputs("kolors", job["kolors"]),
         "anchors": [anchor_file(c, k) for c, k in job["anchors"]],
-        **embeddings_inputs(job["encoding"], wildcards.key),
+        **embeddings_inputs(job["encoding"]),
     }
     if job["aesthetic"]:  # best-of-N or a LoRA-scale sweep: kolors_story.config.needs_scorer
         inputs.update(model_inputs("aesthetic", job["aesthetic"]))

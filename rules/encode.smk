@@ -5,17 +5,10 @@
 # encoder's own dtype; consumers cast at use. Encoding goes through the content-keyed cache under
 # CACHE: after one prompt is edited this job reruns and encodes that one text (ChatGLM loaded once,
 # and only when a text is missing). Training, anchor and scene jobs read the file and never load
-# ChatGLM. They take it as ancient(): a rerun of this job does not rerun them by itself; each
-# reruns when its own params (its prompt, its captions' dataset) changed.
-#
-# The text markers (rule note_text, one tiny JSON per text, named by the text's digest): inputs of
-# the encode job and of each job that reads the text. They are there for Snakemake 9 (issue
-# snakemake/snakemake#4166): when the encode job reruns, every job downstream of it is decided
-# only through it, and one whose inputs from it are all ancient() and present is skipped, even a
-# new one (an edited prompt is a new scene job). The new text's marker is missing, so the encode
-# job pulls it in and it pulls in exactly the jobs that read the new text. Limit: a job that is new
-# for another reason (say generate.lora_scale) in the same edit as a new text is planned by the
-# next `snakemake` call, not this one.
+# ChatGLM. They take it as ancient(): a rerun of this job does not rerun them by itself (Snakemake
+# PR #668); each reruns when its own params (its prompt, its captions' dataset) changed. Snakemake 9
+# left such jobs unplanned whenever this job reran in the same call; src/kolors_story/snakemake_ancient.py
+# (applied by the Snakefile) fixes that.
 
 
 rule encode_texts:
@@ -38,14 +31,3 @@ rule encode_texts:
     script:
         "../scripts/encode_texts.py"
 
-
-rule note_text:
-    """One text of an encode job, by its digest: a marker (see the top of this file)."""
-    output:
-        f"{SHARED}/embeddings/{{key}}/texts/{{text}}.json",
-    params:
-        text=lambda wc: TEXT_NAMES[(wc.key, wc.text)],
-    log:
-        f"{SHARED}/logs/note_text/{{key}}/{{text}}.log",
-    run:
-        write_text_marker(output[0], params.text, log[0])

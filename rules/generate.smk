@@ -3,8 +3,7 @@
 # job. Neither loads the 6B text encoder: their prompt embeddings come from rule encode_texts'
 # file (rules/encode.smk), an ancient() input, so a rerun of that job (another scene's prompt
 # edited) reruns no anchor or scene by itself; each reruns when its own params (its prompt, seed,
-# size, sampler) or its LoRA change, and its prompts' markers (rule note_text) bring a job with a
-# new prompt into the plan. A prompt missing from the file stops the job with the fix
+# size, sampler) or its LoRA change. A prompt missing from the file stops the job with the fix
 # (snakemake -R encode_texts). Then each variant's panels, tiled.
 
 

@@ -47,9 +47,6 @@ class JobPlan:
     anchors: dict[str, dict] = field(default_factory=dict)
     scenes: dict[str, dict] = field(default_factory=dict)
     variants: dict[str, VariantJobs] = field(default_factory=dict)
-    # a training, anchor or scene job's key -> the texts it reads from its encode_texts job's file
-    # (captions aside: they come from the training folder when the encode job runs)
-    texts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def sampler_settings(config: dict) -> dict:
@@ -93,7 +90,6 @@ def _encoding_job(plan: JobPlan, config: dict) -> str:
 def _note_texts(plan: JobPlan, encoding: str, job: str, texts: list[str]) -> str:
     """The texts job `job` reads, added to its encode_texts job's; returns `job`."""
     plan.encodings[encoding]["texts"].update(texts)
-    plan.texts[job] = sorted(set(texts))
     return job
 
 
