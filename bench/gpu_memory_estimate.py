@@ -38,6 +38,7 @@ import sys
 import time
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +50,31 @@ RESULTS = C.ROOT / "bench" / "results" / "gpu_memory_estimate.json"
 BASELINE_REPORTED_GB = 22.0  # the challenge baseline (DiffSynth-Studio 1.1) as reported
 GOAL_GB = 16.0
 CARD_GIB = 24.0  # the challenge's users' cards (A10, RTX 4090): every phase of the default run must fit
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The models traced: the real Kolors shapes, or (--smoke) the test models' tiny widths, which
+    run the same code path in seconds instead of minutes."""
+
+    unet: dict
+    vae: dict
+    chatglm: dict  # ChatGLMConfig fields (num_layers is set per trace)
+    text_width: int  # ChatGLM's hidden size: the UNet's text input
+    clip: str  # the kolors_story.tiny_aesthetic function giving the CLIP vision config
+
+
+def full_sizes() -> Sizes:
+    return Sizes(C.KOLORS_UNET, C.SDXL_VAE, C.CHATGLM3_6B, C.CHATGLM3_6B["hidden_size"], "full_clip_vision_config")
+
+
+def tiny_sizes() -> Sizes:
+    from kolors_story import tiny_kolors as T
+
+    return Sizes(T.TINY_UNET, T.TINY_VAE, T.TINY_CHATGLM, T.TEXT_WIDTH, "tiny_clip_vision_config")
+
+
+SIZES = full_sizes()  # main() sets the tiny ones for --smoke
 
 
 # ---------------------------------------------------------------- live-tensor accounting
@@ -114,7 +140,7 @@ def meta_unet(rank: int | None):
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel(**C.KOLORS_UNET)
+        unet = UNet2DConditionModel(**SIZES.unet)
     base = sum(p.numel() for p in unet.parameters())
     lora = 0
     if rank:
@@ -123,17 +149,17 @@ def meta_unet(rank: int | None):
 
 
 def meta_chatglm(layers: int = C.CHATGLM3_6B_LAYERS):
-    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
-        return ChatGLMModel(C.chatglm_config(layers), empty_init=False).eval()
+        return ChatGLMModel(ChatGLMConfig(**{**SIZES.chatglm, "num_layers": layers}), empty_init=False).eval()
 
 
 def meta_vae():
     from diffusers import AutoencoderKL
 
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
-        return AutoencoderKL(**C.SDXL_VAE).eval()
+        return AutoencoderKL(**SIZES.vae).eval()
 
 
 # ---------------------------------------------------------------- traces
@@ -160,8 +186,8 @@ def trace_unet_step(resolution: int, rank: int, batch: int) -> dict:
         adamw = live.by_tag["adamw"]
         live.tag = "inputs"  # what the loop moves to the GPU: cached latents and text embeddings
         latents = torch.randn(batch, 4, lat, lat)
-        embeds = torch.randn(batch, 256, 4096)
-        pooled = torch.randn(batch, 4096)
+        embeds = torch.randn(batch, 256, SIZES.text_width)
+        pooled = torch.randn(batch, SIZES.text_width)
         time_ids = torch.randn(batch, 6)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1100, (batch,))
@@ -251,8 +277,8 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    unet = meta_module(lambda: UNet2DConditionModel(**C.KOLORS_UNET), torch.float16)
-    vae = meta_module(lambda: AutoencoderKL(**C.SDXL_VAE), torch.float32)
+    unet = meta_module(lambda: UNet2DConditionModel(**SIZES.unet), torch.float16)
+    vae = meta_module(lambda: AutoencoderKL(**SIZES.vae), torch.float32)
     lat, batch = resolution // 8, 2 * images
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(unet)
@@ -261,8 +287,8 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
         live.tag = "denoise"
         latents = torch.randn(images, 4, lat, lat, dtype=torch.float16)
         pred = unet(torch.cat([latents] * 2), torch.tensor([999] * batch),
-                    encoder_hidden_states=torch.randn(batch, 256, 4096, dtype=torch.float16),
-                    added_cond_kwargs={"text_embeds": torch.randn(batch, 4096, dtype=torch.float16),
+                    encoder_hidden_states=torch.randn(batch, 256, SIZES.text_width, dtype=torch.float16),
+                    added_cond_kwargs={"text_embeds": torch.randn(batch, SIZES.text_width, dtype=torch.float16),
                                        "time_ids": torch.randn(batch, 6, dtype=torch.float16)}).sample
         del pred
         denoise_peak = live.peak
@@ -277,9 +303,10 @@ def trace_scoring() -> dict:
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kolors_story.tiny_aesthetic import full_clip_vision_config
+    from kolors_story import tiny_aesthetic
 
-    model = meta_module(lambda: AestheticsPredictorV2Linear(full_clip_vision_config()), torch.float32)
+    clip_config = getattr(tiny_aesthetic, SIZES.clip)()
+    model = meta_module(lambda: AestheticsPredictorV2Linear(clip_config), torch.float32)
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(model)
         weights = live.current
@@ -381,12 +408,14 @@ def main() -> None:
                         help="skip checking the tracker on real vs fake tensors (tiny model, seconds)")
     parser.add_argument("--candidates", type=int, default=4, help="best-of-N of the traced scene")
     parser.add_argument("--smoke", action="store_true",
-                        help="every phase at 128 px, best-of-2, a 2-layer ChatGLM, no cross-check or self-check "
-                             "(what make test runs: the code path, not the figures)")
+                        help="every phase on the test models' tiny widths at 128 px, best-of-2, a 2-layer ChatGLM, "
+                             "no cross-check or self-check (what make test runs: the code path, not the figures)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    global SIZES
     if args.smoke:
         args.resolution, args.check_resolutions, args.self_check, args.candidates = 128, "", False, 2
+        SIZES = tiny_sizes()
     start = time.perf_counter()
 
     # 1. parameter counts on the meta device
@@ -397,8 +426,8 @@ def main() -> None:
     vae = meta_vae()
     vae_n = sum(p.numel() for p in vae.parameters())
     del glm, vae
-    print(f"parameters (built on the meta device): Kolors UNet {unet_n:,} "
-          f"({'matches' if unet_n == C.KOLORS_UNET_PARAMS else 'DIFFERS from'} FACTS.md), "
+    known = "tiny (--smoke)" if args.smoke else "matches" if unet_n == C.KOLORS_UNET_PARAMS else "DIFFERS from"
+    print(f"parameters (built on the meta device): Kolors UNet {unet_n:,} ({known} FACTS.md), "
           f"LoRA r={args.rank} {lora_n:,}, ChatGLM3-6B {glm_n:,} ({glm_layer_n:,} per layer), SDXL VAE {vae_n:,}")
     report: dict = {"settings": vars(args) | {"out": str(args.out)},
                     "params": {"unet": unet_n, "lora": lora_n, "chatglm3_6b": glm_n,

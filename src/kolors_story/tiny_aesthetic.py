@@ -35,7 +35,7 @@ TINY_HEAD_GAIN = 15.0
 
 
 
-def _tiny_clip_vision_config() -> CLIPVisionConfig:
+def tiny_clip_vision_config() -> CLIPVisionConfig:
     """A 2-layer CLIP vision tower that still takes real 224 px CLIP inputs (7x7 patches of 32)."""
     return CLIPVisionConfig(
         hidden_size=32,
@@ -136,7 +136,7 @@ def build_tiny_aesthetic_predictor(out_dir: Path, seed: int = 0, config: CLIPVis
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = config or _tiny_clip_vision_config()  # full_clip_vision_config(): the real shapes
+    config = config or tiny_clip_vision_config()  # full_clip_vision_config(): the real shapes
     model = AestheticsPredictorV2Linear(config).eval()
     _init_predictor_weights(model, seed)
     _centre_head(model, config.image_size)

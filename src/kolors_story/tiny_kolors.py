@@ -119,69 +119,76 @@ def init_chatglm_(model: torch.nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=gen)
 
 
+TINY_CHATGLM = dict(
+    num_layers=2,  # >= 2 so hidden_states[-2] is not the raw embedding
+    padded_vocab_size=65024,  # covers the real tokenizer's ids ([gMASK] is 64790)
+    hidden_size=TEXT_WIDTH,
+    ffn_hidden_size=64,
+    kv_channels=8,
+    num_attention_heads=4,
+    seq_length=256,
+    multi_query_attention=True,
+    multi_query_group_num=2,
+    add_qkv_bias=True,
+    original_rope=True,
+    torch_dtype="float32",
+)
+
+
 def build_text_encoder(seed: int):
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
-    config = ChatGLMConfig(
-        num_layers=2,  # >= 2 so hidden_states[-2] is not the raw embedding
-        padded_vocab_size=65024,  # covers the real tokenizer's ids ([gMASK] is 64790)
-        hidden_size=TEXT_WIDTH,
-        ffn_hidden_size=64,
-        kv_channels=8,
-        num_attention_heads=4,
-        seq_length=256,
-        multi_query_attention=True,
-        multi_query_group_num=2,
-        add_qkv_bias=True,
-        original_rope=True,
-        torch_dtype="float32",
-    )
+    config = ChatGLMConfig(**TINY_CHATGLM)
     model = ChatGLMModel(config, empty_init=False)
     init_chatglm_(model, seed)
     return model.eval()
+
+
+TINY_UNET = dict(  # the Kolors UNet's layout (text_proj, text_time) at tiny widths
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    norm_num_groups=4,
+    cross_attention_dim=16,
+    encoder_hid_dim=TEXT_WIDTH,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED,
+    projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH,
+    use_linear_projection=True,
+    transformer_layers_per_block=1,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=0.13025,  # the SDXL/Kolors VAE value
+)
 
 
 def build_unet(seed: int):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        encoder_hid_dim=TEXT_WIDTH,
-        encoder_hid_dim_type="text_proj",
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH,
-        use_linear_projection=True,
-        transformer_layers_per_block=1,
-    )
+    return UNet2DConditionModel(**TINY_UNET)
 
 
 def build_vae(seed: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.13025,  # the SDXL/Kolors VAE value
-    )
+    return AutoencoderKL(**TINY_VAE)
 
 
 def save_kolors_folder(out_dir: Path, unet, vae, text_encoder) -> Path:
