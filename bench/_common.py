@@ -11,6 +11,7 @@ import ctypes
 import gc
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,21 +35,45 @@ CHATGLM3_6B_LAYERS = 28
 CHATGLM3_6B_PARAMS = 6_243_584_000  # 28 layers, embedding + output layer (checked by gpu_memory_estimate)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """The models a benchmark builds: the real Kolors shapes, or (each benchmark's --smoke) the test
+    models' tiny widths, which run the same code path in seconds; the figures then mean nothing."""
+
+    tiny: bool
+    unet: dict
+    vae: dict
+    chatglm: dict  # ChatGLMConfig fields (num_layers is set per build)
+    text_width: int  # ChatGLM's hidden size: the UNet's text input
+    clip: str  # the kolors_story.tiny_aesthetic function giving the CLIP vision config
+
+
+SIZES = Sizes(False, KOLORS_UNET, SDXL_VAE, CHATGLM3_6B, CHATGLM3_6B["hidden_size"], "full_clip_vision_config")
+
+
+def use_tiny_models() -> None:
+    """--smoke: every builder below and every reader of SIZES gets the tiny models."""
+    global SIZES
+    from kolors_story import tiny_kolors as T
+
+    SIZES = Sizes(True, T.TINY_UNET, T.TINY_VAE, T.TINY_CHATGLM, T.TEXT_WIDTH, "tiny_clip_vision_config")
+
+
 def default_dtype(dtype: torch.dtype):
     """Build modules straight in `dtype` (no fp32 copy that would inflate peak memory)."""
     return building(dtype)
 
 
 def build_unet(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from kolors_story.tiny_kolors import build_full_unet
+    from kolors_story import tiny_kolors as T
 
-    return build_full_unet(seed, dtype)
+    return T.build_unet(seed).to(dtype) if SIZES.tiny else T.build_full_unet(seed, dtype)
 
 
 def build_vae(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from kolors_story.tiny_kolors import build_full_vae
+    from kolors_story import tiny_kolors as T
 
-    return build_full_vae(seed, dtype)
+    return T.build_vae(seed).to(dtype) if SIZES.tiny else T.build_full_vae(seed, dtype)
 
 
 def chatglm_config(num_layers: int):
@@ -59,10 +84,12 @@ def chatglm_config(num_layers: int):
 
 def build_text_encoder(num_layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights (the tiny model's
-    initialisation, drawn in `dtype`)."""
-    from kolors_story.tiny_kolors import build_full_text_encoder
+    initialisation, drawn in `dtype`); the tiny 2-layer one under use_tiny_models()."""
+    from kolors_story import tiny_kolors as T
 
-    return build_full_text_encoder(seed, dtype, num_layers=num_layers)
+    if SIZES.tiny:
+        return T.build_text_encoder(seed).to(dtype)
+    return T.build_full_text_encoder(seed, dtype, num_layers=num_layers)
 
 
 def param_bytes(module: torch.nn.Module, trainable: bool | None = None) -> int:

@@ -38,7 +38,6 @@ import sys
 import time
 import weakref
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,31 +49,6 @@ RESULTS = C.ROOT / "bench" / "results" / "gpu_memory_estimate.json"
 BASELINE_REPORTED_GB = 22.0  # the challenge baseline (DiffSynth-Studio 1.1) as reported
 GOAL_GB = 16.0
 CARD_GIB = 24.0  # the challenge's users' cards (A10, RTX 4090): every phase of the default run must fit
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """The models traced: the real Kolors shapes, or (--smoke) the test models' tiny widths, which
-    run the same code path in seconds instead of minutes."""
-
-    unet: dict
-    vae: dict
-    chatglm: dict  # ChatGLMConfig fields (num_layers is set per trace)
-    text_width: int  # ChatGLM's hidden size: the UNet's text input
-    clip: str  # the kolors_story.tiny_aesthetic function giving the CLIP vision config
-
-
-def full_sizes() -> Sizes:
-    return Sizes(C.KOLORS_UNET, C.SDXL_VAE, C.CHATGLM3_6B, C.CHATGLM3_6B["hidden_size"], "full_clip_vision_config")
-
-
-def tiny_sizes() -> Sizes:
-    from kolors_story import tiny_kolors as T
-
-    return Sizes(T.TINY_UNET, T.TINY_VAE, T.TINY_CHATGLM, T.TEXT_WIDTH, "tiny_clip_vision_config")
-
-
-SIZES = full_sizes()  # main() sets the tiny ones for --smoke
 
 
 # ---------------------------------------------------------------- live-tensor accounting
@@ -140,7 +114,7 @@ def meta_unet(rank: int | None):
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
         from diffusers import UNet2DConditionModel
 
-        unet = UNet2DConditionModel(**SIZES.unet)
+        unet = UNet2DConditionModel(**C.SIZES.unet)
     base = sum(p.numel() for p in unet.parameters())
     lora = 0
     if rank:
@@ -152,14 +126,14 @@ def meta_chatglm(layers: int = C.CHATGLM3_6B_LAYERS):
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
-        return ChatGLMModel(ChatGLMConfig(**{**SIZES.chatglm, "num_layers": layers}), empty_init=False).eval()
+        return ChatGLMModel(ChatGLMConfig(**{**C.SIZES.chatglm, "num_layers": layers}), empty_init=False).eval()
 
 
 def meta_vae():
     from diffusers import AutoencoderKL
 
     with torch.device("meta"), C.default_dtype(torch.bfloat16):
-        return AutoencoderKL(**SIZES.vae).eval()
+        return AutoencoderKL(**C.SIZES.vae).eval()
 
 
 # ---------------------------------------------------------------- traces
@@ -186,8 +160,8 @@ def trace_unet_step(resolution: int, rank: int, batch: int) -> dict:
         adamw = live.by_tag["adamw"]
         live.tag = "inputs"  # what the loop moves to the GPU: cached latents and text embeddings
         latents = torch.randn(batch, 4, lat, lat)
-        embeds = torch.randn(batch, 256, SIZES.text_width)
-        pooled = torch.randn(batch, SIZES.text_width)
+        embeds = torch.randn(batch, 256, C.SIZES.text_width)
+        pooled = torch.randn(batch, C.SIZES.text_width)
         time_ids = torch.randn(batch, 6)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1100, (batch,))
@@ -277,8 +251,8 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    unet = meta_module(lambda: UNet2DConditionModel(**SIZES.unet), torch.float16)
-    vae = meta_module(lambda: AutoencoderKL(**SIZES.vae), torch.float32)
+    unet = meta_module(lambda: UNet2DConditionModel(**C.SIZES.unet), torch.float16)
+    vae = meta_module(lambda: AutoencoderKL(**C.SIZES.vae), torch.float32)
     lat, batch = resolution // 8, 2 * images
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(unet)
@@ -287,8 +261,8 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
         live.tag = "denoise"
         latents = torch.randn(images, 4, lat, lat, dtype=torch.float16)
         pred = unet(torch.cat([latents] * 2), torch.tensor([999] * batch),
-                    encoder_hidden_states=torch.randn(batch, 256, SIZES.text_width, dtype=torch.float16),
-                    added_cond_kwargs={"text_embeds": torch.randn(batch, SIZES.text_width, dtype=torch.float16),
+                    encoder_hidden_states=torch.randn(batch, 256, C.SIZES.text_width, dtype=torch.float16),
+                    added_cond_kwargs={"text_embeds": torch.randn(batch, C.SIZES.text_width, dtype=torch.float16),
                                        "time_ids": torch.randn(batch, 6, dtype=torch.float16)}).sample
         del pred
         denoise_peak = live.peak
@@ -305,7 +279,7 @@ def trace_scoring() -> dict:
 
     from kolors_story import tiny_aesthetic
 
-    clip_config = getattr(tiny_aesthetic, SIZES.clip)()
+    clip_config = getattr(tiny_aesthetic, C.SIZES.clip)()
     model = meta_module(lambda: AestheticsPredictorV2Linear(clip_config), torch.float32)
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(model)
@@ -412,10 +386,9 @@ def main() -> None:
                              "no cross-check or self-check (what make test runs: the code path, not the figures)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    global SIZES
     if args.smoke:
         args.resolution, args.check_resolutions, args.self_check, args.candidates = 128, "", False, 2
-        SIZES = tiny_sizes()
+        C.use_tiny_models()
     start = time.perf_counter()
 
     # 1. parameter counts on the meta device

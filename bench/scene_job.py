@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 from _common import (  # noqa: E402
-    ROOT, SDXL_VAE, default_dtype, gib, peak_rss_bytes, release_memory, reset_peak_rss,
+    ROOT, default_dtype, gib, peak_rss_bytes, release_memory, reset_peak_rss,
     rss_bytes, ru_maxrss_bytes,
 )
 
 from kolors_story.consistency import disable, enable_sharing, record_anchor  # noqa: E402
 from kolors_story.generation import SamplerSettings, Scene, candidate_seeds, render  # noqa: E402
-from kolors_story.lora_io import KOLORS_UNET_CONFIG  # noqa: E402
 from kolors_story.tiny_kolors import KOLORS_SCHEDULER  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "scene_job.json"
@@ -77,10 +77,10 @@ def build(vae_name: str = "fp32", seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, KolorsPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    t_unet, unet = timed(lambda: _in_dtype(lambda: UNet2DConditionModel(**KOLORS_UNET_CONFIG).eval(), DTYPE))
+    t_unet, unet = timed(lambda: _in_dtype(lambda: UNet2DConditionModel(**C.SIZES.unet).eval(), DTYPE))
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"UNet built in {t_unet:.1f} s: {n_params:,} parameters, {unet.dtype}")
-    t_vae, vae = timed(lambda: _in_dtype(lambda: AutoencoderKL(**SDXL_VAE).eval(), DTYPE))
+    t_vae, vae = timed(lambda: _in_dtype(lambda: AutoencoderKL(**C.SIZES.vae).eval(), DTYPE))
     vae_dtype = VAE_DTYPES[vae_name]
     if vae_dtype != DTYPE:
         # bf16 VAE decode is pathologically slow on this CPU (a 64 px decode took 124 s vs 0.9 s in
@@ -107,8 +107,9 @@ def random_embeds(seed: int = 1) -> dict:
     def r(*shape):
         return torch.randn(*shape, generator=g).to(DTYPE)
 
-    return {"prompt_embeds": r(1, 256, 4096), "pooled_prompt_embeds": r(1, 4096),
-            "negative_prompt_embeds": r(1, 256, 4096), "negative_pooled_prompt_embeds": r(1, 4096)}
+    width = C.SIZES.text_width
+    return {"prompt_embeds": r(1, 256, width), "pooled_prompt_embeds": r(1, width),
+            "negative_prompt_embeds": r(1, 256, width), "negative_pooled_prompt_embeds": r(1, width)}
 
 
 def median_runs(fn, repeats: int) -> tuple[float, list[float]]:
@@ -129,7 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", choices=["best_of_n", "consistency"], help="run one of the two measurements")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                     help="UNet/embeds dtype; bf16 is very slow on CPUs without AVX512-BF16/AMX (AVX2 only here)")
+    ap.add_argument("--smoke", action="store_true", help="the test models' tiny widths, 64 px, 2 steps, best-of-2, "
+                    "one repeat, fp32 (what make test runs: the code path, not the figures)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        C.use_tiny_models()
+        args.size, args.steps, args.candidates, args.repeats, args.dtype = 64, 2, 2, 1, "fp32"
     global DTYPE
     DTYPE = VAE_DTYPES[args.dtype]
     warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")

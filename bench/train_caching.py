@@ -414,12 +414,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report", type=Path, metavar="JSON",
                         help="only print the table again from a saved results file")
+    parser.add_argument("--smoke", action="store_true", help="the test models' tiny widths, 64 px, 1 step, fp32 "
+                        "(what make test runs: the code path, not the figures)")
     parser.add_argument("--child", choices=["cached", "recompute"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.te_layers < 2:
         parser.error("--te-layers must be >= 2 (prompt embeddings are hidden_states[-2])")
+    if args.smoke:
+        C.use_tiny_models()
+        args.resolution, args.steps, args.dtype = 64, 1, "fp32"
 
     if args.report:
         saved = json.loads(args.report.read_text())
@@ -445,7 +450,8 @@ def main() -> None:
             child_out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, __file__, "--child", mode, "--child-out", str(child_out), "--tmp", tmp,
                    "--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", str(args.rank),
-                   "--te-layers", str(args.te_layers), "--device", args.device, "--dtype", args.dtype]
+                   "--te-layers", str(args.te_layers), "--device", args.device, "--dtype", args.dtype,
+                   *(["--smoke"] if args.smoke else [])]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             results[mode] = json.loads(child_out.read_text())

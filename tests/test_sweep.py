@@ -146,9 +146,8 @@ def test_variants_of_one_model_share_one_text_encoder_job_with_every_text(demo):
     assert {plan.scenes[k]["encoding"] for v in plan.variants.values() for k in v.scenes.values()} == set(plan.encodings)
     assert {plan.anchors[k]["encoding"] for v in plan.variants.values() for k in v.anchors.values()} == set(plan.encodings)
     assert {t["encoding"] for t in plan.trainings.values()} == set(plan.encodings)
-    for key, scene in plan.scenes.items():  # each reader's texts (its markers' texts), all encoded
-        assert plan.texts[key] == sorted({scene["scene"]["prompt"], scene["scene"]["negative_prompt"]})
-    assert set().union(*plan.texts.values()) == set(job["texts"])
+    read = {t for scene in plan.scenes.values() for t in (scene["scene"]["prompt"], scene["scene"]["negative_prompt"])}
+    assert read <= set(job["texts"])  # every scene's texts are encoded (the rest: anchors, validation)
 
 
 def test_one_text_encoder_precision_serves_training_and_generation(demo):

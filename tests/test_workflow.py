@@ -429,3 +429,17 @@ def test_the_sweep_report_opens_in_a_browser_with_its_leaderboard_first(demo_run
         found = inspect_report(demo_run / "report.html", shot, category)
         assert report_problems(found) == [], category
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- benchmarks that need the demo
+def test_job_fixed_cost_benchmark_splits_a_scene_job_into_fixed_and_work(demo_run, tmp_path):
+    """bench/job_fixed_cost.py --smoke on a copy of the demo (it forces a scene job again)."""
+    work = tmp_path / "demo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    out = tmp_path / "job_fixed_cost.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/job_fixed_cost.py"), "--smoke", "--workdir", str(work),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    scene = json.loads(out.read_text(encoding="utf-8"))["generate_scene"]
+    assert scene["fixed"] > 0 and scene["work"] > 0 and scene["first_call"]
+    assert "goal: a demo scene job's fixed cost" in proc.stdout
