@@ -65,7 +65,8 @@ def kept_wrapper(workdir: Path, rule: str) -> Path | None:
     if not outputs:
         return None
     before = set((workdir / ".snakemake" / "scripts").glob(f"*{script}.py"))
-    run([SNAKEMAKE, "--cores", "1", "--configfile", "demo/config.yaml", "--skip-script-cleanup",
+    # the sweep's config plans the jobs of both demo variants: the output found may be either one's
+    run([SNAKEMAKE, "--cores", "1", "--configfile", "demo/config.yaml", "demo/sweep.yaml", "--skip-script-cleanup",
          "-f", str(outputs[0].relative_to(workdir))], workdir)
     new = set((workdir / ".snakemake" / "scripts").glob(f"*{script}.py")) - before
     return max(new, key=lambda p: p.stat().st_mtime) if new else None
