@@ -6,7 +6,7 @@ min_version("9.0")
 
 # Snakemake 9 does not plan a job behind an ancient() input when that input's job reruns in the
 # same call (the encode job: rules/encode.smk); this fixes its planning (the module says how).
-from kolors_story import snakemake_ancient
+from kolors_story.host import snakemake_ancient
 
 snakemake_ancient.apply()
 

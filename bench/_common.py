@@ -23,13 +23,13 @@ if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
 GIB = 2**30
 
 # Kwai-Kolors/Kolors-diffusers unet/config.json (the parts that shape the network).
-from kolors_story.lora_io import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402,F401  (one copy)
+from kolors_story.models.lora_files import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402,F401  (one copy)
 
 KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
 
 # The SDXL VAE and ChatGLM3-6B: one copy, beside the tiny configs (num_layers is the only thing
 # the benchmarks change).
-from kolors_story.tiny_kolors import CHATGLM3_6B, SDXL_VAE, building  # noqa: E402,F401
+from kolors_story.models.random_kolors import CHATGLM3_6B, SDXL_VAE, building  # noqa: E402,F401
 
 CHATGLM3_6B_LAYERS = 28
 CHATGLM3_6B_PARAMS = 6_243_584_000  # 28 layers, embedding + output layer (checked by gpu_memory_estimate)
@@ -45,7 +45,7 @@ class Sizes:
     vae: dict
     chatglm: dict  # ChatGLMConfig fields (num_layers is set per build)
     text_width: int  # ChatGLM's hidden size: the UNet's text input
-    clip: str  # the kolors_story.tiny_aesthetic function giving the CLIP vision config
+    clip: str  # the kolors_story.models.random_aesthetic function giving the CLIP vision config
 
 
 SIZES = Sizes(False, KOLORS_UNET, SDXL_VAE, CHATGLM3_6B, CHATGLM3_6B["hidden_size"], "full_clip_vision_config")
@@ -54,7 +54,7 @@ SIZES = Sizes(False, KOLORS_UNET, SDXL_VAE, CHATGLM3_6B, CHATGLM3_6B["hidden_siz
 def use_tiny_models() -> None:
     """--smoke: every builder below and every reader of SIZES gets the tiny models."""
     global SIZES
-    from kolors_story import tiny_kolors as T
+    from kolors_story.models import random_kolors as T
 
     SIZES = Sizes(True, T.TINY_UNET, T.TINY_VAE, T.TINY_CHATGLM, T.TEXT_WIDTH, "tiny_clip_vision_config")
 
@@ -65,13 +65,13 @@ def default_dtype(dtype: torch.dtype):
 
 
 def build_unet(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from kolors_story import tiny_kolors as T
+    from kolors_story.models import random_kolors as T
 
     return T.build_unet(seed).to(dtype) if SIZES.tiny else T.build_full_unet(seed, dtype)
 
 
 def build_vae(dtype: torch.dtype = torch.bfloat16, seed: int = 0):
-    from kolors_story import tiny_kolors as T
+    from kolors_story.models import random_kolors as T
 
     return T.build_vae(seed).to(dtype) if SIZES.tiny else T.build_full_vae(seed, dtype)
 
@@ -85,7 +85,7 @@ def chatglm_config(num_layers: int):
 def build_text_encoder(num_layers: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """Full-width ChatGLM3 with `num_layers` blocks and seeded random weights (the tiny model's
     initialisation, drawn in `dtype`); the tiny 2-layer one under use_tiny_models()."""
-    from kolors_story import tiny_kolors as T
+    from kolors_story.models import random_kolors as T
 
     if SIZES.tiny:
         return T.build_text_encoder(seed).to(dtype)

@@ -33,7 +33,7 @@ def _watch(cls, name: str) -> None:
 def main() -> None:
     wrapper = sys.argv[1]
     # The import the scripts pay anyway (torch): patched before the script runs, counted as fixed.
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
 
     for name in ("load_tokenizer", "load_text_encoder", "load_unet", "load_vae", "load_pipeline"):
         _watch(KolorsFolder, name)

@@ -277,9 +277,9 @@ def trace_scoring() -> dict:
     from aesthetics_predictor import AestheticsPredictorV2Linear
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kolors_story import tiny_aesthetic
+    from kolors_story.models import random_aesthetic
 
-    clip_config = getattr(tiny_aesthetic, C.SIZES.clip)()
+    clip_config = getattr(random_aesthetic, C.SIZES.clip)()
     model = meta_module(lambda: AestheticsPredictorV2Linear(clip_config), torch.float32)
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(model)
@@ -321,7 +321,7 @@ def tracker_self_check() -> tuple[int, int]:
     equal numbers mean fake tensors reproduce the real storage lifetimes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kolors_story.tiny_kolors import build_unet
+    from kolors_story.models.random_kolors import build_unet
     from kolors_story.training import TrainSettings, add_lora
 
     def step(fake: bool) -> int:

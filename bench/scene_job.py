@@ -6,10 +6,10 @@ Measures, with one pipeline built once and reused (`KolorsPipeline(vae, None, No
 scheduler)`, random prompt embeds of the real shapes, Euler on Kolors' betas, CFG 5):
 
 1. best-of-N: N candidates as one batched pipeline call (N CPU generators, embeds repeated; the
-   project's `generation.render` with batch_candidates=True) vs N single calls
+   project's `scenes.render` with batch_candidates=True) vs N single calls
    (batch_candidates=False): seconds per image and the ratio batched / single.
 2. character consistency: one scene image with anchor sharing (anchor recorded once with
-   `consistency.record_anchor`, its time reported on its own; `enable_sharing` strength 1,
+   `character_sharing.record_anchor`, its time reported on its own; `enable_sharing` strength 1,
    steps_fraction 0.6, max_tokens 1024; `disable` afterwards) vs the same image without.
 
 Peak memory: process peak RSS (ru_maxrss) after each phase, the phase's own peak (VmHWM after a
@@ -40,9 +40,9 @@ from _common import (  # noqa: E402
     rss_bytes, ru_maxrss_bytes,
 )
 
-from kolors_story.consistency import disable, enable_sharing, record_anchor  # noqa: E402
-from kolors_story.generation import SamplerSettings, Scene, candidate_seeds, render  # noqa: E402
-from kolors_story.tiny_kolors import KOLORS_SCHEDULER  # noqa: E402
+from kolors_story.render.character_sharing import disable, enable_sharing, record_anchor  # noqa: E402
+from kolors_story.render.scenes import SamplerSettings, Scene, candidate_seeds, render  # noqa: E402
+from kolors_story.models.random_kolors import KOLORS_SCHEDULER  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "scene_job.json"
 DTYPE = torch.bfloat16
@@ -210,7 +210,7 @@ def measure_best_of_n(pipe, scene, single, batched, seeds, embeds, args, mem: di
 
 def measure_consistency(pipe, scene, embeds, args, mem: dict) -> dict:
     """One scene image with anchor sharing vs the same image without; the anchor's own cost."""
-    from kolors_story.consistency import Anchor
+    from kolors_story.render.character_sharing import Anchor
 
     reset_peak_rss()
     t_anchor, (_, features, meta) = timed(lambda: record_anchor(

@@ -150,8 +150,8 @@ def run_mode(args) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
-    from kolors_story.prompt_embeddings import encode_prompts
-    from kolors_story.tiny_kolors import KOLORS_SCHEDULER, kolors_tokenizer_dir
+    from kolors_story.models.prompt_embeddings import encode_prompts
+    from kolors_story.models.random_kolors import KOLORS_SCHEDULER, kolors_tokenizer_dir
     from kolors_story.training import TrainSettings, add_lora, encode_latents
 
     device = torch.device(args.device)

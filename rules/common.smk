@@ -2,14 +2,14 @@
 #
 # Each variant is a run under results/<variant>/. The jobs that make its data, LoRA, anchors and
 # panels write to results/shared/<stage>/<key>/, the key hashing what the job depends on
-# (kolors_story.job_plan), so variants with equal settings share one job; small copy rules put
+# (kolors_story.plan.job_plan), so variants with equal settings share one job; small copy rules put
 # each variant's LoRA, panels and filter statistics under results/<variant>/.
 import json
 import os
 import re
 from pathlib import Path
 
-from kolors_story.config import (
+from kolors_story.plan.config import (
     check_upload_token,
     is_local_model,
     load_schema,
@@ -18,9 +18,9 @@ from kolors_story.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
-from kolors_story.job_plan import IMAGE_KEYS, plan_jobs
-from kolors_story.panel_record import FORMAT as RECORD_FORMAT
-from kolors_story.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
+from kolors_story.plan.job_plan import IMAGE_KEYS, plan_jobs
+from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
+from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
 
 SCHEMA = load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml")
 try:
@@ -256,7 +256,7 @@ def generate_inputs(wildcards):
         "anchors": [anchor_file(c, k) for c, k in job["anchors"]],
         **embeddings_inputs(job["encoding"]),
     }
-    if job["aesthetic"]:  # best-of-N or a LoRA-scale sweep: kolors_story.config.needs_scorer
+    if job["aesthetic"]:  # best-of-N or a LoRA-scale sweep: kolors_story.plan.config.needs_scorer
         inputs.update(model_inputs("aesthetic", job["aesthetic"]))
     return inputs
 
@@ -267,7 +267,7 @@ def scene_job_dir(wildcards):
 
 def panel_labels(wildcards):
     """The report's columns beside a panel: read at report time from the run's own files."""
-    from kolors_story.panel_record import read_record
+    from kolors_story.render.candidates_file import read_record
 
     run_dir = Path(f"results/{wildcards.run}")
     record = read_record(run_dir / "candidates" / wildcards.scene)

@@ -1,13 +1,13 @@
 # The text encoder, once per Kolors model and models.text_encoder_precision (one precision for
 # training and generation, so both share the job): every caption (from the training folders'
 # metadata.csv, its inputs), validation prompt, scene and anchor prompt and negative prompt of every
-# variant, sorted and deduplicated (kolors_story.job_plan), into one embeddings file in the
+# variant, sorted and deduplicated (kolors_story.plan.job_plan), into one embeddings file in the
 # encoder's own dtype; consumers cast at use. Encoding goes through the content-keyed cache under
 # CACHE: after one prompt is edited this job reruns and encodes that one text (ChatGLM loaded once,
 # and only when a text is missing). Training, anchor and scene jobs read the file and never load
 # ChatGLM. They take it as ancient(): a rerun of this job does not rerun them by itself (Snakemake
 # PR #668); each reruns when its own params (its prompt, its captions' dataset) changed. Snakemake 9
-# left such jobs unplanned whenever this job reran in the same call; src/kolors_story/snakemake_ancient.py
+# left such jobs unplanned whenever this job reran in the same call; src/kolors_story/host/snakemake_ancient.py
 # (applied by the Snakefile) fixes that.
 
 

@@ -1,8 +1,8 @@
 import logging
 from pathlib import Path
 
-from kolors_story.demo_data import build_demo_dataset
-from kolors_story.rule_runner import run_rule
+from kolors_story.data.demo_data import build_demo_dataset
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

@@ -1,9 +1,9 @@
 import logging
 from pathlib import Path
 
-from kolors_story.dataset import read_rows
-from kolors_story.metadata import build_training_folder
-from kolors_story.rule_runner import run_rule
+from kolors_story.data.dataset import read_rows
+from kolors_story.data.training_folder import build_training_folder
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

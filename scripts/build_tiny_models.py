@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from kolors_story.rule_runner import run_rule
-from kolors_story.tiny_kolors import build_tiny_kolors
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.host.rule_runner import run_rule
+from kolors_story.models.random_kolors import build_tiny_kolors
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 
 
 def main(snakemake):

@@ -2,9 +2,9 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.panel_record import read_record
-from kolors_story.publishing import build_bundle
-from kolors_story.rule_runner import run_rule
+from kolors_story.render.candidates_file import read_record
+from kolors_story.outputs.publishing import build_bundle
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

@@ -2,13 +2,13 @@ import logging
 from pathlib import Path
 
 from kolors_story.errors import UserError
-from kolors_story.leaderboard import (
+from kolors_story.outputs.leaderboard import (
     draw_leaderboard,
     leaderboard_rows,
     load_run,
     write_leaderboard_csv,
 )
-from kolors_story.rule_runner import run_rule
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

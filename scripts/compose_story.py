@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from kolors_story.rule_runner import run_rule
-from kolors_story.story_layout import compose_story, compose_story_page, write_contact_sheet
+from kolors_story.host.rule_runner import run_rule
+from kolors_story.outputs.story_page import compose_story, compose_story_page, write_contact_sheet
 
 
 def main(snakemake):

@@ -4,7 +4,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from kolors_story.rule_runner import run_rule
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

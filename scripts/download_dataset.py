@@ -1,9 +1,10 @@
 import logging
 from pathlib import Path
 
-from kolors_story import dataset
-from kolors_story.images import parse_background
-from kolors_story.rule_runner import run_rule
+from kolors_story.data import dataset
+from kolors_story.data.images import parse_background
+from kolors_story.files import write_json
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):
@@ -24,7 +25,7 @@ def main(snakemake):
         )
     dataset.write_rows(rows, Path(snakemake.output.rows))
     summary = report.as_dict(len(rows))
-    stats = dataset.write_json(summary, Path(snakemake.output.stats))
+    stats = write_json(summary, Path(snakemake.output.stats))
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     logging.info("dataset: %d row(s) from %s (%s; see %s)", len(rows), ds["path"] if ds["source"] == "local" else ds["id"], counts, stats)
 

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from kolors_story.models import download_model
-from kolors_story.rule_runner import run_rule
+from kolors_story.models.hub import download_model
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

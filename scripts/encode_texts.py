@@ -1,16 +1,16 @@
 from pathlib import Path
 
-from kolors_story import models
-from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import encoder_dtype, write_embeddings
-from kolors_story.rule_runner import run_rule
+from kolors_story.models import devices
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.prompt_embeddings import encoder_dtype, write_embeddings
+from kolors_story.host.rule_runner import run_rule
 from kolors_story.training.data import read_metadata
 
 
 def main(snakemake):
     inp, params = snakemake.input, snakemake.params
     captions = [example.caption for folder in inp.datasets for example in read_metadata(Path(folder))]
-    device = models.pick_device()
+    device = devices.pick_device()
     write_embeddings(KolorsFolder(Path(inp.model)), [*params.texts, *captions], Path(snakemake.output[0]),
                      encoder_dtype(params.precision, device), device, Path(params.cache_dir))
 

@@ -2,10 +2,11 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.dataset import read_rows, write_json, write_rows
-from kolors_story.filtering import filter_rows, relocate_dropped
-from kolors_story.report_figures import draw_dropped_sheet
-from kolors_story.rule_runner import run_rule
+from kolors_story.data.dataset import read_rows, write_rows
+from kolors_story.files import write_json
+from kolors_story.data.filtering import filter_rows, relocate_dropped
+from kolors_story.outputs.report_figures import draw_dropped_sheet
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

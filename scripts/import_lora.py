@@ -1,8 +1,8 @@
 import logging
 from pathlib import Path
 
-from kolors_story.lora_io import convert_lora
-from kolors_story.rule_runner import run_rule
+from kolors_story.models.lora_files import convert_lora
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

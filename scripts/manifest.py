@@ -1,15 +1,15 @@
 import json
 from pathlib import Path
 
-from kolors_story.manifest import (
+from kolors_story.outputs.manifest import (
     build_manifest,
     read_benchmarks,
-    write_manifest,
     write_resolved_config,
 )
-from kolors_story.panel_record import read_record
-from kolors_story.report_figures import draw_timings, timing_rows
-from kolors_story.rule_runner import run_rule
+from kolors_story.files import write_json
+from kolors_story.render.candidates_file import read_record
+from kolors_story.outputs.report_figures import draw_timings, timing_rows
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):
@@ -32,7 +32,7 @@ def main(snakemake):
     manifest["jobs"] = dict(snakemake.params.jobs)  # the keys of the shared jobs under results/shared/
     benchmarks = dict(zip(snakemake.params.benchmark_labels, map(Path, snakemake.input.benchmarks)))
     manifest["timings"] = read_benchmarks(benchmarks)
-    write_manifest(manifest, Path(snakemake.output.manifest))
+    write_json(manifest, Path(snakemake.output.manifest))
     write_resolved_config(dict(snakemake.params.config), Path(snakemake.output.config))
     draw_timings(timing_rows(manifest["timings"]), Path(snakemake.output.timings))
 

@@ -2,9 +2,9 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.models import check_aesthetic_dir, describe_model
-from kolors_story.rule_runner import run_rule
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.hub import check_aesthetic_dir, describe_model
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

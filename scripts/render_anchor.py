@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from kolors_story.generation import Consistency, SamplerSettings, Scene, render_anchor
-from kolors_story.rule_runner import run_rule
+from kolors_story.render.scenes import Consistency, SamplerSettings, Scene, render_anchor
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

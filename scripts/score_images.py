@@ -3,9 +3,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from kolors_story.generation import WITHOUT_CONSISTENCY
-from kolors_story.rule_runner import run_rule
-from kolors_story.scoring import AestheticScorer, consistency_comparison, consistency_report, write_scores
+from kolors_story.render.scenes import WITHOUT_CONSISTENCY
+from kolors_story.host.rule_runner import run_rule
+from kolors_story.models.aesthetic import AestheticScorer, consistency_comparison, consistency_report, write_scores
 
 
 def main(snakemake):

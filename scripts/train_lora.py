@@ -1,9 +1,9 @@
 from pathlib import Path
 
-from kolors_story.lora_io import convert_lora
-from kolors_story.rule_runner import run_rule
+from kolors_story.models.lora_files import convert_lora
+from kolors_story.host.rule_runner import run_rule
 from kolors_story.training import TrainSettings, write_loss_log, write_validation_log
-from kolors_story.training.launch import train
+from kolors_story.host.training_launch import train
 from kolors_story.training.report import write_summary
 
 

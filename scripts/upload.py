@@ -2,8 +2,8 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.publishing import upload_bundle
-from kolors_story.rule_runner import run_rule
+from kolors_story.outputs.publishing import upload_bundle
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

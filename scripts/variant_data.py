@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from kolors_story.dataset import write_json
-from kolors_story.filtering import read_filter_stats, relocate_dropped
-from kolors_story.rule_runner import run_rule
+from kolors_story.files import write_json
+from kolors_story.data.filtering import read_filter_stats, relocate_dropped
+from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):

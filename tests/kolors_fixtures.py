@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_story.tiny_kolors import build_tiny_kolors
+from kolors_story.models.random_kolors import build_tiny_kolors
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolors_story.config import (
+from kolors_story.plan.config import (
     check_upload_token,
     is_local_model,
     load_schema,
@@ -198,7 +198,7 @@ def test_needs_scorer_counts_every_image_a_scene_job_renders(candidates, lora_sc
 
 
 def test_render_scene_refuses_a_sweep_without_the_predictor_before_loading_anything(tmp_path):
-    from kolors_story.generation import SamplerSettings, Scene, render_scene
+    from kolors_story.render.scenes import SamplerSettings, Scene, render_scene
 
     settings = SamplerSettings(lora_scale=(0.5, 1.0))  # no model folder: it must fail before loading
     with pytest.raises(ValueError, match="generate.lora_scale.*models.aesthetic"):

@@ -1,4 +1,4 @@
-"""Anchor-mode character consistency (kolors_story.consistency) on the tiny Kolors, CPU."""
+"""Anchor-mode character consistency (kolors_story.render.character_sharing) on the tiny Kolors, CPU."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kolors_story import consistency as C
-from kolors_story.generation import SamplerSettings, Scene, candidate_seeds, load_pipeline, render
+from kolors_story.render import character_sharing as C
+from kolors_story.render.scenes import SamplerSettings, Scene, candidate_seeds, load_pipeline, render
 
 CPU = torch.device("cpu")
 STEPS = 4

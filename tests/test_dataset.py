@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from kolors_story.dataset import (
+from kolors_story.data.dataset import (
     SourceReport,
     collect_local,
     collect_local_rows,
@@ -24,9 +24,9 @@ from kolors_story.dataset import (
     scan_local_folder,
     write_rows,
 )
-from kolors_story.demo_data import build_demo_dataset
+from kolors_story.data.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
-from kolors_story.images import WHITE, parse_background
+from kolors_story.data.images import WHITE, parse_background
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +263,7 @@ def _assert_names_id_and_fix(message: str, dataset_id="AI-ModelScope/lowres_anim
 
 def test_preflight_uses_the_endpoint_the_download_uses(closed_endpoint, tmp_path):
     """MODELSCOPE_ENDPOINT moves MsDataset.load, so it moves the connection check too."""
-    from kolors_story.dataset import _hub_endpoint
+    from kolors_story.data.dataset import _hub_endpoint
 
     assert _hub_endpoint() == closed_endpoint
     started = time.monotonic()
@@ -277,7 +277,7 @@ def test_preflight_uses_the_endpoint_the_download_uses(closed_endpoint, tmp_path
 
 def test_real_msdataset_load_failure_becomes_user_error(closed_endpoint, tmp_path, monkeypatch):
     """Without the preflight the real MsDataset.load runs against the closed port (~15 s of retries)."""
-    import kolors_story.dataset as dataset_module
+    import kolors_story.data.dataset as dataset_module
 
     monkeypatch.setattr(dataset_module, "_offline_reason", lambda: None)
     started = time.monotonic()
@@ -302,7 +302,7 @@ def test_real_msdataset_load_failure_becomes_user_error(closed_endpoint, tmp_pat
     ids=lambda e: type(e).__name__,
 )
 def test_any_download_exception_becomes_user_error(tmp_path, monkeypatch, error):
-    import kolors_story.dataset as dataset_module
+    import kolors_story.data.dataset as dataset_module
 
     def broken_load(*args, **kwargs):
         raise error
@@ -319,7 +319,7 @@ def test_any_download_exception_becomes_user_error(tmp_path, monkeypatch, error)
 
 
 def test_download_arguments_reach_msdataset_load(tmp_path, monkeypatch):
-    import kolors_story.dataset as dataset_module
+    import kolors_story.data.dataset as dataset_module
 
     calls = []
 
@@ -523,7 +523,7 @@ def test_exif_orientation_is_applied_and_plain_jpegs_are_copied(tmp_path):
 @pytest.mark.parametrize("limit_factor", [0.75, 0.4], ids=["over-the-limit-warning", "over-twice-the-limit-error"])
 def test_huge_images_are_dropped_with_the_reason_and_take_no_other_row(tmp_path, monkeypatch, limit_factor):
     """Pillow's decompression-bomb limit, lowered here instead of writing a huge file."""
-    from kolors_story.filtering import filter_rows
+    from kolors_story.data.filtering import filter_rows
 
     folder = tmp_path / "src"
     folder.mkdir()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kolors_story.dataset import read_text_file, scan_local_folder
-from kolors_story.demo_data import _phash, build_demo_dataset
+from kolors_story.data.dataset import read_text_file, scan_local_folder
+from kolors_story.data.demo_data import _phash, build_demo_dataset
 
 
 @pytest.fixture(scope="module")

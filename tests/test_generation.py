@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.generation import (
+from kolors_story.render.scenes import (
     SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
     render, render_scene,
 )
-from kolors_story.panel_record import read_record
-from kolors_story.scoring import AestheticScorer
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.tiny_kolors import KOLORS_SCHEDULER
+from kolors_story.render.candidates_file import read_record
+from kolors_story.models.aesthetic import AestheticScorer
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.models.random_kolors import KOLORS_SCHEDULER
 from kolors_story.training import TrainSettings, train_lora
 
 CPU = torch.device("cpu")
@@ -82,11 +82,11 @@ def test_scene_embeddings_are_the_pipelines_own_and_render_the_same_panel(tiny_k
 
 def test_training_and_scene_jobs_share_one_prompt_cache(tiny_kolors, training_folder, tmp_path, caplog):
     """A caption encoded for training is not encoded again when a scene uses it (same dtype)."""
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.encoding import encode_texts
 
     encode_texts(KolorsFolder(tiny_kolors), ["水墨画", ""], tmp_path, CPU, torch.float32)
-    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
+    with caplog.at_level("INFO", logger="kolors_story.models.prompt_embeddings"):
         pipeline_and_embeddings(tiny_kolors, SamplerSettings(steps=2), Scene("s", "水墨画"), CPU, tmp_path)
     assert "2 cached, 0 to encode" in caplog.text
     assert len(list((tmp_path / "text").rglob("*.safetensors"))) == 2
@@ -131,7 +131,7 @@ def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lo
 
 
 def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pick(tiny_kolors, lora, tmp_path):
-    from kolors_story.generation import Consistency, render_anchor
+    from kolors_story.render.scenes import Consistency, render_anchor
 
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     settings = SamplerSettings(steps=3, candidates=2, batch_candidates=False)  # one call per seed, as compare
@@ -177,7 +177,7 @@ def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tin
         render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", device=CPU, cache_dir=cache_dir)
         return np.asarray(Image.open(tmp_path / f"{name}.png"))
 
-    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
+    with caplog.at_level("INFO", logger="kolors_story.models.prompt_embeddings"):
         uncached = run("uncached", cache_dir=None)
         first = run("first")
         assert "2 to encode" in caplog.text
@@ -196,9 +196,9 @@ def test_the_embeddings_file_gives_bitwise_the_cache_and_the_scene_never_loads_c
     from safetensors.torch import load_file
 
     from kolors_story.errors import UserError
-    from kolors_story.generation import Consistency, render_anchor
-    from kolors_story.kolors_folder import KolorsFolder
-    from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, write_embeddings
+    from kolors_story.render.scenes import Consistency, render_anchor
+    from kolors_story.models.kolors_folder import KolorsFolder
+    from kolors_story.models.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, write_embeddings
 
     folder, settings = KolorsFolder(tiny_kolors), SamplerSettings(steps=2)
     scene = Scene("s1", "水墨画，山水", "丑陋", seed=4, width=32, height=32)

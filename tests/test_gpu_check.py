@@ -1,4 +1,4 @@
-"""`python -m kolors_story.gpu_check` at tiny size on the CPU: the full-size check's code path, its
+"""`python -m kolors_story.host.gpu_check` at tiny size on the CPU: the full-size check's code path, its
 JSON, and its promise to run on the GPU host: it runs here on a Python path that holds only the
 host image's distributions and the wheelhouse's (tests/gpu_host), so a module the host lacks fails
 this test exactly as it would fail there."""
@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 RUN = """
 import runpy, sys, json
 sys.argv = ["gpu_check"] + json.loads({args!r})
-runpy.run_module("kolors_story.gpu_check", run_name="__main__")
+runpy.run_module("kolors_story.host.gpu_check", run_name="__main__")
 """
 
 
@@ -31,7 +31,7 @@ def host_site(tmp_path_factory) -> Path:
 
 
 def run_check(host_site: Path, args: list[str]) -> subprocess.CompletedProcess:
-    from kolors_story.tiny_kolors import kolors_tokenizer_dir
+    from kolors_story.models.random_kolors import kolors_tokenizer_dir
 
     # As on a GPU host without diffsynth: the tokenizer files come from a copy named by the variable.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KOLORS_TOKENIZER_DIR": str(kolors_tokenizer_dir())}
@@ -100,7 +100,7 @@ def test_a_failing_phase_leaves_the_finished_ones_and_its_traceback(host_site, t
 
 
 def test_gpu_check_builds_the_real_layout(checked):
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
 
     _, _, work = checked
     folder = KolorsFolder(work / "kolors-tiny")
@@ -113,6 +113,6 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    proc = subprocess.run([sys.executable, "-m", "kolors_story.gpu_check", "--work", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "kolors_story.host.gpu_check", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stderr

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from kolors_story.gpu_slots import claim_slot, use_free_gpu
+from kolors_story.host.gpu_slots import claim_slot, use_free_gpu
 
 
 def test_parallel_claims_get_different_gpus_and_a_freed_gpu_is_taken_again(tmp_path):

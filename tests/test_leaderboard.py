@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.leaderboard import (
+from kolors_story.outputs.leaderboard import (
     FIXED_COLUMNS,
     HIGHLIGHT_COLOUR,
     THUMB_HEIGHT,
@@ -26,8 +26,8 @@ from kolors_story.leaderboard import (
     load_run,
     write_leaderboard_csv,
 )
-from kolors_story.manifest import write_resolved_config
-from kolors_story.scoring import write_scores
+from kolors_story.outputs.manifest import write_resolved_config
+from kolors_story.models.aesthetic import write_scores
 
 BASE_CONFIG = {
     "run": "base",
@@ -224,7 +224,7 @@ def test_thumbnail_keeps_the_story_aspect(tmp_path):
 
 
 def test_pass_and_fail_badges_differ_in_colour(tmp_path):
-    from kolors_story.leaderboard import FAIL_COLOUR, PASS_COLOUR
+    from kolors_story.outputs.leaderboard import FAIL_COLOUR, PASS_COLOUR
 
     runs = [make_run(tmp_path, "alpha", [7.0]), make_run(tmp_path, "beta", [3.0])]
     image = np.asarray(Image.open(draw_leaderboard(leaderboard_rows(runs), runs, tmp_path / "lb.png")).convert("RGB"))

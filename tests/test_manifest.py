@@ -12,15 +12,14 @@ import pytest
 import yaml
 
 from kolors_story.errors import UserError
-from kolors_story.manifest import (
+from kolors_story.files import sha256_file, write_json
+from kolors_story.outputs.manifest import (
     build_manifest,
     hash_tree,
     package_versions,
-    sha256_file,
-    write_manifest,
     write_resolved_config,
 )
-from kolors_story.panel_record import Candidate, CandidateRecord
+from kolors_story.render.candidates_file import Candidate, CandidateRecord
 
 CONFIG = {
     "run": "demo",
@@ -78,7 +77,7 @@ def test_build_and_write_manifest(tree: Path, tmp_path: Path, monkeypatch: pytes
     assert manifest["config"]["upload"]["repo_id"] == "me/repo"
     assert config["upload"]["token"] == "ms-pasted-by-mistake"  # caller's dict untouched
 
-    path = write_manifest(manifest, tmp_path / "out" / "manifest.json")
+    path = write_json(manifest, tmp_path / "out" / "manifest.json")
     text = path.read_text(encoding="utf-8")
     assert json.loads(text) == manifest
     assert "古风少女的桃花梦" in text
@@ -102,7 +101,7 @@ def test_manifest_holds_each_panels_recipe_from_its_record(tmp_path: Path):
     assert (recipe["seed"], recipe["lora_scale"], recipe["sampler"], recipe["steps"], recipe["guidance_scale"]) == (
         100_004, 0.5, "dpmpp_2m", 30, 4.0)
     assert recipe["batch_index"] == 1 and manifest["panels"]["s1"]["selection"]["score"] == 6.5
-    path = write_manifest(manifest, tmp_path / "manifest.json")
+    path = write_json(manifest, tmp_path / "manifest.json")
     assert json.loads(path.read_text(encoding="utf-8"))["panels"]["s1"]["recipe"]["batch_seeds"] == [1, 100_004]
 
 

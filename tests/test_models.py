@@ -2,7 +2,7 @@
 
 import pytest
 
-from kolors_story import models
+from kolors_story.models import hub
 from kolors_story.errors import UserError
 
 
@@ -11,6 +11,6 @@ def test_offline_download_fails_fast_naming_id_and_key(tmp_path):
 
     start = time.monotonic()
     with pytest.raises(UserError) as err:
-        models.download_model("Kwai-Kolors/Kolors-diffusers", tmp_path / "k", "models.kolors")
+        hub.download_model("Kwai-Kolors/Kolors-diffusers", tmp_path / "k", "models.kolors")
     assert time.monotonic() - start < 60
     assert "Kwai-Kolors/Kolors-diffusers" in str(err.value) and "models.kolors" in str(err.value)

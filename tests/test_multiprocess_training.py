@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from kolors_story.errors import UserError
 from kolors_story.training import TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.training.launch import accelerate_command, check_process_count, train
+from kolors_story.host.training_launch import accelerate_command, check_process_count, train
 
 BASE = dict(steps=3, resolution=32, precision="fp32", rank=4, alpha=4, learning_rate=5e-3,
             random_flip=True, checkpoint_every=2, seed=3)

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 
 from kolors_story.errors import UserError
-from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, encoder_dtype, write_embeddings
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, encoder_dtype, write_embeddings
 
 CPU = torch.device("cpu")
 PROMPT, NEGATIVE = "水墨画，山水", "丑陋"
@@ -78,7 +78,7 @@ def test_a_rerun_encodes_only_the_new_text_with_one_chatglm_load(tiny_kolors, tm
     write_embeddings(folder, ["a", "b", "c", "a"], out, torch.float32, CPU, cache)
     assert len(counted_loads) == 1 and EmbeddingsFile(out, folder, torch.float32, CPU).texts() == ["a", "b", "c"]
     first = EmbeddingsFile(out, folder, torch.float32, CPU).get(["a", "b"])
-    with caplog.at_level("INFO", logger="kolors_story.prompt_embeddings"):
+    with caplog.at_level("INFO", logger="kolors_story.models.prompt_embeddings"):
         write_embeddings(folder, ["a", "b", "d"], out, torch.float32, CPU, cache)  # "c" edited to "d"
         assert "3 distinct, 2 cached, 1 to encode" in caplog.text
     assert len(counted_loads) == 2 and EmbeddingsFile(out, folder, torch.float32, CPU).texts() == ["a", "b", "d"]

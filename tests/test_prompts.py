@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from kolors_story.errors import UserError
-from kolors_story.prompts import MAX_TOKENS, assemble_prompt, check_length, count_tokens, tokenizer_model
+from kolors_story.plan.prompts import MAX_TOKENS, assemble_prompt, check_length, count_tokens, tokenizer_model
 
 STORY = {
     "style": "古风，水墨画",

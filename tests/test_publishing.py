@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.panel_record import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe
-from kolors_story.publishing import LORA_WEIGHT_NAME, build_bundle, modelscope_token, upload_bundle
+from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe
+from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, build_bundle, modelscope_token, upload_bundle
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 
@@ -126,7 +126,7 @@ def test_anchor_panels_carry_their_anchor_recipes_and_the_card_says_how_to_rende
          "max_tokens": 256}]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert 'if s["id"] == "s1"' in card and "shares attention" not in card  # the stock-reproducible one
-    assert "| s0 |" in card and "| girl | 5.500 |" in card and "python -m kolors_story.reproduce" in card
+    assert "| s0 |" in card and "| girl | 5.500 |" in card and "python -m kolors_story.host.reproduce" in card
     only_anchored = bundle(tmp_path / "c", make_inputs(tmp_path / "in2", n=1, consistency=sharing))
     card = (only_anchored / "README.md").read_text(encoding="utf-8")
     assert "shares attention with character anchors" in card and 'if s["id"] == "s0"' in card
@@ -142,11 +142,11 @@ def test_usage_snippet_names_each_sampler(tmp_path: Path, sampler: str, schedule
     snippet = snippet.split("```")[0]
     compile(snippet, "usage", "exec")
     assert f"pipe.scheduler = {scheduler}(" in snippet  # as make_scheduler builds it
-    assert ("from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler" in snippet) == (sampler == "ddim")
+    assert ("from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler" in snippet) == (sampler == "ddim")
 
 
 def test_card_names_the_oldest_diffusers_that_loads_the_lora(tmp_path: Path):
-    from kolors_story.publishing import MIN_DIFFUSERS
+    from kolors_story.outputs.publishing import MIN_DIFFUSERS
 
     card = (bundle(tmp_path / "b", make_inputs(tmp_path / "in")) / "README.md").read_text(encoding="utf-8")
     # KolorsPipeline's first release (0.30.0); the folded scale needs no metadata reader (0.34.0)
@@ -203,7 +203,7 @@ def test_upload_checks_arguments_before_network(tmp_path: Path, monkeypatch: pyt
 UPLOAD_SCRIPT = """
 import sys
 from kolors_story.errors import UserError
-from kolors_story.publishing import upload_bundle
+from kolors_story.outputs.publishing import upload_bundle
 try:
     upload_bundle(sys.argv[1], "someone/kolors-test")
 except UserError as err:

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from kolors_story.diffsynth_ddim import DiffSynthDDIMScheduler
-from kolors_story.generation import SamplerSettings, load_pipeline, make_scheduler
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.tiny_kolors import KOLORS_SCHEDULER
+from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler
+from kolors_story.render.scenes import SamplerSettings, load_pipeline, make_scheduler
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.models.random_kolors import KOLORS_SCHEDULER
 from kolors_story.training import TrainSettings, train_lora
 from kolors_story.training import loop
 from kolors_story.training.data import Example, assign_sizes, crop_origin, size_conditioning

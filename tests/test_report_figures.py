@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_story.dataset import collect_local, relative_path, write_json
-from kolors_story.demo_data import build_demo_dataset
-from kolors_story.filtering import filter_rows
-from kolors_story.images import load_rgb
-from kolors_story.manifest import read_benchmarks
-from kolors_story.report_figures import (
+from kolors_story.data.dataset import collect_local, relative_path
+from kolors_story.files import write_json
+from kolors_story.data.demo_data import build_demo_dataset
+from kolors_story.data.filtering import filter_rows
+from kolors_story.data.images import load_rgb
+from kolors_story.outputs.manifest import read_benchmarks
+from kolors_story.outputs.report_figures import (
     COLUMNS,
     GAP,
     PLACEHOLDER,

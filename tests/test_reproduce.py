@@ -1,6 +1,6 @@
 """A published panel renders again bit for bit (CPU) from its bundle alone: the bundle's LoRA and
 prompts.json plus the tiny Kolors; stock diffusers through the model card's snippet, anchor-mode
-panels through kolors_story.reproduce (it records the anchors again from their recipes)."""
+panels through kolors_story.host.reproduce (it records the anchors again from their recipes)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.generation import Consistency, SamplerSettings, Scene, candidate_seeds, render_anchor, render_scene
+from kolors_story.render.scenes import Consistency, SamplerSettings, Scene, candidate_seeds, render_anchor, render_scene
 from kolors_story.errors import UserError
-from kolors_story.panel_record import (
+from kolors_story.render.candidates_file import (
     RECORD_FILE, AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, PanelRecipe, read_record, write_record,
 )
-from kolors_story.publishing import build_bundle
-from kolors_story.reproduce import main, rerender_panel
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.outputs.publishing import build_bundle
+from kolors_story.host.reproduce import main, rerender_panel
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.training import TrainSettings, train_lora
 
 CPU = torch.device("cpu")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_story.gpu_slots import claim_slots, visible_devices
+from kolors_story.host.gpu_slots import claim_slots, visible_devices
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.training.processes import DEFAULT_BARRIER_TIMEOUT, barrier_timeout
 
@@ -61,7 +61,7 @@ def _scaler_after_steps(scaler: torch.amp.GradScaler, overflow_steps: list[bool]
 
 def test_the_fp16_loss_scaler_resumes_where_it_was(tiny_kolors, tmp_path):
     """A CPU GradScaler with scaling on, through TrainState's own checkpoint state and resume."""
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.loop import TrainState
     from kolors_story.training.lora_file import lora_state
     from kolors_story.training.settings import TrainSettings
@@ -162,7 +162,7 @@ def test_the_ranks_see_exactly_the_claimed_gpus(monkeypatch):
 
 def test_a_run_resumes_on_the_cpu_from_a_checkpoint_its_gpu_run_wrote(tiny_kolors, tmp_path):
     """The whole resume path, not just the file: AdamW moments written on cuda:1 go on on the CPU."""
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.loop import TrainState
     from kolors_story.training.lora_file import lora_state
     from kolors_story.training.settings import TrainSettings
@@ -199,7 +199,7 @@ def four_fake_gpus(monkeypatch, tmp_path):
     """Four CUDA GPUs with UUIDs a..d, shown to this job as SLURM's 4,5,6,7; locks in a temp folder."""
     from types import SimpleNamespace
 
-    from kolors_story import gpu_slots
+    from kolors_story.host import gpu_slots
 
     names = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -226,9 +226,9 @@ def _is_free(lock_dir: Path, name: str) -> bool:
 
 
 def test_train_launches_its_ranks_on_gpus_no_other_job_holds_and_frees_them(four_fake_gpus, tmp_path, monkeypatch):
-    from kolors_story import gpu_slots
+    from kolors_story.host import gpu_slots
     from kolors_story.errors import UserError
-    from kolors_story.training import launch
+    from kolors_story.host import training_launch as launch
     from kolors_story.training.settings import TrainSettings
 
     lock_dir = gpu_slots.LOCK_DIR
@@ -254,8 +254,8 @@ def test_a_training_in_a_one_gpu_job_counts_the_gpu_it_already_holds(four_fake_g
     claims a GPU for the job before the launcher asks for two: that one must be one of them."""
     import threading
 
-    from kolors_story import gpu_slots
-    from kolors_story.training.launch import ranks_env
+    from kolors_story.host import gpu_slots
+    from kolors_story.host.training_launch import ranks_env
 
     own = gpu_slots.use_free_gpu()  # what rule_runner does for a gpu=1 job
     got: list[str] = []

@@ -24,7 +24,7 @@ rule refuse:
     script: "refuse.py"
 """
 CRASH = """
-from kolors_story.rule_runner import run_rule
+from kolors_story.host.rule_runner import run_rule
 
 def main(snakemake):
     open("captions.txt", "wb").write("水墨画".encode("gbk"))
@@ -34,7 +34,7 @@ run_rule(main, snakemake)
 """
 REFUSE = """
 from kolors_story.errors import UserError
-from kolors_story.rule_runner import run_rule
+from kolors_story.host.rule_runner import run_rule
 
 def main(snakemake):
     raise UserError("dataset.path: folder ./nope does not exist; set dataset.path to your images")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.scoring import AestheticScorer, write_scores
-from kolors_story.models import check_aesthetic_dir
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.models.aesthetic import AestheticScorer, write_scores
+from kolors_story.models.hub import check_aesthetic_dir
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from challenge_reference import reference_evaluate
 
 
@@ -135,7 +135,7 @@ def test_write_scores(tmp_path: Path):
 
 
 def test_consistency_of_identical_images_is_one_and_only_shared_characters_pair(predictor_dir, panel_dir):
-    from kolors_story.scoring import consistency_report
+    from kolors_story.models.aesthetic import consistency_report
 
     scorer = AestheticScorer(predictor_dir)
     files = sorted(panel_dir.iterdir())
@@ -155,7 +155,7 @@ def test_consistency_of_identical_images_is_one_and_only_shared_characters_pair(
 
 
 def test_consistency_comparison_pairs_the_with_and_without_reports():
-    from kolors_story.scoring import consistency_comparison, consistency_report
+    from kolors_story.models.aesthetic import consistency_comparison, consistency_report
 
     characters = {"a.png": ["girl"], "b.png": ["girl"], "c.png": ["prince"]}
     x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.6, 0.8])

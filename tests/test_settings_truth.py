@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from kolors_story import consistency, prompts
-from kolors_story.config import load_schema, validate_config
-from kolors_story.generation import Consistency, SamplerSettings, Scene
+from kolors_story.render import character_sharing
+
+from kolors_story.plan import prompts
+from kolors_story.plan.config import load_schema, validate_config
+from kolors_story.render.scenes import Consistency, SamplerSettings, Scene
 from kolors_story.training.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,8 +151,8 @@ def test_scene_fields_come_from_schema_keys_with_the_same_types_and_defaults():
 
 def test_module_defaults_match_the_schema():
     assert prompts.DEFAULT_TEMPLATE == schema_at("story.prompt_template")["default"]
-    assert consistency.DEFAULT_MAX_TOKENS == schema_at("generate.consistency.max_tokens")["default"]
-    assert consistency.DEFAULT_STEPS_FRACTION == schema_at("generate.consistency.steps_fraction")["default"]
+    assert character_sharing.DEFAULT_MAX_TOKENS == schema_at("generate.consistency.max_tokens")["default"]
+    assert character_sharing.DEFAULT_STEPS_FRACTION == schema_at("generate.consistency.steps_fraction")["default"]
 
 
 def test_the_rules_build_dataclasses_equal_to_their_defaults_from_a_minimal_config():
@@ -220,6 +222,6 @@ def test_every_config_key_named_in_a_message_exists_in_the_schema():
 def test_the_key_pattern_and_lookup():
     assert KEY.findall("set `train.validation.every` or 'story.scenes[2].characters'; see models.kolors.") == \
         ["train.validation.every", "story.scenes[2].characters", "models.kolors"]
-    assert KEY.findall("kolors_story.models.py results/x/story.png") == []
+    assert KEY.findall("kolors_story.models.hub.py results/x/story.png") == []
     assert schema_at("story.scenes[2].characters") and schema_at("train.validation.prompts[].seed")
     assert schema_at("layout.padding") is None and schema_at("dataset.image_colum") is None

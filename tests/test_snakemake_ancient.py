@@ -1,4 +1,4 @@
-"""src/kolors_story/snakemake_ancient.py on the real Snakemake, on a two-rule workflow shaped like
+"""src/kolors_story/host/snakemake_ancient.py on the real Snakemake, on a two-rule workflow shaped like
 ours: `encode` feeds `render` through an ancient() input, and both change in one edit."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ rule render:
     run:
         Path(output[0]).write_text(str(params.scale))
 '''
-FIX = "from kolors_story import snakemake_ancient\nsnakemake_ancient.apply()"
+FIX = "from kolors_story.host import snakemake_ancient\nsnakemake_ancient.apply()"
 
 
 def planned(workdir: Path, **config: str) -> set[str]:
@@ -63,6 +63,6 @@ def test_a_job_behind_an_ancient_input_is_planned_when_its_producer_reruns(tmp_p
 
 
 def test_the_fix_applies_to_the_installed_snakemake():
-    from kolors_story import snakemake_ancient
+    from kolors_story.host import snakemake_ancient
 
     assert snakemake_ancient.apply() and snakemake_ancient.apply()  # idempotent

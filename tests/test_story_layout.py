@@ -11,10 +11,10 @@ import yaml
 from fontTools.ttLib import TTFont
 from PIL import Image, ImageFont
 
-from kolors_story import story_layout
+from kolors_story.outputs import story_page
 from kolors_story.errors import UserError
-from kolors_story.panel_record import Candidate, CandidateRecord, write_record
-from kolors_story.story_layout import (
+from kolors_story.render.candidates_file import Candidate, CandidateRecord, write_record
+from kolors_story.outputs.story_page import (
     HIGHLIGHT_COLOUR,
     caption_size,
     cjk_font_path,
@@ -175,7 +175,7 @@ def test_rendered_cjk_is_not_tofu():
 
 
 def test_missing_font_package_is_a_clear_error(monkeypatch, tmp_path: Path):
-    monkeypatch.setattr(story_layout.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(story_page.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="manimgx-fonts-cjk"):
         cjk_font_path()
     with pytest.raises(UserError, match="nope.ttf"):
@@ -316,8 +316,8 @@ def test_contact_sheet_of_a_run_reads_the_scene_jobs_records(tmp_path: Path):
 
 
 def test_contact_sheet_score_label_text():
-    assert story_layout._score_label(5.8312) == "5.83"
-    assert story_layout._score_label(float("nan")) == "–"
+    assert story_page._score_label(5.8312) == "5.83"
+    assert story_page._score_label(float("nan")) == "–"
 
 
 def test_contact_sheet_sizes_follow_candidates_and_errors():

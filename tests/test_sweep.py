@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kolors_story.config import load_schema, validate_config
+from kolors_story.plan.config import load_schema, validate_config
 from kolors_story.errors import UserError
-from kolors_story.job_plan import plan_jobs
-from kolors_story.sweep import (
-    deep_merge,
-    differing_settings,
-    expand_sweep,
-    flatten,
-    job_key,
-)
+from kolors_story.plan.job_plan import plan_jobs
+from kolors_story.dotted import differing_settings, flatten
+from kolors_story.plan.sweep import deep_merge, expand_sweep, job_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = load_schema(ROOT / "schemas/config.schema.yaml")

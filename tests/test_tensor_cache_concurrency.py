@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_story import tensor_cache
-from kolors_story.tensor_cache import TensorCache
+from kolors_story.models import tensor_cache
+from kolors_story.models.tensor_cache import TensorCache
 
 KEY = TensorCache.key("one entry", "both processes")
 ROUNDS = 20

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from kolors_story.errors import UserError
-from kolors_story.generation import SamplerSettings, Scene, load_pipeline, load_style_lora, render
+from kolors_story.render.scenes import SamplerSettings, Scene, load_pipeline, load_style_lora, render
 from kolors_story.training import TrainSettings, train_lora, write_loss_log
 
 FAST = dict(steps=6, resolution=32, precision="fp32", learning_rate=5e-3, rank=4, alpha=2,

@@ -16,7 +16,7 @@ import torch
 from kolors_fixtures import write_training_folder
 from safetensors.torch import load_file
 
-from kolors_story.tiny_aesthetic import build_tiny_aesthetic_predictor
+from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.training import TrainingDiverged, TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.training.data import BatchOrder, Example, assign_sizes, make_buckets
@@ -51,7 +51,7 @@ def test_changing_one_caption_reencodes_one_caption_and_no_image(tiny_kolors, tm
 
 
 def test_text_cache_keeps_embeddings_of_each_encoder_dtype_apart(tiny_kolors, tmp_path):
-    from kolors_story.kolors_folder import KolorsFolder
+    from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.encoding import encode_texts
 
     cpu, tiny_kolors = torch.device("cpu"), KolorsFolder(tiny_kolors)
@@ -100,7 +100,7 @@ def test_bucketing_groups_batches_by_size_and_trains(tiny_kolors, tmp_path):
 def test_min_snr_weighting_damps_low_noise_steps():
     from diffusers import DDPMScheduler
 
-    from kolors_story.tiny_kolors import KOLORS_SCHEDULER
+    from kolors_story.models.random_kolors import KOLORS_SCHEDULER
 
     sched = DDPMScheduler(num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014,
                           beta_schedule="scaled_linear")

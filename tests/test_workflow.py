@@ -105,7 +105,7 @@ def test_story_page_and_best_of_three_candidates(demo_run):
     assert page.width > 2 * 64 and page.height > 4 * 64  # title, captions and margins around panels
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 3 * 64 and sheet.height > 8 * 64
-    from kolors_story.panel_record import read_record
+    from kolors_story.render.candidates_file import read_record
 
     for scene in SCENES:
         record = read_record(out / "candidates" / scene)
@@ -182,7 +182,7 @@ def test_a_demo_panel_renders_again_bit_for_bit_from_its_bundle(demo_run):
     import torch
     from PIL import Image
 
-    from kolors_story.reproduce import rerender_panel
+    from kolors_story.host.reproduce import rerender_panel
 
     bundle = demo_run / "results/demo/bundle"
     rows = {r["id"]: r for r in json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))["scenes"]}
@@ -254,7 +254,7 @@ def test_editing_one_scene_prompt_encodes_once_and_renders_that_scene_only(demo_
 
 def test_a_prompt_edited_with_another_setting_plans_every_job_either_one_needs(demo_run):
     """The encode job reruns and every job behind its ancient() file still gets its own look
-    (src/kolors_story/snakemake_ancient.py): unpatched, Snakemake 9 plans the edited scene alone."""
+    (src/kolors_story/host/snakemake_ancient.py): unpatched, Snakemake 9 plans the edited scene alone."""
     scenes = demo_scenes(demo_run)
     scenes[4] = {**scenes[4], "action": scenes[4]["action"] + "，手持团扇"}
     both = override(demo_run, "prompt_and_scale", {"story": {"scenes": scenes}, "generate": {"lora_scale": 0.7}})

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.tensor_cache import file_digest
+from kolors_story.files import sha256_file
 from kolors_story.training.settings import TrainSettings
 
 
@@ -26,7 +26,7 @@ class Example:
     @functools.cached_property
     def digest(self) -> str:
         """sha256 of the image file, read once: the run fingerprint and the latent cache both key on it."""
-        return file_digest(self.image_path)
+        return sha256_file(self.image_path)
 
 
 def read_metadata(dataset_dir: Path) -> list[Example]:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import EmbeddingsFile, PromptEmbeddings
-from kolors_story.tensor_cache import TensorCache
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.prompt_embeddings import EmbeddingsFile, PromptEmbeddings
+from kolors_story.models.tensor_cache import TensorCache
 from kolors_story.training.data import Example, crop_origin, load_pixels
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kolors_story import models
+from kolors_story.models import devices
 from kolors_story.errors import UserError
 from kolors_story.training import checkpoints as ckpt
-from kolors_story.kolors_folder import KolorsFolder
-from kolors_story.prompt_embeddings import release
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.prompt_embeddings import release
 from kolors_story.training.data import (
     BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata, size_conditioning,
 )
@@ -118,7 +118,7 @@ def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype,
         return torch.float32, None
     if device.type == "cpu":
         return torch.float32, torch.bfloat16
-    return models.torch_dtype(precision), models.torch_dtype(precision)
+    return devices.torch_dtype(precision), devices.torch_dtype(precision)
 
 
 def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: list[Example], processes: int = 1) -> str:
@@ -178,18 +178,30 @@ def train_lora(
     start_step = run.resume(ckpt_root)
     procs.barrier()  # every process has read the checkpoint before rank 0 writes the next one
 
+    started = time.monotonic()
+    train_steps(run, batches, procs, noise_scheduler, autocast_dtype, settings, validator, ckpt_root, start_step)
+
+    picked = settings.steps
+    if val.pick_best and run.validations:
+        picked = best_step(run.validations)
+        load_lora_state(run.unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
+        log.info("picked the checkpoint of step %d (best validation mean)", picked)
+    lora_file = save_lora(run.unet, out_dir) if procs.is_main else out_dir / LORA_WEIGHT_NAME
+    procs.barrier()
+    return TrainResult(lora_file, run.losses, run.validations, picked, start_step, time.monotonic() - started)
+
+
+def train_steps(run: "TrainState", batches, procs: Processes, noise_scheduler, autocast_dtype,
+                settings: TrainSettings, validator, ckpt_root: Path, start_step: int) -> None:
+    """Steps start_step+1 .. settings.steps: optimise, log, validate and checkpoint as set."""
+    val = settings.validation
     started = logged = time.monotonic()
     bar = tqdm(range(start_step + 1, settings.steps + 1), desc="train", unit="step",
                initial=start_step, total=settings.steps, disable=procs.world > 1)  # children log instead
     for step in bar:
         loss = procs.average(run.params, accumulate_gradients(run, batches, procs, noise_scheduler, autocast_dtype))
         if not math.isfinite(loss):  # the same on every process: the loss is averaged
-            last = ckpt.list_checkpoints(ckpt_root)
-            raise TrainingDiverged(
-                f"train_lora: loss became {loss} at step {step}; stopped. The last good "
-                f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
-                "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
-            )
+            raise_diverged(loss, step, ckpt_root)
         lr = run.optimizer_step()
         elapsed = time.monotonic() - started
         run.losses.append({"step": step, "loss": loss, "lr": lr, "seconds": round(elapsed, 3)})
@@ -210,14 +222,14 @@ def train_lora(
             procs.barrier()
     bar.close()
 
-    picked = settings.steps
-    if val.pick_best and run.validations:
-        picked = best_step(run.validations)
-        load_lora_state(run.unet, ckpt.load_checkpoint_lora(ckpt_root, picked))
-        log.info("picked the checkpoint of step %d (best validation mean)", picked)
-    lora_file = save_lora(run.unet, out_dir) if procs.is_main else out_dir / LORA_WEIGHT_NAME
-    procs.barrier()
-    return TrainResult(lora_file, run.losses, run.validations, picked, start_step, time.monotonic() - started)
+
+def raise_diverged(loss: float, step: int, ckpt_root: Path) -> None:
+    last = ckpt.list_checkpoints(ckpt_root)
+    raise TrainingDiverged(
+        f"train_lora: loss became {loss} at step {step}; stopped. The last good "
+        f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Lower "
+        "train.learning_rate, use train.precision: bf16 or fp32, or set train.min_snr_gamma."
+    )
 
 
 @dataclass

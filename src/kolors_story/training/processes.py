@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import torch
 
-from kolors_story import models
+from kolors_story.models import devices
 from kolors_story.errors import UserError
 
 
@@ -56,7 +56,7 @@ class Processes:
     def start(cls, device: torch.device | None = None) -> "Processes":
         """This process's place in the launch; a plain `python` run is a world of one."""
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls(0, 1, device or models.pick_device())
+            return cls(0, 1, device or devices.pick_device())
         from accelerate import PartialState
 
         # cpu=True on a host without CUDA gives the gloo backend (multi-process CPU runs, tests).

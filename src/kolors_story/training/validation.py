@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.scoring import AestheticScorer
-from kolors_story.story_layout import compose_grid
+from kolors_story.models.aesthetic import AestheticScorer
+from kolors_story.data.images import compose_grid
 from kolors_story.training.settings import ValidationSettings
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,68 @@
+"""The training folder: `train/metadata.csv` (file_name,text) beside RGB JPEGs named by row id.
+
+This is the layout DiffSynth-Studio 1.1.x's Kolors LoRA trainer reads with
+`--dataset_path out_dir` (diffsynth/data/simple_text_image.py: pandas.read_csv of
+`<dataset_path>/train/metadata.csv`, images at `<dataset_path>/train/<file_name>`).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+from kolors_story.errors import UserError
+from kolors_story.data.images import BadImage, is_plain_jpeg_file, load_rgb
+
+JPEG_QUALITY = 95
+
+
+def _safe_name(row_id: str) -> str:
+    """A file stem from a row id: path separators and control characters replaced."""
+    return re.sub(r"[\\/\x00-\x1f]", "_", row_id).strip() or "_"
+
+
+def _write_rgb_jpeg(source: Path, target: Path) -> None:
+    """Copy an upright RGB JPEG as is (no second lossy encode); convert anything else (the
+    download stage already made every image upright RGB; see images.load_rgb)."""
+    if is_plain_jpeg_file(source):
+        shutil.copyfile(source, target)
+        return
+    load_rgb(source)[0].save(target, format="JPEG", quality=JPEG_QUALITY)
+
+
+def build_training_folder(rows: list[dict], out_dir: Path) -> Path:
+    """Write `out_dir/train/<id>.jpg` and `out_dir/train/metadata.csv`; return the csv path.
+
+    The folder is rebuilt from scratch so no image of an earlier run lingers. An empty caption
+    is refused: pandas reads it back as NaN, which the trainer cannot tokenise.
+    """
+    if not rows:
+        raise UserError("No rows to train on; the filter kept no images (see its stats and filter.ops).")
+    train = Path(out_dir) / "train"
+    if train.exists():
+        shutil.rmtree(train)
+    train.mkdir(parents=True)
+    records, taken = [], set()
+    for row in rows:
+        text = str(row.get("text") or "").strip()
+        if not text:
+            raise UserError(
+                f"row {row['id']!r} ({row['image']}) has an empty caption; give it one or set dataset.default_caption."
+            )
+        name = f"{_safe_name(str(row['id']))}.jpg"
+        if name in taken:
+            raise UserError(f"two rows share the id {row['id']!r}; row ids must be unique (rebuild the rows file).")
+        taken.add(name)
+        try:
+            _write_rgb_jpeg(Path(row["image"]), train / name)
+        except (OSError, BadImage) as exc:
+            raise UserError(f"row {row['id']!r}: cannot read image {row['image']} ({exc}); rerun the filter_dataset step.") from exc
+        records.append((name, text))
+    csv_path = train / "metadata.csv"
+    with csv_path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file_name", "text"])
+        writer.writerows(records)
+    return csv_path

@@ -1,0 +1,7 @@
+"""How jobs run on a host: the rule runner every script goes through (logging, errors, GPU slot),
+GPU slots shared by the jobs of one host, the multi-process training launcher, the GPU check and
+the wheelhouse for an offline GPU host, the Snakemake planning fix, and `reproduce` (a panel again
+from its record).
+
+May import every package.
+"""

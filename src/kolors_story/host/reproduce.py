@@ -1,0 +1,118 @@
+"""Render a published panel again from its bundle alone: the LoRA, prompts.json and the Kolors model.
+
+A panel without character anchors is one stock KolorsPipeline call (the model card's snippet
+makes the same one). A panel in anchor mode also shared self-attention with its characters'
+anchors; their features would be gigabytes at 1024 px, so prompts.json holds each anchor's recipe
+and this module records the anchors again (render_anchor) before rendering the panel with sharing.
+Bit for bit on the recipe's device type and dtype:
+
+    python -m kolors_story.host.reproduce BUNDLE KOLORS_DIR SCENE_ID OUT.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kolors_story.models import devices
+from kolors_story.errors import UserError
+from kolors_story.render.scenes import (
+    Consistency, SamplerSettings, Scene, load_style_lora, move_to_device, pipeline_and_embeddings,
+    pipeline_dtype, render, render_anchor,
+)
+from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.render.candidates_file import AnchorRecipe, PanelRecipe
+
+log = logging.getLogger(__name__)
+
+
+def load_recipe(bundle_dir: Path, scene_id: str) -> PanelRecipe:
+    """A panel's recipe from the bundle's prompts.json."""
+    rows = json.loads((Path(bundle_dir) / "prompts.json").read_text(encoding="utf-8"))["scenes"]
+    for row in rows:
+        if row["id"] == scene_id:
+            return PanelRecipe.from_json(row)
+    raise UserError(f"Scene {scene_id!r} is not in {bundle_dir}/prompts.json; it has "
+                    f"{', '.join(r['id'] for r in rows)}.")
+
+
+def _settings(recipe: PanelRecipe | AnchorRecipe, precision: str, batch: int = 1) -> SamplerSettings:
+    return SamplerSettings(sampler=recipe.sampler, steps=recipe.steps, guidance_scale=recipe.guidance_scale,
+                           lora_scale=recipe.lora_scale, precision=precision, candidates=batch,
+                           batch_candidates=True)
+
+
+def _record_anchors(model_dir: Path, lora: Path, recipe: PanelRecipe, device: torch.device,
+                    folder: Path) -> list[Path]:
+    """The panel's anchors recorded again from their recipes (as rule render_anchor did)."""
+    paths = []
+    for a in recipe.consistency.anchors:
+        scene = Scene(a.id, a.prompt, a.negative_prompt, a.seed, a.width, a.height)
+        option = Consistency(steps_fraction=a.steps_fraction, max_tokens=a.max_tokens)
+        paths.append(render_anchor(model_dir, lora, scene, _settings(a, recipe.precision), option,
+                                   folder / f"{a.id}.safetensors", device))
+    return paths
+
+
+def _recipe_device(recipe: PanelRecipe) -> torch.device:
+    """The device type the panel was rendered on, when this machine has one."""
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        return devices.pick_device()
+    return torch.device(recipe.device)
+
+
+def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
+                   device: torch.device | None = None) -> Image.Image:
+    """The bundle's panel of `scene_id`, rendered again: the batch its seed was drawn in (same
+    pipeline call as the scene job), with attention sharing when the recipe has anchors. Device:
+    by default the recipe's type."""
+    from kolors_story.render.character_sharing import enable_sharing, load_anchor
+
+    recipe = load_recipe(bundle_dir, scene_id)
+    device = device or _recipe_device(recipe)
+    settings = _settings(recipe, recipe.precision, len(recipe.batch_seeds))
+    dtype = str(pipeline_dtype(settings, device)).removeprefix("torch.")
+    if (device.type, dtype) != (recipe.device, recipe.dtype):
+        log.warning("scene %s was rendered on %s in %s: re-rendering on %s gives the picture up to "
+                    "rounding, not bit for bit", scene_id, recipe.device, recipe.dtype, f"{device.type} in {dtype}")
+    lora = Path(bundle_dir) / LORA_WEIGHT_NAME
+    scene = Scene(recipe.id, recipe.prompt, recipe.negative_prompt, recipe.seed, recipe.width, recipe.height)
+    with tempfile.TemporaryDirectory(prefix="anchors.") as tmp:
+        anchors = _record_anchors(model_dir, lora, recipe, device, Path(tmp)) if recipe.consistency else []
+        pipe, embeds = pipeline_and_embeddings(Path(model_dir), settings, scene, device)
+        move_to_device(pipe, device, settings)
+        load_style_lora(pipe, lora, recipe.lora_scale, fuse=recipe.lora_fused)
+        if anchors:
+            enable_sharing(pipe, [load_anchor(p) for p in anchors], recipe.consistency.strength,
+                           recipe.consistency.steps_fraction)
+        return render(pipe, scene, settings, list(recipe.batch_seeds), embeds)[recipe.batch_index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kolors_story.host.reproduce", description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", type=Path, help="the bundle folder (prompts.json, LoRA, panels/)")
+    parser.add_argument("model", type=Path, help="the Kolors-diffusers folder the run used")
+    parser.add_argument("scene", help="scene id, as in prompts.json")
+    parser.add_argument("out", type=Path, help="where to write the panel (PNG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    image = rerender_panel(args.model, args.bundle, args.scene)
+    image.save(args.out)
+    published = args.bundle / "panels" / f"{args.scene}.png"
+    if published.is_file():
+        with Image.open(published) as panel:
+            same = np.array_equal(np.asarray(panel.convert("RGB")), np.asarray(image))
+        print(f"{args.out}: {'bit for bit' if same else 'NOT bit for bit'} the published {published}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Model preparation: fetch a ModelScope id, describe a model folder, check the aesthetic predictor's folder.
+
+The Kolors folder has its own owner (kolors_story.models.kolors_folder). Checks run before any GPU work
+so that a half-downloaded or wrong folder is reported with the list of missing files instead of a
+deep stack trace from from_pretrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from kolors_story.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AESTHETIC_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+
+def check_aesthetic_dir(path: Path, config_key: str = "models.aesthetic") -> None:
+    """Raise UserError naming every file the predictor folder lacks (model, preprocessing, tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(
+            f"Aesthetic predictor folder {path} does not exist. Download the model "
+            "(AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE) there, or set "
+            f"config key `{config_key}` to a folder that holds it."
+        )
+    required = ("config.json", "preprocessor_config.json")
+    missing = [name for name in required if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in AESTHETIC_WEIGHT_FILES):
+        missing.append("weights (one of " + ", ".join(AESTHETIC_WEIGHT_FILES) + ")")
+    has_tokenizer = (path / "tokenizer.json").is_file() or all(
+        (path / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+    if not has_tokenizer:
+        missing.append("tokenizer (tokenizer.json, or vocab.json + merges.txt; CLIPProcessor needs it)")
+    if missing:
+        raise UserError(
+            f"Aesthetic predictor folder {path} is incomplete; missing: {'; '.join(missing)}. "
+            "It must hold a saved AestheticsPredictorV2Linear plus its CLIPProcessor files "
+            "(as in AI-ModelScope/aesthetics-predictor-v2-sac-logos-ava1-l14-linearMSE); "
+            f"download it again, rebuild the tiny one, or fix config key `{config_key}`."
+        )
+
+
+def download_model(model_id: str, out_dir: Path, config_key: str) -> Path:
+    """snapshot_download a ModelScope model into out_dir; no network -> UserError naming the key."""
+    from modelscope import snapshot_download
+
+    start = time.monotonic()
+    try:
+        path = snapshot_download(model_id, local_dir=str(out_dir))
+    except Exception as err:  # modelscope raises HubError/NetworkError/OSError/requests errors
+        waited = time.monotonic() - start
+        raise UserError(
+            f"{config_key}: could not download ModelScope model '{model_id}' after {waited:.0f} s "
+            f"({type(err).__name__}: {str(err)[:200]}). Without network, download it elsewhere and "
+            f"set {config_key} to the local folder (a path starting with /, ./ or resources/)."
+        ) from None
+    return Path(path)
+
+
+def describe_model(path: Path) -> dict:
+    """Small summary for the manifest: where the model is and hashes of its config files."""
+    from kolors_story.files import sha256_file
+
+    path = Path(path)
+    configs = sorted(p for p in path.rglob("*.json") if p.stat().st_size < 1_000_000)
+    return {
+        "path": str(path),  # as configured: results hold no absolute paths
+        "config_sha256": {str(p.relative_to(path)): sha256_file(p) for p in configs},
+    }
+

@@ -1,0 +1,80 @@
+"""Content-keyed caches of text embeddings and VAE latents on disk.
+
+A caption is encoded once per text encoder, an image once per VAE, size, crop and flip; changing
+one caption re-encodes one caption. Keys hash the content (caption text, image bytes), and each
+model gets its own namespace from a fingerprint of its files, so a different model never reads
+another's entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+_EDGE = 1 << 20  # bytes hashed at each end of a weight file: cheap, yet any re-save changes it
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Identity of a model part from its config and weight files (name, size, first/last MiB)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(path.name.encode())
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_EDGE))
+            if size > 2 * _EDGE:
+                f.seek(-_EDGE, os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _writer_id() -> str:
+    """Who writes: host and process. PIDs repeat across the nodes of a cluster sharing one cache."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class TensorCache:
+    """A folder of safetensors files, one per key; writes are atomic (rename), also when processes
+    on several hosts fill the same entry at once on a shared filesystem: each writes its own
+    temporary file (host, PID and a random part in the name) beside the entry, then renames it
+    over the entry; a reader sees the old file or a complete new one, never a partial one."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def key(*parts: object) -> str:
+        return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        if path.is_file():
+            self.hits += 1
+            return load_file(path)
+        self.misses += 1
+        return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{_writer_id()}-{secrets.token_hex(4)}")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise

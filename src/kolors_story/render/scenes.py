@@ -1,0 +1,371 @@
+"""Rendering story panels with a stock diffusers KolorsPipeline plus the trained style LoRA.
+
+A scene job encodes its prompts with ChatGLM first and drops the text encoder before the UNet and
+VAE go to the GPU: the 6B text encoder and the UNet are never on the device together. With
+best-of-N, the scene renders N candidates (seeds derived from the scene seed), scores each with
+the challenge's aesthetic predictor and keeps the best as the panel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from kolors_story.models import devices
+from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.render.panel_choice import needs_scorer
+from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, write_record
+from kolors_story.models.prompt_embeddings import PromptEmbeddings
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "style"
+SEED_STRIDE = 100_003  # candidate k of a scene uses seed + k * SEED_STRIDE (prime: no collisions
+# with the neighbouring scenes' seeds, which differ by 1)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The `generate` keys a scene job's images depend on; defaults match the schema's
+    (tests/test_settings_truth.py checks field for field)."""
+
+    sampler: str = "euler"
+    steps: int = 50
+    guidance_scale: float = 5.0
+    lora_scale: float | tuple[float, ...] = 1.0  # several: a sweep, each scale's candidates compete
+    precision: str = "fp16"
+    candidates: int = 1
+    batch_candidates: bool = True
+    compile: bool = False  # torch.compile the UNet (first call pays the compile, logged apart)
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """Anchor-mode character consistency (kolors_story.render.character_sharing): scene jobs attend to the
+    self-attention features recorded while rendering each character's anchor. The
+    `generate.consistency` keys but `enabled` (the rules' switch) and `seed` (the anchors' Scene)."""
+
+    strength: float = 1.0
+    steps_fraction: float = 0.6
+    max_tokens: int = 1024
+    selection_weight: float = 0.0  # best-of-N picks by aesthetic + weight * similarity to anchors
+    compare: bool = False  # also render the chosen seed with sharing off (scores.json compares)
+
+
+WITHOUT_CONSISTENCY = "without_consistency.png"  # in the scene's candidates folder
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image to render; config.scene_settings resolves each field (defaults: the schema's
+    story.negative_prompt, generate.seed, generate.width and generate.height)."""
+
+    id: str
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+
+
+def make_scheduler(name: str, base_config: dict):
+    """Kolors' own betas (1100 steps, scaled_linear) with the chosen sampling algorithm."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config)
+    if name == "ddim":
+        # The challenge baseline's sampler, step for step (diffusers' DDIMScheduler with Kolors'
+        # "leading" spacing and steps_offset 1 samples other timesteps): see diffsynth_ddim.py.
+        from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler
+
+        return DiffSynthDDIMScheduler.from_scheduler_config(base_config)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    raise ValueError(f"unknown sampler {name!r}; use euler, ddim or dpmpp_2m")
+
+
+def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else devices.torch_dtype(settings.precision)
+
+
+def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.device | None = None,
+                  text_encoder: bool = True):
+    """The stock pipeline, on the CPU: the caller decides what goes to the device and when.
+    text_encoder=False skips ChatGLM and its tokenizer (prompt embeddings come from elsewhere)."""
+    device = device or devices.pick_device()
+    pipe = KolorsFolder(model_dir).load_pipeline(pipeline_dtype(settings, device), text_encoder=text_encoder)
+    pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(desc="denoise", leave=False)
+    # Best-of-N decodes its latents one at a time: 4 at 1024 px in the upcast fp32 VAE hold ~12 GiB
+    # at once, one ~3.3 GiB (bench/gpu_memory_estimate.py), and the UNet batch is unchanged.
+    pipe.vae.enable_slicing()
+    return pipe
+
+
+def move_to_device(pipe, device: torch.device, settings: SamplerSettings) -> None:
+    """The pipeline to its device, with the GPU's fast paths: TF32 for the fp32 matmuls and
+    convolutions (the upcast VAE, the scorer), channels_last UNet and VAE, and torch.compile of the
+    UNet when generate.compile asks. The CPU path stays the stock one (bitwise the recipe)."""
+    pipe.to(device)
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    if settings.compile:
+        pipe.unet = torch.compile(pipe.unet)
+
+
+def load_style_lora(pipe, lora_file: Path, scale: float, fuse: bool = False) -> None:
+    """Attach the trained LoRA with stock diffusers loading, at the given strength. fuse=True
+    merges it into the UNet's weights (no LoRA branch in every attention projection at every
+    step); a job that renders several LoRA scales keeps it unfused and switches by set_adapters,
+    so each scale's images are exactly those of a fresh pipeline (an unfuse is not bitwise)."""
+    lora_file = Path(lora_file)
+    # weight_name is needed even for a local folder when the hub is offline (FACTS.md).
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER)
+    pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    if fuse:
+        pipe.fuse_lora(components=["unet"], adapter_names=[ADAPTER])
+
+
+def warm_up(pipe, scene: "Scene", embeds: dict) -> float:
+    """Seconds of one 1-step call at the scene's size: with a compiled UNet, the compile itself,
+    paid before the timed candidates and logged apart from them."""
+    import time
+
+    start = time.perf_counter()
+    pipe(width=scene.width, height=scene.height, num_inference_steps=1, guidance_scale=1.0,
+         generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **embeds)
+    seconds = time.perf_counter() - start
+    log.info("torch.compile of the UNet + warm-up at %dx%d: %.1f s", scene.width, scene.height, seconds)
+    return seconds
+
+
+def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
+                            cache_dir: Path | None = None, embeddings: Path | None = None) -> tuple[object, dict]:
+    """The pipeline without its text encoder, and the scene's prompt embeddings (bitwise those of
+    the pipeline's encode_prompt in the encoder's dtype), cast to the pipeline's dtype. From
+    `embeddings` (the encode_texts job's file) ChatGLM is never loaded; without it, ChatGLM is
+    loaded, used and released first, and only when cache_dir lacks the prompt or the negative
+    prompt: the 6B encoder and the UNet never meet."""
+    from kolors_story.models.prompt_embeddings import EmbeddingsFile
+
+    folder, dtype = KolorsFolder(model_dir), pipeline_dtype(settings, device)
+    source = (EmbeddingsFile(embeddings, folder, dtype, device) if embeddings is not None
+              else PromptEmbeddings(folder, dtype, device, cache_dir))
+    embeds = source.for_pipeline(scene.prompt, scene.negative_prompt)
+    return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    return [seed + k * SEED_STRIDE for k in range(n)]
+
+
+def render(pipe, scene: Scene, settings: SamplerSettings, seeds: list[int] | None = None,
+           embeds: dict | None = None) -> list[Image.Image]:
+    """Images for the given seeds (default: the scene seed), as one UNet batch when
+    batch_candidates is set, else one call per seed. Seeds drive CPU generators, so a seed gives
+    the same initial noise on any device."""
+    seeds = seeds or [scene.seed]
+    prompt = {"prompt": scene.prompt, "negative_prompt": scene.negative_prompt or None} if embeds is None else embeds
+    common = dict(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance_scale, **prompt)
+    if settings.batch_candidates and len(seeds) > 1:
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if embeds is None:
+            return pipe(num_images_per_prompt=len(seeds), generator=generators, **common).images
+        # Pre-computed embeddings: repeat them to the batch (the pipeline does not for pooled ones).
+        common.update({k: v.repeat_interleave(len(seeds), dim=0) for k, v in embeds.items()})
+        return pipe(generator=generators, **common).images
+    return [pipe(generator=torch.Generator("cpu").manual_seed(s), **common).images[0] for s in seeds]
+
+
+def candidate_batches(settings: SamplerSettings, seeds: list[int]) -> list[list[int]]:
+    """The seeds of each pipeline call: all in one batch when batch_candidates is set, else one
+    call per seed. Recorded per candidate, since a batch renders other bits than single calls."""
+    return [list(seeds)] if settings.batch_candidates and len(seeds) > 1 else [[s] for s in seeds]
+
+
+def render_scene(
+    model_dir: Path,
+    lora_file: Path,
+    scene: Scene,
+    settings: SamplerSettings,
+    out_path: Path,
+    candidates_dir: Path | None = None,
+    aesthetic_dir: Path | None = None,
+    device: torch.device | None = None,
+    anchors: list[Path] = (),
+    consistency: Consistency | None = None,
+    cache_dir: Path | None = None,
+    embeddings: Path | None = None,
+) -> CandidateRecord:
+    """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
+    candidates (written to candidates_dir/candidates.json when given). With anchors (one per
+    character the scene shows), self-attention is shared with them for consistent characters."""
+    scored = needs_scorer(settings.candidates, settings.lora_scale)
+    if scored and aesthetic_dir is None:  # refused before any GPU work, not after rendering
+        raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
+                         "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
+    device = device or devices.pick_device()
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
+    move_to_device(pipe, device, settings)
+    scales = lora_scales(settings)
+    fused = len(scales) == 1
+    load_style_lora(pipe, lora_file, scales[0], fuse=fused)
+    consistency = (consistency or Consistency()) if anchors else None
+    sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
+    if settings.compile:
+        warm_up(pipe, scene, embeds)
+    images, drawn = render_candidates(pipe, scene, settings, scales, embeds, fused)
+    compare = bool(sharing and consistency.compare and candidates_dir is not None)
+    if not compare:
+        del pipe  # frees the UNet before the predictor loads
+    weight = sharing.selection_weight if sharing else 0.0
+    scores = similarity = combined = [None] * len(images)
+    chosen = 0
+    if scored:
+        scores, similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
+        combined = [a + weight * (c or 0.0) for a, c in zip(scores, similarity)]
+        chosen = max(range(len(images)), key=lambda k: combined[k])
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    images[chosen].save(out_path)
+    files = save_candidates(images, candidates_dir) if candidates_dir is not None else [None] * len(images)
+    candidates = tuple(Candidate(*d, score=s, anchor_similarity=a, selection_score=c, file=f)
+                       for d, s, a, c, f in zip(drawn, scores, similarity, combined, files))
+    record = scene_record(scene, settings, device, fused, candidates, chosen, sharing)
+    if candidates_dir is not None:
+        if compare:
+            record = replace(record, without_consistency=render_without_sharing(
+                pipe, scene, settings, record.seed, None if fused else record.lora_scale, embeds,
+                Path(candidates_dir)))
+        write_record(record, Path(candidates_dir))
+    if len(images) > 1:
+        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in scores), chosen, record.seed, record.lora_scale)
+    return record
+
+
+def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, fused: bool,
+                 candidates: tuple[Candidate, ...], chosen: int, sharing) -> CandidateRecord:
+    """What candidates.json keeps of a rendered scene: its recipe, every candidate, the choice."""
+    return CandidateRecord(
+        scene=scene.id, prompt=scene.prompt, negative_prompt=scene.negative_prompt or "", width=scene.width,
+        height=scene.height, sampler=settings.sampler, steps=settings.steps,
+        guidance_scale=settings.guidance_scale, precision=settings.precision,
+        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type, lora_fused=fused,
+        candidates=candidates, chosen=chosen, consistency=sharing)
+
+
+def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: dict,
+                      fused: bool = False) -> tuple[list[Image.Image], list[tuple[int, float, tuple[int, ...]]]]:
+    """Every (LoRA scale, seed) candidate, and per image its seed, scale and the seeds of the
+    pipeline call that drew it (what renders it again bit for bit). fused: the one scale is
+    already merged into the UNet."""
+    seeds = candidate_seeds(scene.seed, settings.candidates)
+    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
+             scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
+             settings.steps, settings.guidance_scale, scales)
+    images, drawn = [], []
+    for scale in scales:
+        if not fused:
+            pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+        for batch in candidate_batches(settings, seeds):
+            images += render(pipe, scene, settings, batch, embeds)
+            drawn += [(seed, scale, tuple(batch)) for seed in batch]
+    return images, drawn
+
+
+def share_anchors(pipe, scene: Scene, anchors: list[Path], consistency: Consistency) -> ConsistencyRecipe:
+    """Turn on attention sharing with the scene's anchors; what the record says about it."""
+    from kolors_story.render.character_sharing import enable_sharing, load_anchor
+
+    loaded = [load_anchor(Path(p)) for p in anchors]
+    recipes = tuple(AnchorRecipe.from_meta(a.meta, Path(p)) for a, p in zip(loaded, anchors))
+    enable_sharing(pipe, loaded, consistency.strength, consistency.steps_fraction)
+    log.info("scene %s: sharing attention with %d anchor(s), strength %.2f", scene.id,
+             len(anchors), consistency.strength)
+    return ConsistencyRecipe(strength=consistency.strength, steps_fraction=consistency.steps_fraction,
+                             selection_weight=consistency.selection_weight, anchors=recipes)
+
+
+def save_candidates(images: list[Image.Image], folder: Path) -> list[str]:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images):
+        image.save(Path(folder) / f"{k}.png")
+    return [f"{k}.png" for k in range(len(images))]
+
+
+def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float | None,
+                           embeds: dict, out_dir: Path) -> str:
+    """The kept candidate's seed and LoRA scale rendered with attention sharing off: that panel as
+    it would look without the option, everything else equal (the with/without comparison).
+    scale None: the LoRA is fused at the panel's scale already."""
+    from kolors_story.render.character_sharing import disable
+
+    disable(pipe)
+    if scale is not None:
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    render(pipe, scene, settings, [seed], embeds)[0].save(out_dir / WITHOUT_CONSISTENCY)
+    log.info("scene %s: rendered seed %d without consistency for the comparison", scene.id, seed)
+    return WITHOUT_CONSISTENCY
+
+
+def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,
+                  consistency: Consistency, out_path: Path, device: torch.device | None = None,
+                  cache_dir: Path | None = None, embeddings: Path | None = None) -> Path:
+    """Render a character's anchor with the scenes' sampler and LoRA, recording the
+    self-attention features the scene jobs will share (out_path: .safetensors, image beside)."""
+    from kolors_story.render.character_sharing import record_anchor, save_anchor
+
+    device = device or devices.pick_device()
+    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
+    move_to_device(pipe, device, settings)
+    scale = lora_scales(settings)[0]
+    load_style_lora(pipe, lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
+    image, features, meta = record_anchor(
+        pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
+        max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
+    log.info("anchor %s: %d features over %s steps", scene.id, len(features), meta.get("recorded_steps"))
+    # The whole recipe (candidates_file.AnchorRecipe): scene records carry it into prompts.json.
+    recipe = {"id": scene.id, "prompt": scene.prompt, "negative_prompt": scene.negative_prompt or "",
+              "sampler": settings.sampler, "lora_scale": scale, "steps_fraction": consistency.steps_fraction}
+    return save_anchor(Path(out_path), features, {**meta, **recipe}, image)
+
+
+def lora_scales(settings: SamplerSettings) -> list[float]:
+    scale = settings.lora_scale
+    return [float(x) for x in scale] if isinstance(scale, (list, tuple)) else [float(scale)]
+
+
+def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device,
+                     anchors: list[Path] = ()) -> tuple[list[float], list[float | None]]:
+    """Aesthetic score of each candidate and, given anchors, its mean CLIP cosine similarity to the
+    anchor images of the scene's characters (same vision tower, no extra model)."""
+    from kolors_story.models.aesthetic import AestheticScorer, cosine
+
+    if aesthetic_dir is None:
+        raise ValueError("best-of-N needs the aesthetic predictor (aesthetic_dir)")
+    scorer = AestheticScorer(Path(aesthetic_dir), device=str(device))
+    scored = [scorer.score_and_embed(image) for image in images]
+    if not anchors:
+        return [s for s, _ in scored], [None] * len(images)
+    refs = []
+    for path in anchors:
+        with Image.open(Path(path).with_suffix(".png")) as image:
+            refs.append(scorer.score_and_embed(image)[1])
+    similarity = [sum(cosine(e, r) for r in refs) / len(refs) for _, e in scored]
+    return [s for s, _ in scored], similarity
+
+
+__all__ = ["SamplerSettings", "Scene", "candidate_seeds", "load_pipeline", "load_style_lora", "move_to_device",
+           "render", "render_scene"]
