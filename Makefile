@@ -41,7 +41,7 @@ test: $(STAMP) browser
 
 # The demo through profiles/slurm on a real single-node SLURM started here (root, Debian: installs
 # slurmctld/slurmd/slurmdbd/munge/mariadb-server if missing), compared byte for byte with a local
-# run, then a lost node (README "Running on a SLURM cluster"). The cluster stops even on failure.
+# run, then a lost node (docs/cluster.md). The cluster stops even on failure.
 test-slurm: $(STAMP)
 	@set -e; trap 'tests/slurm/cluster.sh down' EXIT; tests/slurm/cluster.sh up; \
 	KOLORS_SLURM_TEST=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/slurm -s -p no:cacheprovider
@@ -52,7 +52,7 @@ lint: $(STAMP)
 clean-demo:
 	rm -rf results/demo results/demo-scale0.5 results/shared results/leaderboard.* resources/tiny resources/demo
 
-# The real code path at full size on one CUDA GPU, no download (README "Checking a GPU host").
+# The real code path at full size on one CUDA GPU, no download (docs/gpu-host.md, "Checking a GPU host").
 # With wheelhouse/ (from `make wheelhouse`) it runs on the host's own python3 + torch, offline;
 # otherwise in .venv. GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS="--model /data/Kolors-diffusers".
 WHEELHOUSE := wheelhouse

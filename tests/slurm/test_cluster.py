@@ -31,7 +31,7 @@ FAIL_STATES = ("FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "
 
 
 def slurm_command() -> list[str]:
-    """The README's command, with partition and account given on the command line as a user would:
+    """docs/cluster.md's command, with partition and account given on the command line as a user would:
     that replaces the profile's default-resources, so its defaults are named again (read from the
     profile). --set-threads: the local run's thread counts (`--cores 2`: training takes both
     cores, every other job one), so that torch computes with the same threads and the outputs can
