@@ -3,6 +3,7 @@ schema and current, every relative link resolves, and every config key the pages
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -38,7 +39,10 @@ def test_the_readme_is_a_front_page_that_links_every_docs_page():
 
 
 def test_every_config_key_the_pages_name_exists_in_the_schema():
-    from test_settings_truth import FILE_SUFFIXES, KEY, schema_at
+    spec = importlib.util.spec_from_file_location("settings_truth", ROOT / "tests/plan/test_settings_truth.py")
+    truth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(truth)
+    FILE_SUFFIXES, KEY, schema_at = truth.FILE_SUFFIXES, truth.KEY, truth.schema_at
 
     named = [(page, i, key) for page in PAGES for i, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
              for key in KEY.findall(line) if key.rsplit(".", 1)[-1] not in FILE_SUFFIXES]

@@ -15,7 +15,7 @@ consistency scene. gpu_check.json is written after every phase: a crash leaves t
 phases, the failing phase's name and its traceback.
 
 It imports only the standard library, the wheelhouse's packages (`make wheelhouse`) and what the
-GPU host's image has (tests/gpu_host/packages.txt; tests/test_gpu_check.py runs it on a Python
+GPU host's image has (tests/gpu_host/packages.txt; tests/host/test_gpu_check.py runs it on a Python
 path that holds nothing else). `--size tiny --device cpu` runs the same path on the tiny models.
 """
 

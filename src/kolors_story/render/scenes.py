@@ -31,7 +31,7 @@ SEED_STRIDE = 100_003  # candidate k of a scene uses seed + k * SEED_STRIDE (pri
 @dataclass(frozen=True)
 class SamplerSettings:
     """The `generate` keys a scene job's images depend on; defaults match the schema's
-    (tests/test_settings_truth.py checks field for field)."""
+    (tests/plan/test_settings_truth.py checks field for field)."""
 
     sampler: str = "euler"
     steps: int = 50

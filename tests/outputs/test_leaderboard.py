@@ -297,7 +297,7 @@ def test_compare_runs_script_under_snakemake(tmp_path):
     """scripts/compare_runs.py as the rule runs it: both outputs, and the best variant in the log."""
     make_run(tmp_path, "alpha", [5.0, 5.5], overrides={"train.rank": 8})
     make_run(tmp_path, "beta", [6.5, 6.7])
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "compare_runs.py"
     (tmp_path / "Snakefile").write_text(COMPARE_SNAKEFILE.replace("{script}", str(script)), encoding="utf-8")
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     proc = subprocess.run([snakemake, "--cores", "1", "--quiet"], cwd=tmp_path, capture_output=True, text=True,

@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Module -> distribution, for every third-party module modelscope 1.40.2's MsDataset.load imports
 # (modelscope/msdatasets/**, read along both branches of MsDataset.load):

@@ -20,7 +20,7 @@ from kolors_story.errors import UserError
 from kolors_story.models.random_kolors import TEXT_WIDTH, build_unet
 from kolors_story.training import TrainSettings, add_lora, save_lora
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 

@@ -29,7 +29,7 @@ from kolors_story.outputs.story_page import (
     wrap_text,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
            (10, 10, 10), (128, 64, 32)]
 # Panel colours for pages: saturated, far from white, from the dark text and from the grey border.

@@ -24,7 +24,7 @@ from kolors_story.plan.config import load_schema, validate_config
 from kolors_story.render.scenes import Consistency, SamplerSettings, Scene
 from kolors_story.training.settings import TrainSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schemas" / "config.schema.yaml")
 SCALARS = {"integer": int, "number": float, "boolean": bool, "string": str, "null": type(None)}
 

@@ -15,7 +15,7 @@ from kolors_story.plan.job_plan import plan_jobs
 from kolors_story.dotted import differing_settings, flatten
 from kolors_story.plan.sweep import deep_merge, expand_sweep, job_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schemas/config.schema.yaml")
 
 

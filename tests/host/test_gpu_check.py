@@ -15,7 +15,7 @@ import pytest
 
 from gpu_host.site import build_host_site, isolated_command
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 RUN = """
 import runpy, sys, json
 sys.argv = ["gpu_check"] + json.loads({args!r})

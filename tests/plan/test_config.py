@@ -21,7 +21,7 @@ from kolors_story.plan.config import (
 )
 from kolors_story.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schemas" / "config.schema.yaml")
 
 
