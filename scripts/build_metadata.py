@@ -1,7 +1,7 @@
 import logging
 from pathlib import Path
 
-from kolors_story.data.dataset import read_rows
+from kolors_story.data.rows import read_rows
 from kolors_story.data.training_folder import build_training_folder
 from kolors_story.host.rule_runner import run_rule
 

@@ -1,8 +1,10 @@
 import logging
 from pathlib import Path
 
-from kolors_story.data import dataset
 from kolors_story.data.images import parse_background
+from kolors_story.data.local_folder import collect_local
+from kolors_story.data.modelscope_dataset import download_modelscope_dataset
+from kolors_story.data.rows import SourceReport, write_rows
 from kolors_story.files import write_json
 from kolors_story.host.rule_runner import run_rule
 
@@ -12,18 +14,18 @@ def main(snakemake):
     images.mkdir(parents=True, exist_ok=True)
     background = parse_background(ds["background"])
     if ds["source"] == "local":
-        rows, report = dataset.collect_local(
+        rows, report = collect_local(
             Path(ds["path"]), images, ds["caption_template"], ds["default_caption"], ds["max_images"], background
         )
     else:
-        report = dataset.SourceReport("modelscope")
-        rows = dataset.download_modelscope_dataset(
+        report = SourceReport("modelscope")
+        rows = download_modelscope_dataset(
             ds["id"], ds["subset"], ds["split"], images, ds["caption_column"],
             ds["caption_template"], ds["default_caption"], ds["max_images"],
             cache_dir=Path("resources/modelscope/datasets"), image_column=ds["image_column"],
             background=background, report=report,
         )
-    dataset.write_rows(rows, Path(snakemake.output.rows))
+    write_rows(rows, Path(snakemake.output.rows))
     summary = report.as_dict(len(rows))
     stats = write_json(summary, Path(snakemake.output.stats))
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())

@@ -2,7 +2,7 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.data.dataset import read_rows, write_rows
+from kolors_story.data.rows import read_rows, write_rows
 from kolors_story.files import write_json
 from kolors_story.data.filtering import filter_rows, relocate_dropped
 from kolors_story.outputs.report_figures import draw_dropped_sheet

@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from kolors_story.data.dataset import (
-    SourceReport,
-    collect_local,
-    collect_local_rows,
-    copy_into_run,
-    decode_text,
-    download_modelscope_dataset,
-    read_rows,
-    rows_from_records,
-    scan_local_folder,
-    write_rows,
-)
+from kolors_story.data.rows import SourceReport, read_rows, write_rows
+from kolors_story.data.local_folder import collect_local, collect_local_rows, copy_into_run, scan_local_folder
+from kolors_story.data.text_files import decode_text
+from kolors_story.data.modelscope_dataset import download_modelscope_dataset, rows_from_records
 from kolors_story.data.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
 from kolors_story.data.images import WHITE, parse_background
@@ -263,7 +255,7 @@ def _assert_names_id_and_fix(message: str, dataset_id="AI-ModelScope/lowres_anim
 
 def test_preflight_uses_the_endpoint_the_download_uses(closed_endpoint, tmp_path):
     """MODELSCOPE_ENDPOINT moves MsDataset.load, so it moves the connection check too."""
-    from kolors_story.data.dataset import _hub_endpoint
+    from kolors_story.data.modelscope_dataset import _hub_endpoint
 
     assert _hub_endpoint() == closed_endpoint
     started = time.monotonic()
@@ -277,7 +269,7 @@ def test_preflight_uses_the_endpoint_the_download_uses(closed_endpoint, tmp_path
 
 def test_real_msdataset_load_failure_becomes_user_error(closed_endpoint, tmp_path, monkeypatch):
     """Without the preflight the real MsDataset.load runs against the closed port (~15 s of retries)."""
-    import kolors_story.data.dataset as dataset_module
+    import kolors_story.data.modelscope_dataset as dataset_module
 
     monkeypatch.setattr(dataset_module, "_offline_reason", lambda: None)
     started = time.monotonic()
@@ -302,7 +294,7 @@ def test_real_msdataset_load_failure_becomes_user_error(closed_endpoint, tmp_pat
     ids=lambda e: type(e).__name__,
 )
 def test_any_download_exception_becomes_user_error(tmp_path, monkeypatch, error):
-    import kolors_story.data.dataset as dataset_module
+    import kolors_story.data.modelscope_dataset as dataset_module
 
     def broken_load(*args, **kwargs):
         raise error
@@ -319,7 +311,7 @@ def test_any_download_exception_becomes_user_error(tmp_path, monkeypatch, error)
 
 
 def test_download_arguments_reach_msdataset_load(tmp_path, monkeypatch):
-    import kolors_story.data.dataset as dataset_module
+    import kolors_story.data.modelscope_dataset as dataset_module
 
     calls = []
 

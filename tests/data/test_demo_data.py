@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kolors_story.data.dataset import read_text_file, scan_local_folder
+from kolors_story.data.text_files import read_text_file
+from kolors_story.data.local_folder import scan_local_folder
 from kolors_story.data.demo_data import _phash, build_demo_dataset
 
 

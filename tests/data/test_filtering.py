@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from kolors_story.data.dataset import collect_local, collect_local_rows
+from kolors_story.data.local_folder import collect_local, collect_local_rows
 from kolors_story.data.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
 from kolors_story.data.filtering import FilterResult, _no_runtime_installs, filter_rows, image_problem

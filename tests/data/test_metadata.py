@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kolors_story.data.dataset import collect_local_rows
+from kolors_story.data.local_folder import collect_local_rows
 from kolors_story.data.demo_data import build_demo_dataset
 from kolors_story.errors import UserError
 from kolors_story.data.training_folder import build_training_folder

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kolors_story.data.dataset import collect_local, relative_path
+from kolors_story.data.local_folder import collect_local
+from kolors_story.data.rows import relative_path
 from kolors_story.files import write_json
 from kolors_story.data.demo_data import build_demo_dataset
 from kolors_story.data.filtering import filter_rows

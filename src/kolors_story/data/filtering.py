@@ -284,7 +284,7 @@ def read_filter_stats(path: Path) -> dict:
 def relocate_dropped(stats: dict, from_dir: Path, to_dir: Path) -> dict:
     """`stats` with each dropped image's path, relative to `from_dir` (or absolute), made relative
     to `to_dir`: results files hold relative paths, so results/ can move."""
-    from kolors_story.data.dataset import relative_path
+    from kolors_story.data.rows import relative_path
 
     return {**stats, "dropped": [{**d, "image": relative_path(Path(from_dir) / d["image"], to_dir)}
                                  for d in stats["dropped"]]}

@@ -136,7 +136,7 @@ def _check_scenes(story: dict) -> list[str]:
 
 def _check_templates(config: dict) -> list[str]:
     """The stages' own template checks, run now: a bad field fails before any job starts."""
-    from kolors_story.data.dataset import check_caption_template  # here: the data stage pulls in Pillow
+    from kolors_story.data.text_files import check_caption_template  # here: the data stage pulls in Pillow
     from kolors_story.data.images import parse_background
 
     problems = []

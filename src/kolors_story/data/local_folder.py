@@ -1,0 +1,251 @@
+"""A local folder as rows: images, captions from metadata.jsonl / metadata.csv or sidecar .txt files,
+every file accounted for in a SourceReport (data/download_stats.json); images stored in the run as
+they will be trained on (upright RGB; see images.py)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kolors_story.errors import UserError
+from kolors_story.data.rows import SourceReport, json_lines
+from kolors_story.data.text_files import apply_template, check_caption_template, read_text_file
+from kolors_story.data.images import (
+    RGB,
+    WHITE,
+    BadImage,
+    image_suffixes,
+    is_plain_jpeg_file,
+    load_rgb,
+    looks_like_image,
+)
+
+
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the first one present is read
+
+
+@dataclass
+class MetaEntry:
+    name: str  # file_name as written
+    caption: str
+    where: str  # e.g. "metadata.csv line 3", for the reasons in the report
+
+
+def _parse_jsonl(text: str, path: Path) -> list[MetaEntry]:
+    entries = []
+    # not splitlines(): JSON strings may hold U+2028
+    for lineno, record in json_lines(text.split("\n"), path, "fix or remove that line"):
+        if not isinstance(record, dict) or "file_name" not in record:
+            raise UserError(f"{path} line {lineno} has no 'file_name' key; each line needs file_name and text.")
+        entries.append(MetaEntry(str(record["file_name"]), str(record.get("text") or ""), f"{path.name} line {lineno}"))
+    return entries
+
+
+def _parse_csv(text: str, path: Path) -> list[MetaEntry]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = [f.strip() for f in reader.fieldnames or []]
+    if "file_name" not in fields:
+        raise UserError(f"{path} has no 'file_name' column (found {reader.fieldnames}); the header must be file_name,text.")
+    reader.fieldnames = fields
+    return [
+        MetaEntry(row["file_name"] or "", row.get("text") or "", f"{path.name} line {reader.line_num}")
+        for row in reader
+    ]
+
+
+def _read_metadata(folder: Path, report: SourceReport) -> list[MetaEntry]:
+    """Entries of metadata.jsonl, else metadata.csv; both files are accounted for in `report`."""
+    present = [name for name in METADATA_FILES if (folder / name).is_file()]
+    if not present:
+        return []
+    used, *ignored = present
+    for name in ignored:
+        report.file(name, "skipped", reason=f"{used} is read instead (only one metadata file is used)")
+    text, encoding = read_text_file(folder / used)
+    parse = _parse_jsonl if used.endswith(".jsonl") else _parse_csv
+    entries = parse(text, folder / used)
+    report.file(used, "metadata", encoding=encoding, entries=len(entries))
+    return entries
+
+
+def _listed_files(folder: Path, entries: list[MetaEntry], report: SourceReport) -> dict[str, MetaEntry]:
+    """Metadata entries that name a file in the folder, by normalised name; the rest dropped with why."""
+    on_disk = {p.name.lower(): p.name for p in folder.iterdir()}
+    listed: dict[str, MetaEntry] = {}
+    first: dict[str, str] = {}
+    for entry in entries:
+        name = posixpath.normpath(entry.name.strip().replace("\\", "/")) if entry.name.strip() else ""
+        if not name:
+            reason = "no file_name"
+        elif name in first:
+            reason = f"{name} is listed again (first at {first[name]})"
+        elif posixpath.isabs(name) or name.split("/")[0] == "..":
+            reason = f"{name} is outside dataset.path"
+        elif not (folder / name).is_file():
+            twin = on_disk.get(name.lower())
+            reason = f"{name} is not in the folder" + (f" ({twin} differs only in case)" if twin else "")
+        else:
+            reason = None
+        first.setdefault(name, entry.where)
+        if reason:
+            report.dropped.append({"file": name or entry.name, "where": entry.where, "reason": reason})
+        else:
+            listed[name] = entry
+    return listed
+
+
+
+
+def _folder_images(folder: Path, listed: dict[str, MetaEntry], report: SourceReport) -> list[str]:
+    """Names of the images to use (sorted); every other file or folder is accounted for in `report`."""
+    images = set(listed)
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if path.is_dir():
+            report.file(f"{name}/", "skipped", reason="a folder: not searched (metadata can list files in it)")
+        elif name in METADATA_FILES or name in images:
+            continue  # metadata is accounted for by _read_metadata
+        elif path.suffix.lower() == ".txt":
+            continue  # a caption or not: decided once the images are known
+        elif path.suffix.lower() in image_suffixes() or looks_like_image(path):
+            images.add(name)
+        else:
+            report.file(name, "skipped", reason="not an image (Pillow does not recognise it)")
+    return sorted(images)
+
+
+def _sidecar_caption(folder: Path, name: str, sidecars: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(caption, sidecar name) from `<stem>.txt` beside the image, read once per sidecar."""
+    sidecar = posixpath.splitext(name)[0] + ".txt"
+    if sidecar not in sidecars:
+        if not (folder / sidecar).is_file():
+            return None
+        sidecars[sidecar] = read_text_file(folder / sidecar)
+    text = sidecars[sidecar][0].strip()
+    return (text, sidecar) if text else None
+
+
+def _account_txt_files(folder: Path, images: list[str], sidecars: dict[str, tuple[str, str]], report: SourceReport) -> None:
+    stems = {posixpath.splitext(n)[0] for n in images}
+    txt_files = {p.name for p in folder.glob("*.txt") if p.is_file()} - set(images)  # a listed .txt "image" has its entry
+    for name in sorted(txt_files | set(sidecars)):
+        if name in sidecars:
+            report.file(name, "caption", encoding=sidecars[name][1])
+        elif posixpath.splitext(name)[0] in stems:
+            report.file(name, "skipped", reason="caption file, not needed (metadata gives the caption, or the image is not used)")
+        else:
+            report.file(name, "skipped", reason="not an image (a .txt file with no image of the same name)")
+
+
+def scan_local_folder(
+    folder: Path, caption_template: str = "{caption}", default_caption: str = "", max_images: int | None = None
+) -> tuple[list[dict], SourceReport]:
+    """Rows for the images in `folder` (sorted by name) and the report on every file there.
+
+    Caption priority per image: its metadata.jsonl / metadata.csv entry (file_name,text), then a
+    `<stem>.txt` sidecar, then `default_caption`. Metadata entries naming a missing file, a file
+    outside the folder or a file already listed are dropped and reported, not rows. Rows point at
+    the original files (`image`, absolute) and name them (`source`, relative to the folder).
+    """
+    check_caption_template(caption_template)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"dataset.path {str(folder)!r} is not a folder; point dataset.path at a folder of images.")
+    report = SourceReport("local")
+    listed = _listed_files(folder, _read_metadata(folder, report), report)
+    names = _folder_images(folder, listed, report)
+    rows, taken, sidecars = [], set(), {}
+    for name in names:
+        if max_images is not None and len(rows) >= max_images:
+            report.file(name, "skipped", reason=f"over dataset.max_images ({max_images})")
+            continue
+        entry = listed.get(name)
+        found = (entry.caption.strip(), entry.where) if entry and entry.caption.strip() else _sidecar_caption(folder, name, sidecars)
+        caption, where = found or (default_caption, "dataset.default_caption")
+        row_id = _unique_id(Path(name).stem, taken)
+        report.file(name, "image", row=row_id, caption=where)
+        rows.append({"id": row_id, "image": os.path.abspath(folder / name), "text": apply_template(caption_template, caption), "source": name})
+    _account_txt_files(folder, names, sidecars, report)
+    if not rows:
+        examples = "; ".join(f"{d['where']}: {d['reason']}" for d in report.dropped[:3])
+        raise UserError(
+            f"dataset.path {str(folder)!r} holds no images (no file Pillow can open{'; ' + examples if examples else ''}); "
+            "put the style images there or set dataset.path to another folder."
+        )
+    return rows, report
+
+
+def collect_local_rows(folder: Path, caption_template: str = "{caption}", default_caption: str = "") -> list[dict]:
+    """The rows of `scan_local_folder`, without its report."""
+    return scan_local_folder(folder, caption_template, default_caption)[0]
+
+
+def _unique_id(stem: str, taken: set[str]) -> str:
+    candidate, n = stem, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _store_image(source: Path, images_dir: Path, row_id: str, background: RGB) -> tuple[Path, str]:
+    """Put one image into the run; returns where, and how (for the report).
+
+    An RGB JPEG shown as stored is copied byte for byte (no second lossy encode, nothing decoded);
+    anything else is decoded, turned upright and RGB, and saved as PNG (lossless). A file that
+    does not decode is copied as it is: the filter's integrity check drops it with the reason.
+    """
+    if not is_plain_jpeg_file(source):
+        try:
+            rgb, what = load_rgb(source, background)
+        except BadImage as exc:
+            target = images_dir / f"{row_id}{source.suffix.lower()}"
+            shutil.copyfile(source, target)
+            return target, f"copied as is, for the filter step to drop ({exc})"
+        target = images_dir / f"{row_id}.png"
+        rgb.save(target, format="PNG")
+        return target, f"converted from {what} to RGB PNG"
+    target = images_dir / f"{row_id}{source.suffix.lower()}"
+    shutil.copyfile(source, target)
+    return target, "copied"
+
+
+def copy_into_run(rows: list[dict], images_dir: Path, background: RGB = WHITE, report: SourceReport | None = None) -> list[dict]:
+    """Store each row's image in `images_dir/<id>.<ext>` (see `_store_image`); rows then point there.
+
+    A run's results stay valid when the source folder changes later. A missing file stays a row
+    with its original path, for the filter to report. With `report`, each image's entry says how
+    it was stored.
+    """
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    entries = {e["file"]: e for e in report.files if e["use"] == "image"} if report else {}
+    copied = []
+    for row in tqdm(rows, desc="storing images", unit="img", mininterval=5):
+        source = Path(row["image"])
+        if not source.is_file():
+            copied.append(dict(row))
+            continue
+        target, how = _store_image(source, images_dir, row["id"], background)
+        if row.get("source") in entries:
+            entries[row["source"]]["stored"] = how
+        copied.append({**row, "image": os.path.abspath(target)})
+    return copied
+
+
+def collect_local(
+    folder: Path, images_dir: Path, caption_template: str, default_caption: str, max_images: int | None, background: RGB = WHITE
+) -> tuple[list[dict], SourceReport]:
+    """The download stage for `dataset.source: local`: scan the folder, store its images in the run."""
+    rows, report = scan_local_folder(folder, caption_template, default_caption, max_images)
+    return copy_into_run(rows, images_dir, background, report), report

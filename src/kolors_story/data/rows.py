@@ -1,0 +1,100 @@
+"""Rows ({"id", "image", "text"}), the account of every file a source saw (SourceReport), and rows
+files: JSON Lines whose image paths are relative to the file, so a moved or shared results/ folder
+stays valid."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kolors_story.errors import UserError
+
+
+def json_lines(lines: Iterable[str], path: Path, fix: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file; UserError naming the
+    line and `fix` for one that is not JSON."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {lineno} is not valid JSON ({exc.msg}); {fix}.") from exc
+
+
+def relative_path(path: str | os.PathLike, base_dir: str | os.PathLike) -> str:
+    """`path` relative to `base_dir`, with / separators: what results files store, so that they
+    stay valid when results/ is moved or shared. Lexical (no symlinks resolved)."""
+    try:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))).as_posix()
+    except ValueError:  # another drive (Windows): no relative form exists
+        return Path(path).as_posix()
+
+
+def write_rows(rows: Iterable[dict], path: Path) -> Path:
+    """Write rows as UTF-8 JSON Lines (non-ASCII captions kept readable), image paths relative
+    to the rows file's folder (`read_rows` resolves them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            stored = {**row, "image": relative_path(row["image"], path.parent)}
+            fh.write(json.dumps(stored, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Read a rows file written by `write_rows`; every row must have id, image and text.
+
+    Image paths come back absolute, resolved against the rows file's folder (an absolute path
+    in an older rows file is kept as it is).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"rows file {str(path)!r} does not exist; run the step that writes it (download_dataset/filter_dataset).")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, row in json_lines(fh, path, "delete the file and rerun"):
+            missing = {"id", "image", "text"} - set(row)
+            if missing:
+                raise UserError(f"{path} line {lineno} lacks {sorted(missing)}; delete the file and rerun.")
+            rows.append({**row, "image": os.path.abspath(os.path.join(path.parent, row["image"]))})
+    return rows
+
+
+JPEG_QUALITY = 95
+
+
+@dataclass
+class SourceReport:
+    """What the download stage made of its input, written to data/download_stats.json.
+
+    `files`: one entry per file or folder in dataset.path (local), with its use: image (-> row),
+    caption (+ encoding), metadata (+ encoding), skipped (+ reason). `dropped`: metadata entries
+    or dataset records that give no row, with the reason. No absolute paths: names are relative
+    to dataset.path.
+    """
+
+    source: str
+    files: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+
+    def file(self, name: str, use: str, **details: Any) -> dict:
+        entry = {"file": name, "use": use, **details}
+        self.files.append(entry)
+        return entry
+
+    def as_dict(self, rows: int) -> dict:
+        counts = Counter(e["use"] for e in self.files)
+        return {
+            "source": self.source,
+            "rows": rows,
+            "counts": {**{k: counts[k] for k in ("image", "caption", "metadata", "skipped")}, "dropped": len(self.dropped)},
+            "files": sorted(self.files, key=lambda e: e["file"]),
+            "dropped": self.dropped,
+        }
