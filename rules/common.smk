@@ -59,15 +59,15 @@ wildcard_constraints:
     character="|".join(map(re.escape, ALL_CHARACTERS)) or "no-characters",  # names may hold "."
     model_name="kolors|aesthetic",
     key="[0-9a-f]{12}",
-    text="[0-9a-f]{32}",
 
 
-def V(wildcards):
+def variant_config(wildcards):
     """The variant's validated config."""
     return VARIANTS[wildcards.run]
 
 
-def jobs_of(wildcards):
+def variant_jobs(wildcards):
+    """The keys of the shared jobs the variant uses (kolors_story.plan.job_plan.VariantJobs)."""
     return PLAN.variants[wildcards.run]
 
 
@@ -142,7 +142,7 @@ def variant_candidates(wildcards):
 
 def gpu_benchmarks(wildcards):
     """Label -> benchmark file of the variant's GPU jobs (their timings go into its manifest)."""
-    jobs = jobs_of(wildcards)
+    jobs = variant_jobs(wildcards)
     files = {} if jobs.imported else {"train_lora": f"{SHARED}/benchmarks/train_lora/{jobs.lora}.tsv"}
     files.update({f"render_anchor/{c}": f"{SHARED}/benchmarks/render_anchor/{c}/{k}.tsv"
                   for c, k in jobs.anchors.items()})
@@ -230,7 +230,7 @@ def train_inputs(wildcards):
 
 
 def variant_lora_source(name):
-    return lambda wc: f"{lora_dir(jobs_of(wc).lora, jobs_of(wc).imported)}/{LORA_FILES[name]}"
+    return lambda wc: f"{lora_dir(variant_jobs(wc).lora, variant_jobs(wc).imported)}/{LORA_FILES[name]}"
 
 
 CURVES = {k: v for k, v in LORA_FILES.items() if k not in IMPORTED_FILES}
@@ -262,7 +262,7 @@ def generate_inputs(wildcards):
 
 
 def scene_job_dir(wildcards):
-    return scene_dir(wildcards.scene, jobs_of(wildcards).scenes[wildcards.scene])
+    return scene_dir(wildcards.scene, variant_jobs(wildcards).scenes[wildcards.scene])
 
 
 def panel_labels(wildcards):
@@ -278,7 +278,7 @@ def panel_labels(wildcards):
 
 # ---------------------------------------------------------------- of the manifest
 def manifest_inputs(wildcards):
-    jobs, run_dir = jobs_of(wildcards), f"results/{wildcards.run}"
+    jobs, run_dir = variant_jobs(wildcards), f"results/{wildcards.run}"
     inputs = {
         "lora": f"{run_dir}/lora/{LORA_FILES['lora']}",
         "story": f"{run_dir}/story.png",
@@ -287,7 +287,7 @@ def manifest_inputs(wildcards):
         "dataset": f"{SHARED}/data/{jobs.filter}/filtered.jsonl",
         "training_data": f"{SHARED}/data/{jobs.filter}/dataset",
         "filter_stats": f"{run_dir}/data/filter_stats.json",
-        "models": [model_check(n, V(wildcards)["models"][n]) for n in ("kolors", "aesthetic")],
+        "models": [model_check(n, variant_config(wildcards)["models"][n]) for n in ("kolors", "aesthetic")],
         "benchmarks": list(gpu_benchmarks(wildcards).values()),
     }
     if not jobs.imported:

@@ -71,8 +71,8 @@ rule build_metadata:
 rule variant_data:
     """The variant's filter statistics and dropped images, for its report and manifest."""
     input:
-        stats=lambda wc: f"{SHARED}/data/{jobs_of(wc).filter}/filter_stats.json",
-        dropped=lambda wc: f"{SHARED}/data/{jobs_of(wc).filter}/dropped.png",
+        stats=lambda wc: f"{SHARED}/data/{variant_jobs(wc).filter}/filter_stats.json",
+        dropped=lambda wc: f"{SHARED}/data/{variant_jobs(wc).filter}/dropped.png",
     output:
         stats=report(f"{RUN_DIR}/data/filter_stats.json", caption="../report/filter.rst",
                      category="{run}", subcategory="Data"),

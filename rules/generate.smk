@@ -83,8 +83,8 @@ rule compose_story:
         contact_sheet=report(f"{RUN_DIR}/contact_sheet.png", caption="../report/contact_sheet.rst",
                              category="{run}", subcategory="Story"),
     params:
-        layout=lambda wc: V(wc)["layout"],
-        title=lambda wc: V(wc)["story"]["title"],
+        layout=lambda wc: variant_config(wc)["layout"],
+        title=lambda wc: variant_config(wc)["story"]["title"],
         captions=lambda wc: [SCENES[wc.run][s]["caption"] for s in variant_scenes(wc)],
     log:
         f"{RUN_DIR}/logs/compose_story.log",

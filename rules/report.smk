@@ -4,7 +4,7 @@
 
 rule score_images:
     input:
-        unpack(lambda wc: model_inputs("aesthetic", V(wc)["models"]["aesthetic"])),
+        unpack(lambda wc: model_inputs("aesthetic", variant_config(wc)["models"]["aesthetic"])),
         panels=variant_panels,
         candidates=variant_candidates,
     output:
@@ -12,9 +12,9 @@ rule score_images:
                    subcategory="Scores"),
         json=f"{RUN_DIR}/scores.json",
     params:
-        threshold=lambda wc: V(wc)["score"]["threshold"],
+        threshold=lambda wc: variant_config(wc)["score"]["threshold"],
         characters=lambda wc: {s: v["characters"] for s, v in SCENES[wc.run].items()},
-        compare=lambda wc: V(wc)["generate"]["consistency"]["enabled"] and V(wc)["generate"]["consistency"]["compare"],
+        compare=lambda wc: variant_config(wc)["generate"]["consistency"]["enabled"] and variant_config(wc)["generate"]["consistency"]["compare"],
     log:
         f"{RUN_DIR}/logs/score_images.log",
     conda:
@@ -34,10 +34,10 @@ rule bundle:
         directory(f"{RUN_DIR}/bundle"),
     params:
         scenes=lambda wc: list(SCENES[wc.run].values()),
-        bundle=lambda wc: V(wc)["bundle"],
-        base_model=lambda wc: V(wc)["models"]["kolors"],
+        bundle=lambda wc: variant_config(wc)["bundle"],
+        base_model=lambda wc: variant_config(wc)["models"]["kolors"],
         run=lambda wc: wc.run,
-        repo_id=lambda wc: V(wc)["upload"]["repo_id"],
+        repo_id=lambda wc: variant_config(wc)["upload"]["repo_id"],
     log:
         f"{RUN_DIR}/logs/bundle.log",
     conda:
@@ -52,8 +52,8 @@ rule upload:
     output:
         f"{RUN_DIR}/upload.json",
     params:
-        repo_id=lambda wc: V(wc)["upload"]["repo_id"],
-        visibility=lambda wc: V(wc)["upload"]["visibility"],
+        repo_id=lambda wc: variant_config(wc)["upload"]["repo_id"],
+        visibility=lambda wc: variant_config(wc)["upload"]["visibility"],
     log:
         f"{RUN_DIR}/logs/upload.log",
     retries: NETWORK_RETRIES
@@ -75,11 +75,11 @@ rule manifest:
         timings=report(f"{RUN_DIR}/timings.png", caption="../report/timings.rst", category="{run}",
                        subcategory="Timings"),
     params:
-        config=V,
-        seeds=lambda wc: {"train": V(wc)["train"]["seed"],
+        config=variant_config,
+        seeds=lambda wc: {"train": variant_config(wc)["train"]["seed"],
                           **{s: v["seed"] for s, v in SCENES[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
-        jobs=lambda wc: vars(jobs_of(wc)),
+        jobs=lambda wc: vars(variant_jobs(wc)),
     log:
         f"{RUN_DIR}/logs/manifest.log",
     conda:
