@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,145 +147,198 @@ class LayerTimer:
         self.cpu_times.append(time.process_time() - self._c)
 
 
+@dataclass
+class ModeRun:
+    """One mode's context: its settings, device, dtype, phase recorder and results dict."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    phases: "Phases"
+    out: dict
+    images: list[Path]
+
+    @property
+    def cached(self) -> bool:
+        return self.args.child == "cached"
+
+
 def run_mode(args) -> dict:
-    from diffusers import DDPMScheduler
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
 
-    from kolors_story.models.prompt_embeddings import encode_prompts
-    from kolors_story.models.random_kolors import KOLORS_SCHEDULER, kolors_tokenizer_dir
-    from kolors_story.training import TrainSettings, add_lora, encode_latents
+    from kolors_story.models.random_kolors import kolors_tokenizer_dir
 
     device = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    autocast = dtype != torch.float32  # fp32: no autocast, everything fp32 (the trainer's fp32 mode)
-    mode = args.child
-    phases = Phases(device)
-    res = args.resolution
+    run = ModeRun(args, device, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype], Phases(device),
+                  {"mode": args.child, "device": str(device), "torch_threads": torch.get_num_threads()},
+                  make_images(Path(args.tmp), len(CAPTIONS)))
     load0 = os.getloadavg()
-    out: dict = {"mode": mode, "device": str(device), "torch_threads": torch.get_num_threads()}
-    images = make_images(Path(args.tmp), len(CAPTIONS))
     tokenizer = ChatGLMTokenizer.from_pretrained(str(kolors_tokenizer_dir()))
     C.release_memory()
-    out["rss_baseline_gib"] = C.gib(C.rss_bytes())
+    run.out["rss_baseline_gib"] = C.gib(C.rss_bytes())
+    encode_text, timer, text_cache = text_side(run, tokenizer)
+    vae, latent_cache = vae_side(run)
+    unet, params, optimizer, scheduler = unet_side(run)
+    train_steps(run, (encode_text, timer, text_cache), (vae, latent_cache), (unet, params, optimizer, scheduler))
+    run.out["load_avg_start_end"] = [load0, os.getloadavg()]
+    return summarise_mode(run)
 
-    # ---- text encoder (full width, --te-layers deep) and VAE
-    phases.start("build_text_encoder")
-    text_encoder = C.build_text_encoder(args.te_layers, dtype).to(device)
+
+def text_side(run: ModeRun, tokenizer):
+    """ChatGLM (full width, --te-layers deep); in cached mode every caption encoded once and the
+    model freed, as the trainer does. Returns (encode one caption, layer timer, cache)."""
+    from kolors_story.models.prompt_embeddings import encode_prompts
+
+    run.phases.start("build_text_encoder")
+    text_encoder = C.build_text_encoder(run.args.te_layers, run.dtype).to(run.device)
     blocks = text_encoder.encoder.layers
-    layer_bytes = C.param_bytes(blocks[0])
-    te_bytes = C.param_bytes(text_encoder)
-    timer = LayerTimer(blocks, device)
-    phases.end(param_gib=C.gib(te_bytes), layer_param_gib=C.gib(layer_bytes))
-    out["text_encoder"] = {"layers": args.te_layers, "param_bytes": te_bytes, "layer_param_bytes": layer_bytes}
+    layer_bytes, te_bytes = C.param_bytes(blocks[0]), C.param_bytes(text_encoder)
+    timer = LayerTimer(blocks, run.device)
+    run.phases.end(param_gib=C.gib(te_bytes), layer_param_gib=C.gib(layer_bytes))
+    run.out["text_encoder"] = {"layers": run.args.te_layers, "param_bytes": te_bytes, "layer_param_bytes": layer_bytes}
 
     def encode_text(caption):
-        embeds, pooled = encode_prompts(tokenizer, text_encoder, [caption], device)
+        embeds, pooled = encode_prompts(tokenizer, text_encoder, [caption], run.device)
         return embeds.float(), pooled.float()
 
-    text_cache, latent_cache = {}, {}
-    if mode == "cached":  # the trainer's order: texts, free ChatGLM, latents, free VAE, then UNet
-        phases.start("encode_captions")
-        t0 = time.perf_counter()
-        for caption in CAPTIONS:  # one ChatGLM pass per distinct caption
-            text_cache[caption] = encode_text(caption)
-        per_caption = (time.perf_counter() - t0) / len(CAPTIONS)
-        phases.end(per_caption_s=round(per_caption, 3))
-        out["encode_per_caption_s"] = per_caption
-        out["layer_times_s"] = list(timer.times)
-        out["layer_cpu_times_s"] = list(timer.cpu_times)
-        del text_encoder, blocks, timer
-        C.release_memory()
-        out["rss_after_text_release_gib"] = C.gib(C.rss_bytes())
+    text_cache: dict = {}
+    if not run.cached:
+        return encode_text, timer, text_cache
+    run.phases.start("encode_captions")  # the trainer's order: texts, free ChatGLM, latents, free VAE, UNet
+    t0 = time.perf_counter()
+    for caption in CAPTIONS:  # one ChatGLM pass per distinct caption
+        text_cache[caption] = encode_text(caption)
+    per_caption = (time.perf_counter() - t0) / len(CAPTIONS)
+    run.phases.end(per_caption_s=round(per_caption, 3))
+    run.out.update(encode_per_caption_s=per_caption, layer_times_s=list(timer.times),
+                   layer_cpu_times_s=list(timer.cpu_times))
+    del encode_text, blocks, timer
+    text_encoder = None  # the last reference (encode_text's cell): ChatGLM is freed
+    C.release_memory()
+    run.out["rss_after_text_release_gib"] = C.gib(C.rss_bytes())
+    return None, None, text_cache
 
-    phases.start("build_vae")
-    vae = C.build_vae(dtype).to(device)
-    phases.end(param_gib=C.gib(C.param_bytes(vae)))
-    if mode == "cached":
-        phases.start("encode_latents")
-        for path in images:  # one VAE pass per image
-            latent_cache[path] = encode_latents(vae, load_pixels(path, res), device)
-        phases.end()
-        del vae
-        C.release_memory()
-        out["rss_after_vae_release_gib"] = C.gib(C.rss_bytes())
 
-    # ---- UNet with LoRA
-    phases.start("build_unet")
-    unet = C.build_unet(dtype).to(device)
-    params = add_lora(unet, TrainSettings(rank=args.rank, seed=0))
+def vae_side(run: ModeRun):
+    """The VAE; in cached mode every image encoded once and the VAE freed. Returns (vae, cache)."""
+    from kolors_story.training import encode_latents
+
+    run.phases.start("build_vae")
+    vae = C.build_vae(run.dtype).to(run.device)
+    run.phases.end(param_gib=C.gib(C.param_bytes(vae)))
+    latent_cache: dict = {}
+    if not run.cached:
+        return vae, latent_cache
+    run.phases.start("encode_latents")
+    for path in run.images:  # one VAE pass per image
+        latent_cache[path] = encode_latents(vae, load_pixels(path, run.args.resolution), run.device)
+    run.phases.end()
+    del vae
+    C.release_memory()
+    run.out["rss_after_vae_release_gib"] = C.gib(C.rss_bytes())
+    return None, latent_cache
+
+
+def unet_side(run: ModeRun):
+    """The UNet with a rank --rank LoRA, gradient checkpointing, AdamW and the DDPM schedule."""
+    from diffusers import DDPMScheduler
+
+    from kolors_story.models.random_kolors import KOLORS_SCHEDULER
+    from kolors_story.training import TrainSettings, add_lora
+
+    run.phases.start("build_unet")
+    unet = C.build_unet(run.dtype).to(run.device)
+    params = add_lora(unet, TrainSettings(rank=run.args.rank, seed=0))
     unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = DDPMScheduler.from_config(KOLORS_SCHEDULER)
-    phases.end(unet_param_gib=C.gib(C.param_bytes(unet, trainable=False)),
-               lora_params=sum(p.numel() for p in params))
-    out["lora_params"] = sum(p.numel() for p in params)
+    run.phases.end(unet_param_gib=C.gib(C.param_bytes(unet, trainable=False)),
+                   lora_params=sum(p.numel() for p in params))
+    run.out["lora_params"] = sum(p.numel() for p in params)
+    return unet, params, optimizer, scheduler
 
+
+def step_inputs(run: ModeRun, step: int, text, vae_side_) -> tuple[tuple, tuple[float, float, float]]:
+    """(latents, embeds, pooled) of one step and the seconds spent on (image, ChatGLM, VAE):
+    recomputed in recompute mode, read from the caches in cached mode."""
+    from kolors_story.training import encode_latents
+
+    (encode_text, timer, text_cache), (vae, latent_cache) = text, vae_side_
+    caption, path = CAPTIONS[step % len(CAPTIONS)], run.images[step % len(CAPTIONS)]
+    if run.cached:
+        return (latent_cache[path], *text_cache[caption]), (0.0, 0.0, 0.0)
+    t = time.perf_counter()
+    pixels = load_pixels(path, run.args.resolution)
+    t_img = time.perf_counter() - t
+    n_layer_times = len(timer.times)
+    t = time.perf_counter()
+    embeds, pooled = encode_text(caption)
+    t_text = time.perf_counter() - t
+    if step > 0:
+        run.out.setdefault("layer_times_s", []).extend(timer.times[n_layer_times:])
+        run.out.setdefault("layer_cpu_times_s", []).extend(timer.cpu_times[n_layer_times:])
+    t = time.perf_counter()
+    latents = encode_latents(vae, pixels, run.device)
+    return (latents, embeds, pooled), (t_img, t_text, time.perf_counter() - t)
+
+
+def unet_step(run: ModeRun, unet_side_, inputs: tuple, gen: torch.Generator) -> float:
+    """One LoRA optimisation step of the UNet on (latents, embeds, pooled); returns the loss."""
+    unet, params, optimizer, scheduler = unet_side_
+    res, dtype, device = run.args.resolution, run.dtype, run.device
+    latents, embeds, pooled = (x.to(device) for x in inputs)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=dtype, device=device)
+    # fp32: no autocast, everything fp32 (the trainer's fp32 mode)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss.item()
+
+
+def train_steps(run: ModeRun, text, vae_side_, unet_side_) -> None:
+    """--steps measured steps after one warm-up; each step's wall, CPU and per-part seconds."""
     gen = torch.Generator().manual_seed(0)
     steps, cpu_steps, parts = [], [], {"load_image": [], "text_encoder": [], "vae": [], "unet": []}
-    phases.start("train_steps")
-    for step in range(args.steps + 1):  # step 0 is the warm-up
-        i = step % len(CAPTIONS)
-        caption, path = CAPTIONS[i], images[i]
+    run.phases.start("train_steps")
+    for step in range(run.args.steps + 1):  # step 0 is the warm-up
         t_step, cpu_step = time.perf_counter(), time.process_time()
-        if mode == "recompute":
-            t = time.perf_counter()
-            pixels = load_pixels(path, res)
-            t_img = time.perf_counter() - t
-            n_layer_times = len(timer.times)
-            t = time.perf_counter()
-            embeds, pooled = encode_text(caption)
-            t_text = time.perf_counter() - t
-            if step > 0:
-                out.setdefault("layer_times_s", []).extend(timer.times[n_layer_times:])
-                out.setdefault("layer_cpu_times_s", []).extend(timer.cpu_times[n_layer_times:])
-            t = time.perf_counter()
-            latents = encode_latents(vae, pixels, device)
-            t_vae = time.perf_counter() - t
-        else:
-            t_img = t_text = t_vae = 0.0
-            embeds, pooled = text_cache[caption]
-            latents = latent_cache[path]
+        inputs, (t_img, t_text, t_vae) = step_inputs(run, step, text, vae_side_)
         t = time.perf_counter()
-        latents, embeds, pooled = latents.to(device), embeds.to(device), pooled.to(device)
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen).to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=dtype, device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype),
-                        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        loss = unet_step(run, unet_side_, inputs, gen)
         t_unet = time.perf_counter() - t
-        total = time.perf_counter() - t_step
-        cpu_total = time.process_time() - cpu_step
+        total, cpu_total = time.perf_counter() - t_step, time.process_time() - cpu_step
         print(f"  step {step}{' (warm-up)' if step == 0 else ''}: {total:.2f} s, cpu {cpu_total:.2f} s "
-              f"(image {t_img:.2f}, "
-              f"text {t_text:.2f}, vae {t_vae:.2f}, unet {t_unet:.2f}) loss {loss.item():.4f}", flush=True)
+              f"(image {t_img:.2f}, text {t_text:.2f}, vae {t_vae:.2f}, unet {t_unet:.2f}) loss {loss:.4f}", flush=True)
         if step > 0:
             steps.append(total)
             cpu_steps.append(cpu_total)
             for k, v in zip(parts, (t_img, t_text, t_vae, t_unet)):
                 parts[k].append(v)
-    phases.end()
-    out["step_times_s"] = steps
-    out["step_s"] = statistics.median(steps)
-    out["step_cpu_times_s"] = cpu_steps
-    out["step_cpu_s"] = statistics.median(cpu_steps)
-    out["load_avg_start_end"] = [load0, os.getloadavg()]
-    out["parts_median_s"] = {k: statistics.median(v) for k, v in parts.items()}
+    run.phases.end()
+    run.out.update(step_times_s=steps, step_s=statistics.median(steps), step_cpu_times_s=cpu_steps,
+                   step_cpu_s=statistics.median(cpu_steps),
+                   parts_median_s={k: statistics.median(v) for k, v in parts.items()})
+
+
+def summarise_mode(run: ModeRun) -> dict:
+    out, phases = run.out, run.phases
     out["layer_s"] = statistics.median(out["layer_times_s"])
     out["layer_cpu_s"] = statistics.median(out["layer_cpu_times_s"])
     out["phases"] = phases.rows
     out["peak_rss_hwm_reset_works"] = phases.hwm_reset_works
     out["peak_rss_gib"] = C.gib(C.ru_maxrss_bytes())
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         out["cuda_max_allocated_gib"] = max(r["cuda_max_allocated_gib"] for r in phases.rows.values())
     return out
 
