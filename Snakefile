@@ -11,6 +11,17 @@ from kolors_story.host import snakemake_ancient
 snakemake_ancient.apply()
 
 
+# config.yaml and every --configfile read strictly first: a YAML error names its file, line and
+# column, and a key given twice is refused (Snakemake's loader keeps the last one silently).
+from kolors_story.errors import UserError
+from kolors_story.plan.config_files import check_files
+
+try:
+    check_files(["config.yaml", *workflow.overwrite_configfiles])
+except UserError as err:
+    raise WorkflowError(str(err)) from None
+
+
 configfile: "config.yaml"
 
 

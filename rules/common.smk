@@ -112,6 +112,9 @@ def _key_for_model_id(wildcards):
     return keys[0] if keys else "models"
 
 
+# ModelScope ids whose folder is not there yet: id -> the folder it downloads to
+MODEL_DOWNLOADS = {r: model_dir(r) for c in VARIANTS.values() for r in (c["models"]["kolors"], c["models"]["aesthetic"])
+                   if not is_local_model(r) and not os.path.isdir(model_dir(r))}
 MODEL_REFS = {(n, job_key(c["models"][n])): c["models"][n] for c in VARIANTS.values() for n in ("kolors", "aesthetic")}
 
 

@@ -60,6 +60,8 @@ rule build_metadata:
         rows=f"{SHARED}/data/{{key}}/filtered.jsonl",
     output:
         directory(f"{SHARED}/data/{{key}}/dataset"),
+    params:
+        truncate=lambda wc: PLAN.downloads[PLAN.filters[wc.key]["download"]]["dataset"].get("truncate_long_captions", False),
     log:
         f"{SHARED}/logs/build_metadata/{{key}}.log",
     conda:

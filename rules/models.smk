@@ -7,12 +7,12 @@ rule download_model:
     params:
         model_id=lambda wc: f"{wc.owner}/{wc.name}",
         config_key=_key_for_model_id,
+        needed=lambda wc: MODEL_DOWNLOADS,  # all of them: offline, one failure names every id
     wildcard_constraints:
         owner="[^/]+",
         name="[^/]+",
     log:
         "resources/logs/download_model/{owner}/{name}.log",
-    retries: NETWORK_RETRIES
     conda:
         ENV
     script:

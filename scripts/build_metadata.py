@@ -7,7 +7,8 @@ from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):
-    csv_path = build_training_folder(read_rows(Path(snakemake.input.rows)), Path(snakemake.output[0]))
+    csv_path = build_training_folder(read_rows(Path(snakemake.input.rows)), Path(snakemake.output[0]),
+                                     truncate_long_captions=snakemake.params.truncate)
     logging.info("training metadata: %s", csv_path)
 
 

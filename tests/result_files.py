@@ -11,13 +11,18 @@ from pathlib import Path
 TIMING_PARTS = {"logs", "benchmarks"}  # folders of logs and Snakemake benchmark files
 TIMED_JSON = ("seconds", "created", "timings")  # keys of the JSON files below that hold wall clock
 TIMED_FILES = {"timings.png"}  # the GPU jobs' wall-clock seconds drawn
+TIMED_JSON_FILES = ("training_summary.json", "manifest.json")  # with TIMED_JSON keys
+SEAL = ".seal.json"  # kolors_story.seals.SUFFIX
 
 
 def is_timing(rel: str) -> bool:
     """Logs, benchmarks, the timings chart and a training job's work/ folder (its checkpoints keep
     the loss log with seconds) differ between two runs of the same config."""
     parts = rel.split("/")
-    return (bool(TIMING_PARTS & set(parts)) or parts[-1] in TIMED_FILES
+    name = parts[-1].removeprefix(".").removesuffix(SEAL)  # a timed file's seal holds its digest: timed too
+    if parts[-1].endswith(SEAL) and (name in TIMED_COLUMNS or name in TIMED_JSON_FILES):
+        return True
+    return (bool(TIMING_PARTS & set(parts)) or name in TIMED_FILES
             or ("lora" in parts and "work" in parts))
 
 
@@ -33,7 +38,7 @@ def comparable(path: Path) -> bytes:
             i = rows[0].index(column)
             rows = [row[:i] + row[i + 1:] for row in rows]
         return b"\n".join(b",".join(row) for row in rows)
-    if path.name in ("training_summary.json", "manifest.json"):
+    if path.name in TIMED_JSON_FILES:
         data = json.loads(path.read_text(encoding="utf-8"))
         for key in TIMED_JSON:
             data.pop(key, None)

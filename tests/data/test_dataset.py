@@ -228,18 +228,7 @@ def test_modelscope_offline_fails_fast_with_a_fix(tmp_path):
 
 # ---------------------------------------------------------------- every download failure is a UserError
 
-CLOSED_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
-
-
-@pytest.fixture
-def closed_endpoint(monkeypatch):
-    """MODELSCOPE_ENDPOINT at a closed local port, read afresh: the hub client caches its config
-    per process, so that cache is cleared here and restored by monkeypatch afterwards."""
-    import modelscope_hub.config
-
-    monkeypatch.setenv("MODELSCOPE_ENDPOINT", CLOSED_ENDPOINT)
-    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
-    return CLOSED_ENDPOINT
+# closed_endpoint: tests/conftest.py
 
 
 def _download(tmp_path, dataset_id="AI-ModelScope/lowres_anime"):

@@ -89,6 +89,21 @@ def test_refuses_what_the_trainer_would_choke_on(rows, tmp_path):
         build_training_folder([], tmp_path)
 
 
+def test_a_caption_over_256_tokens_is_refused_naming_the_image_or_cut_with_a_warning(rows, tmp_path, caplog):
+    from kolors_story.chatglm_tokens import count_tokens
+
+    long = "水墨画，山水，" * 60 + "结尾"
+    given = [rows[0], {**rows[1], "text": long}]
+    with pytest.raises(UserError) as err:
+        build_training_folder(given, tmp_path)
+    assert f"{rows[1]['id']} ({rows[1]['image']}): {count_tokens(long)} tokens" in str(err.value)
+    assert "dataset.truncate_long_captions: true" in str(err.value)
+    with caplog.at_level("WARNING"):
+        csv_path = build_training_folder(given, tmp_path, truncate_long_captions=True)
+    assert f"caption of {rows[1]['id']} cut at 256 tokens" in caplog.text and "结尾'" in caplog.text
+    assert long in csv_path.read_text(encoding="utf-8")  # the text is kept whole; ChatGLM cuts it
+
+
 def test_rows_from_elsewhere_are_made_upright_rgb_too(tmp_path, monkeypatch):
     """The download stage stores upright RGB images; rows built another way get the same treatment."""
     from PIL import ExifTags

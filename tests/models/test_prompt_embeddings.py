@@ -136,3 +136,11 @@ def test_chatglm_loads_straight_onto_a_cuda_device(tiny_kolors, monkeypatch):
     KolorsFolder(tiny_kolors).load_text_encoder(torch.float16, torch.device("cuda", 1))
     assert calls[-1]["device_map"] == {"": 1} and calls[-1]["dtype"] == torch.float16
     assert "torch_dtype" not in calls[-1]  # the spelling both transformers 4.56+ and 5.x take
+
+
+def test_a_text_cut_at_256_tokens_is_warned_once_with_the_words_it_loses(tiny_kolors, tmp_path, caplog):
+    long = "水墨画，山水，" * 60 + "结尾的小船"
+    with caplog.at_level("WARNING", logger="kolors_story.models.prompt_embeddings"):
+        write_embeddings(KolorsFolder(tiny_kolors), [long, "短", long], tmp_path / "e.safetensors", torch.float32, CPU)
+    warnings = [r.getMessage() for r in caplog.records if "text cut" in r.getMessage()]
+    assert len(warnings) == 1 and "结尾的小船'" in warnings[0] and "(306 tokens)" in warnings[0] and "text cut at ChatGLM's 256 tokens" in warnings[0]

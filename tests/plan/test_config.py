@@ -1,10 +1,7 @@
 """Config validation: defaults, and refusals that name the key and what is allowed."""
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from kolors_story.plan.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
+from workflow_copy import snakemake
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schemas" / "config.schema.yaml")
@@ -154,6 +152,10 @@ def set_characters(c, names):
     ],
 )
 def test_cross_field_rules_are_refused_with_the_key(edit, expected):
+    assert_refused(edit, expected)
+
+
+def assert_refused(edit, expected):
     config = default_config()
     config["story"]["characters"] = {"girl": "一个黑色长发少女"}
     edit(config)
@@ -207,15 +209,8 @@ def test_render_scene_refuses_a_sweep_without_the_predictor_before_loading_anyth
 
 def dry_run(tmp_path: Path, overrides: dict) -> subprocess.CompletedProcess:
     """snakemake -n with the demo config plus overrides, in a copy of the workflow."""
-    for name in ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]:
-        src = ROOT / name
-        if not (tmp_path / name).exists():
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / name)
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
-    snakemake = str(Path(sys.executable).with_name("snakemake"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([snakemake, "-n", "--configfile", "demo/config.yaml", "override.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return snakemake(tmp_path, "-n", "--configfile", "demo/config.yaml", "override.yaml")
 
 
 def scene_inputs(out: str) -> list[str]:
@@ -232,3 +227,31 @@ def test_the_rules_give_a_sweep_its_scorer_and_refuse_bad_configs_at_parse_time(
     refused = dry_run(tmp_path, {"layout": {"rows": 3}})
     assert refused.returncode != 0
     assert "'layout.columns' / 'layout.rows': 2 x 3 = 6 cells" in refused.stdout + refused.stderr
+
+
+LONG = "水墨画，山水，" * 70
+LONG_TEXTS = [
+    (lambda c: c["story"].update(negative_prompt=LONG), "config key 'story.negative_prompt'"),
+    (lambda c: c["story"]["scenes"][2].update(negative_prompt=LONG), "config key 'story.scenes[2].negative_prompt'"),
+    (lambda c: c["story"]["scenes"][0].update(prompt=LONG), "config key 'story.scenes[0].prompt' (scene s1_class)"),
+    (lambda c: c["train"]["validation"].update(prompts=[{"prompt": LONG, "negative_prompt": ""}]),
+     "config key 'train.validation.prompts[0].prompt'"),
+    (lambda c: c["dataset"].update(caption_template=LONG + "{caption}"),
+     "config key 'dataset.caption_template' (its own words, with an empty caption)"),
+]
+
+
+@pytest.mark.parametrize("edit, expected", LONG_TEXTS)
+def test_every_text_that_reaches_chatglm_is_held_to_256_tokens_naming_its_key(edit, expected):
+    from kolors_story.chatglm_tokens import count_tokens
+
+    assert_refused(edit, f"{expected}: {count_tokens(LONG)} tokens, more than ChatGLM's 256")
+
+
+def test_truncation_opted_in_accepts_every_long_text_at_parse_time(caplog):
+    config = default_config()
+    config["story"]["truncate_long_prompts"] = True
+    for edit, _ in LONG_TEXTS:
+        edit(config)
+    validate_config(config, SCHEMA)
+    assert "tokens" not in caplog.text  # said once, in the encode job's log (test_prompt_embeddings)

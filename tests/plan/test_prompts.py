@@ -1,11 +1,11 @@
 """Scene prompts from characters defined once, and the 256-token limit."""
 
-import logging
 
 import pytest
 
 from kolors_story.errors import UserError
-from kolors_story.plan.prompts import MAX_TOKENS, assemble_prompt, check_length, count_tokens, tokenizer_model
+from kolors_story.chatglm_tokens import MAX_TOKENS, PREFIX_TOKENS, dropped_text
+from kolors_story.plan.prompts import assemble_prompt, count_tokens, tokenizer_model
 
 STORY = {
     "style": "古风，水墨画",
@@ -48,13 +48,14 @@ def test_token_count_matches_the_real_chatglm_tokenizer():
         assert count_tokens(text) == len(tokenizer(text)["input_ids"])
 
 
-def test_long_prompt_is_refused_with_its_token_count_or_truncated_with_a_warning(caplog):
-    long_prompt = "水墨画，山水，" * 120
-    n = count_tokens(long_prompt)
-    assert n > MAX_TOKENS
-    with pytest.raises(UserError, match=f"{n} tokens"):
-        check_length("s1", long_prompt, truncate=False)
-    with caplog.at_level(logging.WARNING):
-        check_length("s1", long_prompt, truncate=True)
-    assert f"{n} tokens" in caplog.text
-    check_length("s1", "水墨画", truncate=False)
+def test_dropped_text_is_what_the_real_tokenizer_cuts_off():
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(tokenizer_model().parent))
+    text = "水墨画，山水，" * 60 + "结尾的小船"
+    kept = tokenizer(text, max_length=MAX_TOKENS, truncation=True)["input_ids"]
+    assert len(kept) == MAX_TOKENS
+    dropped = dropped_text(text)
+    assert dropped.endswith("结尾的小船") and text.endswith(dropped)
+    assert tokenizer.decode(kept[PREFIX_TOKENS:]) + dropped == text
+    assert dropped_text("水墨画") is None

@@ -5,53 +5,23 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
-import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from PIL import Image
 from tqdm import tqdm
 
+from kolors_story import modelscope_endpoint
 from kolors_story.errors import UserError
 from kolors_story.data.rows import JPEG_QUALITY, SourceReport
 from kolors_story.data.text_files import apply_template, check_caption_template
 from kolors_story.data.images import RGB, WHITE, BadImage, bad_image, load_rgb, strict_decoding, upright_rgb
 
 
-PREFLIGHT_TIMEOUT_S = 10.0
-
-
-def _hub_endpoint() -> str:
-    """The endpoint MsDataset.load talks to: HubApi's (it honours MODELSCOPE_ENDPOINT).
-
-    Not `modelscope.hub.utils.utils.get_endpoint()`, which ignores MODELSCOPE_ENDPOINT.
-    """
-    from modelscope.hub.api import HubApi
-
-    return HubApi().endpoint
-
-
-def _offline_reason() -> str | None:
-    """Why the ModelScope hub cannot be reached, or None if a TCP connection opens.
-
-    The hub client retries for a while before it gives up; a plain connect bounded by
-    PREFLIGHT_TIMEOUT_S answers in seconds. Behind a proxy a direct connect proves nothing,
-    so the check is skipped there and the client's own error is reported instead.
-    """
-    endpoint = _hub_endpoint()
-    if urllib.request.getproxies().get(urlparse(endpoint).scheme or "https"):
-        return None
-    parsed = urlparse(endpoint)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=PREFLIGHT_TIMEOUT_S).close()
-    except OSError as exc:
-        return f"cannot connect to {endpoint} ({exc})"
-    return None
+# module names the tests replace
+_hub_endpoint, _offline_reason = modelscope_endpoint.endpoint, modelscope_endpoint.offline_reason
 
 
 def _hub_error(dataset_id: str, reason: str) -> UserError:

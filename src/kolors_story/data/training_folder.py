@@ -8,14 +8,17 @@ This is the layout DiffSynth-Studio 1.1.x's Kolors LoRA trainer reads with
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import shutil
 from pathlib import Path
 
+from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
 from kolors_story.errors import UserError
 from kolors_story.data.images import BadImage, is_plain_jpeg_file, load_rgb
 
 JPEG_QUALITY = 95
+log = logging.getLogger(__name__)
 
 
 def _safe_name(row_id: str) -> str:
@@ -32,7 +35,22 @@ def _write_rgb_jpeg(source: Path, target: Path) -> None:
     load_rgb(source)[0].save(target, format="JPEG", quality=JPEG_QUALITY)
 
 
-def build_training_folder(rows: list[dict], out_dir: Path) -> Path:
+def check_caption_lengths(rows: list[dict], truncate: bool) -> None:
+    """Captions over ChatGLM's 256 tokens: refused, naming each image and its count, or (with
+    dataset.truncate_long_captions) logged once each with the words the cut drops."""
+    long = [(row, n) for row in rows if (n := count_tokens(str(row.get("text") or ""))) > MAX_TOKENS]
+    if long and not truncate:
+        listed = "; ".join(f"{row['id']} ({row['image']}): {n} tokens" for row, n in long[:10])
+        more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+        raise UserError(f"{len(long)} caption(s) over ChatGLM's {MAX_TOKENS} tokens (after "
+                        f"dataset.caption_template): {listed}{more}. Shorten them, or set "
+                        "dataset.truncate_long_captions: true to train on the cut captions.")
+    for row, n in long:
+        log.warning("caption of %s cut at %d tokens (%d tokens), losing %r", row["id"], MAX_TOKENS, n,
+                    dropped_text(str(row["text"])))
+
+
+def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False) -> Path:
     """Write `out_dir/train/<id>.jpg` and `out_dir/train/metadata.csv`; return the csv path.
 
     The folder is rebuilt from scratch so no image of an earlier run lingers. An empty caption
@@ -40,6 +58,7 @@ def build_training_folder(rows: list[dict], out_dir: Path) -> Path:
     """
     if not rows:
         raise UserError("No rows to train on; the filter kept no images (see its stats and filter.ops).")
+    check_caption_lengths(rows, truncate_long_captions)
     train = Path(out_dir) / "train"
     if train.exists():
         shutil.rmtree(train)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kolors_story import seals
 from kolors_story.models import devices
 from kolors_story.errors import UserError
 from kolors_story.render.scenes import (
@@ -76,6 +77,9 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
     by default the recipe's type."""
     from kolors_story.render.character_sharing import enable_sharing, load_anchor
 
+    seals.verify(Path(bundle_dir))  # against bundle.seal.json when it is a run's bundle
+    lora = Path(bundle_dir) / LORA_WEIGHT_NAME
+    seals.verify(lora)  # a downloaded bundle has no seal: at least a complete safetensors file
     recipe = load_recipe(bundle_dir, scene_id)
     device = device or _recipe_device(recipe)
     settings = _settings(recipe, recipe.precision, len(recipe.batch_seeds))
@@ -83,7 +87,6 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
     if (device.type, dtype) != (recipe.device, recipe.dtype):
         log.warning("scene %s was rendered on %s in %s: re-rendering on %s gives the picture up to "
                     "rounding, not bit for bit", scene_id, recipe.device, recipe.dtype, f"{device.type} in {dtype}")
-    lora = Path(bundle_dir) / LORA_WEIGHT_NAME
     scene = Scene(recipe.id, recipe.prompt, recipe.negative_prompt, recipe.seed, recipe.width, recipe.height)
     with tempfile.TemporaryDirectory(prefix="anchors.") as tmp:
         anchors = _record_anchors(model_dir, lora, recipe, device, Path(tmp)) if recipe.consistency else []
@@ -104,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="where to write the panel (PNG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    image = rerender_panel(args.model, args.bundle, args.scene)
+    try:
+        image = rerender_panel(args.model, args.bundle, args.scene)
+    except UserError as err:
+        print(err, file=sys.stderr)
+        return 1
     image.save(args.out)
     published = args.bundle / "panels" / f"{args.scene}.png"
     if published.is_file():

@@ -1,13 +1,19 @@
-"""What every scripts/<stage>.py shares: logging to the rule's log file and clean user errors."""
+"""What every scripts/<stage>.py shares: logging to the rule's log file, clean user errors, one line
+for a full disk or a Ctrl-C, and seals: inputs checked before the job, outputs sealed after it."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from kolors_story import seals
 from kolors_story.errors import UserError
+from kolors_story.files import no_space_message
 
 
 FILE_ONLY = "file_only"  # a log record with this extra goes to the rule's log, not the console
@@ -35,26 +41,67 @@ def _limit_threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-def run_rule(main: Callable[[Any], None], snakemake: Any) -> None:
-    """Run a rule's main(snakemake). A UserError ends the job with its message, not a traceback;
-    any other exception writes its full traceback to the rule's log and one line naming the rule,
-    the error and the log to the console. A job that declares `resources: gpu=1` takes a GPU no
-    other job holds (hosts with several)."""
+def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = True) -> None:
+    """Run a rule's main(snakemake). Every sealed input (kolors_story.seals) is checked first; after
+    main, every output is sealed (seal_outputs=False for model folders: 16 GB is not re-hashed per
+    job). A UserError ends the job with its message, not a traceback; a full disk or a Ctrl-C with
+    one line; any other exception writes its full traceback to the rule's log and one line naming
+    the rule, the error and the log to the console. A job that declares `resources: gpu=1` takes a
+    GPU no other job holds (hosts with several)."""
     log_path = snakemake.log[0] if snakemake.log else None
     setup_logging(log_path)
-    _limit_threads(snakemake.threads)
-    if getattr(snakemake.resources, "gpu", 0) == 1:
-        from kolors_story.host.gpu_slots import use_free_gpu
-
-        use_free_gpu()
+    log = logging.getLogger(snakemake.rule)
     try:
+        _limit_threads(snakemake.threads)
+        if getattr(snakemake.resources, "gpu", 0) == 1:
+            from kolors_story.host.gpu_slots import use_free_gpu
+
+            use_free_gpu()
+        _verify_inputs(snakemake.input, log)
         main(snakemake)
+        if seal_outputs:
+            for path in snakemake.output:
+                seals.seal(Path(path), snakemake.rule)
     except UserError as err:
-        logging.getLogger(snakemake.rule).error("%s", err)
+        log.error("%s", err)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("rule %s interrupted; its unfinished outputs are removed and a rerun starts it again",
+                  snakemake.rule)
+        sys.exit(130)
+    except (OSError, RuntimeError) as err:
+        if (message := _disk_full(err, snakemake.output)) is None:
+            _report_crash(snakemake.rule, err, log_path)
+        else:
+            log.error("rule %s failed: %s", snakemake.rule, message)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 (every failure must reach the log, whatever its type)
         _report_crash(snakemake.rule, err, log_path)
         sys.exit(1)
+
+
+def _verify_inputs(inputs: Any, log: logging.Logger) -> None:
+    """Fail before any work when an input is not what its job sealed (or a cut .safetensors)."""
+    checked = 0
+    for path in map(Path, inputs):
+        if seals.seal_path(path).is_file() or path.suffix == ".safetensors":
+            seals.verify(path)
+            checked += 1
+    if checked:
+        log.info("%d input artifact(s) match their seals", checked)
+
+
+# torch.save and safetensors report a full disk without saying so (PyTorch's zip writer:
+# "[enforce fail at inline_container.cc:...] . unexpected pos 40763 vs 40720").
+_FULL_DISK = re.compile(r"No space left on device|unexpected pos \d+ vs \d+|file write failed")
+
+
+def _disk_full(err: BaseException, outputs: Any) -> str | None:
+    """The one line for an error that a full disk caused, or None for any other error."""
+    if not (getattr(err, "errno", None) == errno.ENOSPC or _FULL_DISK.search(str(err))):
+        return None
+    where = Path(next(iter(outputs), "."))
+    return no_space_message(where, need=None, what=f"{type(err).__name__}: {str(err).splitlines()[0][:120]}")
 
 
 def _report_crash(rule: str, err: Exception, log_path: str | None) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from kolors_story.errors import UserError
+from kolors_story.modelscope_endpoint import offline_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,40 @@ def check_aesthetic_dir(path: Path, config_key: str = "models.aesthetic") -> Non
         )
 
 
-def download_model(model_id: str, out_dir: Path, config_key: str) -> Path:
-    """snapshot_download a ModelScope model into out_dir; no network -> UserError naming the key."""
+DOWNLOAD_ATTEMPTS = 3  # a dropped connection mid-download is retried here, not by Snakemake
+RETRY_WAIT_S = 5.0
+
+
+def download_model(model_id: str, out_dir: Path, config_key: str, needed: dict[str, str] | None = None) -> Path:
+    """snapshot_download a ModelScope model into out_dir. The hub is asked first whether it can be
+    reached at all: offline, this fails in seconds, naming every id of the run that still needs a
+    download (`needed`: id -> its folder) and the config key to point at a local copy."""
     from modelscope import snapshot_download
 
-    start = time.monotonic()
-    try:
-        path = snapshot_download(model_id, local_dir=str(out_dir))
-    except Exception as err:  # modelscope raises HubError/NetworkError/OSError/requests errors
-        waited = time.monotonic() - start
+    if reason := offline_reason():
+        missing = "; ".join(f"{mid} -> {folder}" for mid, folder in sorted((needed or {model_id: str(out_dir)}).items()))
         raise UserError(
-            f"{config_key}: could not download ModelScope model '{model_id}' after {waited:.0f} s "
-            f"({type(err).__name__}: {str(err)[:200]}). Without network, download it elsewhere and "
-            f"set {config_key} to the local folder (a path starting with /, ./ or resources/)."
-        ) from None
-    return Path(path)
+            f"{config_key}: cannot download ModelScope model '{model_id}': no network ({reason}). "
+            f"Models this run still needs: {missing}. Download them on a machine with network "
+            f"(modelscope download --model ID --local_dir FOLDER) into those folders, or set "
+            f"{config_key} to a local folder (a path starting with /, ./ or resources/)."
+        )
+    start = time.monotonic()
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return Path(snapshot_download(model_id, local_dir=str(out_dir)))
+        except Exception as err:  # modelscope raises HubError/NetworkError/OSError/requests errors
+            if attempt == DOWNLOAD_ATTEMPTS or "404" in str(err) or "not exist" in str(err).lower():
+                raise UserError(
+                    f"{config_key}: could not download ModelScope model '{model_id}' after "
+                    f"{time.monotonic() - start:.0f} s and {attempt} attempt(s) ({type(err).__name__}: "
+                    f"{str(err)[:200]}). Check the id; without network, download it elsewhere and set "
+                    f"{config_key} to the local folder (a path starting with /, ./ or resources/)."
+                ) from None
+            log.warning("download of %s failed (%s); attempt %d of %d in %.0f s", model_id,
+                        type(err).__name__, attempt + 1, DOWNLOAD_ATTEMPTS, RETRY_WAIT_S)
+            time.sleep(RETRY_WAIT_S)
+    raise AssertionError("unreachable")
 
 
 def describe_model(path: Path) -> dict:

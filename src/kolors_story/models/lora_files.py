@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from kolors_story.errors import UserError
+from kolors_story.files import ensure_space
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -406,6 +407,8 @@ def write_diffusers_lora(weights: LoraWeights, out_dir: Path) -> Path:
 
     weights = folded(weights)
     state = convert_state_dict_to_diffusers({k: v.contiguous() for k, v in weights.state.items()})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    ensure_space(Path(out_dir), sum(t.numel() * t.element_size() for t in state.values()), "the LoRA file")
     KolorsPipeline.save_lora_weights(
         str(out_dir),
         unet_lora_layers=state,

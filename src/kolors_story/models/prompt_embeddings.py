@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
 from kolors_story.models.tensor_cache import TensorCache
 from kolors_story.models.text_names import text_name
 
@@ -80,6 +81,19 @@ def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch_dtype(precision)
 
 
+def log_cuts(folder: KolorsFolder, texts: list[str]) -> int:
+    """Warn once per distinct text that ChatGLM's 256 tokens cut (the config refused them unless
+    story.truncate_long_prompts is set), with the words that are dropped; returns how many."""
+    model_file = folder.path / "tokenizer" / "tokenizer.model"
+    cut = 0
+    for text in sorted(set(texts)):
+        if (dropped := dropped_text(text, model_file)) is not None:
+            cut += 1
+            log.warning("text cut at ChatGLM's %d tokens (%d tokens): %r... loses %r", MAX_TOKENS,
+                        count_tokens(text, model_file), text[:40], dropped)
+    return cut
+
+
 def write_embeddings(folder: KolorsFolder, texts: list[str], out_file: Path, dtype: torch.dtype,
                      device: torch.device, cache_root: Path | None = None) -> Path:
     """Every distinct text's (prompt_embeds, pooled) in one safetensors file, in the encoder's dtype
@@ -87,6 +101,7 @@ def write_embeddings(folder: KolorsFolder, texts: list[str], out_file: Path, dty
     Through the content-keyed cache: ChatGLM is loaded once, and only if some text is missing."""
     from safetensors.torch import save_file
 
+    log_cuts(folder, texts)
     got = PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
     tensors, names = {}, {}
     for text, (embeds, pooled) in got.items():

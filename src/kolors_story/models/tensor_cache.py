@@ -3,12 +3,14 @@
 A caption is encoded once per text encoder, an image once per VAE, size, crop and flip; changing
 one caption re-encodes one caption. Keys hash the content (caption text, image bytes), and each
 model gets its own namespace from a fingerprint of its files, so a different model never reads
-another's entries.
+another's entries. Each entry carries the sha256 of its data in its safetensors metadata: an
+entry found cut, flipped or unreadable is dropped, logged and made again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -16,7 +18,9 @@ import socket
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
+
+from kolors_story.files import ensure_space
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,22 @@ def model_fingerprint(folder: Path) -> str:
                 f.seek(-_EDGE, os.SEEK_END)
                 h.update(f.read())
     return h.hexdigest()[:16]
+
+
+_DIGEST = "data_sha256"
+
+
+def _add_digest(path: Path) -> None:
+    """Rewrite a fresh safetensors file with the sha256 of its data section in its metadata (the
+    data bytes stay as save_file laid them out; only the header grows)."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    data = raw[8 + header_len:]
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), _DIGEST: hashlib.sha256(data).hexdigest()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
 
 
 def _writer_id() -> str:
@@ -63,17 +83,39 @@ class TensorCache:
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self._path(key)
         if path.is_file():
-            self.hits += 1
-            return load_file(path)
+            tensors = self._read(path)
+            if tensors is not None:
+                self.hits += 1
+                return tensors
         self.misses += 1
         return None
+
+    def _read(self, path: Path) -> dict[str, torch.Tensor] | None:
+        """An entry's tensors, or None after dropping an entry that is not what was written."""
+        raw = path.read_bytes()
+        try:
+            header_len = int.from_bytes(raw[:8], "little")
+            meta = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
+            want = meta.get(_DIGEST)
+            if want is not None and hashlib.sha256(raw[8 + header_len:]).hexdigest() != want:
+                raise ValueError("its data does not match the sha256 it was written with")
+            return load(raw)
+        except Exception as exc:  # noqa: BLE001 (a cut file fails in json, safetensors or the digest)
+            log.warning("cache entry %s is damaged (%s: %s); dropped, making it again", path,
+                        type(exc).__name__, str(exc)[:120])
+            path.unlink(missing_ok=True)
+            return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        ensure_space(path.parent, sum(t.numel() * t.element_size() for t in tensors.values()),
+                     f"a cache entry under {self.root}")
         tmp = path.with_name(f"{path.name}.tmp-{_writer_id()}-{secrets.token_hex(4)}")
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            save_file(tensors, tmp)
+            _add_digest(tmp)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

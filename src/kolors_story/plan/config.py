@@ -17,7 +17,7 @@ import yaml
 
 from kolors_story.errors import UserError
 from kolors_story.render.panel_choice import needs_scorer  # noqa: F401 (the rules' and tests' name for it)
-from kolors_story.plan.prompts import assemble_prompt, check_length, check_prompt_template
+from kolors_story.plan.prompts import assemble_prompt, check_prompt_template, check_text_lengths
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CHARACTER_NAME = re.compile(r"\w[\w.-]*")  # a file name (anchors/<name>.safetensors); CJK is fine
@@ -80,6 +80,7 @@ def _check_semantics(config: dict) -> None:
         *_check_ids(config["story"]),
         *_check_scenes(config["story"]),
         *_check_templates(config),
+        *_check_lengths(config),
         *_check_layout(config["layout"], len(config["story"]["scenes"])),
         *_check_sizes(config["train"]),
         *_check_switches(config),
@@ -87,7 +88,7 @@ def _check_semantics(config: dict) -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"Invalid configuration ({len(problems)} problem(s)):\n{lines}")
-    scene_settings(config)  # assembles every prompt: prompts over ChatGLM's limit fail here
+    scene_settings(config)  # assembles every prompt
 
 
 def _duplicates(names: list[str]) -> list[str]:
@@ -149,6 +150,14 @@ def _check_templates(config: dict) -> list[str]:
         except UserError as err:
             problems.append(str(err))
     return problems
+
+
+def _check_lengths(config: dict) -> list[str]:
+    """Texts over ChatGLM's 256 tokens; a bad template is reported by _check_templates instead."""
+    try:
+        return check_text_lengths(config)
+    except (UserError, KeyError, ValueError, IndexError):
+        return []
 
 
 def _check_layout(layout: dict, n_scenes: int) -> list[str]:
@@ -216,7 +225,6 @@ def scene_settings(config: dict) -> dict[str, dict]:
     resolved = {}
     for index, scene in enumerate(story["scenes"]):
         prompt = assemble_prompt(scene, story)
-        check_length(scene["id"], prompt, story["truncate_long_prompts"])
         resolved[scene["id"]] = {
             "id": scene["id"],
             "index": index,

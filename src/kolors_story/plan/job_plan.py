@@ -64,6 +64,12 @@ def train_params(train: dict) -> dict:
             and (k != "diffsynth_alpha" or train["init_lora"])}
 
 
+def _dataset_settings(dataset: dict) -> dict:
+    """The dataset settings that key the download job. truncate_long_captions came later: at its
+    default it is left out, so the keys (and the trainings behind them) of earlier runs hold."""
+    return {k: v for k, v in dataset.items() if k != "truncate_long_captions" or v}
+
+
 def _add(table: dict[str, dict], settings: dict) -> str:
     """The job's key (its settings hold the keys of the jobs it reads from), added once."""
     key = job_key(settings)
@@ -147,7 +153,7 @@ def plan_jobs(variants: dict[str, dict]) -> JobPlan:
     """The jobs of every variant (validated configs), shared where their settings match."""
     plan = JobPlan()
     for name, config in variants.items():
-        download = _add(plan.downloads, {"dataset": config["dataset"]})
+        download = _add(plan.downloads, {"dataset": _dataset_settings(config["dataset"])})
         filter_key = _add(plan.filters, {"download": download, "ops": config["filter"]["ops"],
                                          "num_proc": config["filter"]["num_proc"]})
         encoding = _encoding_job(plan, config)

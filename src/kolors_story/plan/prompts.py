@@ -1,51 +1,25 @@
 """Scene prompts: assembled from characters defined once, a style prefix and a template, and
 checked against ChatGLM's 256-token context before anything runs.
 
-Kept free of torch imports: the Snakefile calls it when the workflow is parsed.
+Kept free of torch imports: the Snakefile calls it when the workflow is parsed. Every other
+text that reaches ChatGLM (negative and validation prompts, the caption template) is checked by
+check_text_lengths.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import re
 import string
 from collections.abc import Iterator
-from pathlib import Path
 
+from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, over_limit, tokenizer_model  # noqa: F401 (tests' names)
 from kolors_story.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 256  # KolorsPipeline's max_sequence_length; longer prompts are cut by the tokenizer
-PREFIX_TOKENS = 2  # ChatGLM prepends [gMASK] and sop
 DEFAULT_TEMPLATE = "{style}，{characters}，{action}，{setting}"
 TEMPLATE_FIELDS = ("style", "characters", "action", "setting")
-
-
-def tokenizer_model() -> Path:
-    """The real Kolors ChatGLM sentencepiece model shipped in the diffsynth 1.1.9 wheel (found
-    without importing diffsynth, which would pull in torch)."""
-    spec = importlib.util.find_spec("diffsynth")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the Kolors tokenizer comes with diffsynth==1.1.9; install requirements.txt")
-    path = Path(spec.submodule_search_locations[0]) / "tokenizer_configs/kolors/tokenizer/tokenizer.model"
-    if not path.is_file():
-        raise UserError(f"Kolors tokenizer not found at {path}; install diffsynth==1.1.9")
-    return path
-
-
-@functools.cache
-def _sentencepiece():
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model()))
-
-
-def count_tokens(text: str) -> int:
-    """Tokens ChatGLM sees for this prompt (equal to ChatGLMTokenizer's input_ids length)."""
-    return len(_sentencepiece().encode(text)) + PREFIX_TOKENS
 
 
 def _join(parts: list[str]) -> str:
@@ -98,13 +72,32 @@ def _field_names(template: str) -> Iterator[str]:
             yield from _field_names(spec or "")
 
 
-def check_length(scene_id: str, prompt: str, truncate: bool) -> None:
-    n = count_tokens(prompt)
-    if n <= MAX_TOKENS:
-        return
-    message = (f"scene {scene_id}: prompt has {n} tokens, more than ChatGLM's {MAX_TOKENS}; "
-               "the end would be cut off.")
-    if not truncate:
-        raise UserError(f"config key 'story.scenes': {message} Shorten it, or set "
-                        "story.truncate_long_prompts: true to accept the cut.")
-    log.warning("%s (story.truncate_long_prompts is true)", message)
+def texts_for_chatglm(config: dict) -> list[tuple[str, str]]:
+    """(where, text) for every text of a config that reaches ChatGLM, `where` naming its config
+    key: prompts assembled, the caption template filled with an empty caption (its own words
+    alone must leave room for the image's caption)."""
+    from kolors_story.data.text_files import apply_template  # here: the data stage pulls in Pillow
+
+    story, validation = config["story"], config["train"]["validation"]
+    texts = [("config key 'story.negative_prompt'", story["negative_prompt"])]
+    for i, scene in enumerate(story["scenes"]):
+        field = "prompt" if scene.get("prompt") else "prompt_template"
+        texts.append((f"config key 'story.scenes[{i}].{field}' (scene {scene['id']})", assemble_prompt(scene, story)))
+        if "negative_prompt" in scene:
+            texts.append((f"config key 'story.scenes[{i}].negative_prompt'", scene["negative_prompt"]))
+    for i, item in enumerate(validation["prompts"]):
+        texts += [(f"config key 'train.validation.prompts[{i}].prompt'", item["prompt"]),
+                  (f"config key 'train.validation.prompts[{i}].negative_prompt'", item["negative_prompt"])]
+    prefix = apply_template(config["dataset"]["caption_template"], "")
+    texts.append(("config key 'dataset.caption_template' (its own words, with an empty caption)", prefix))
+    return texts
+
+
+def check_text_lengths(config: dict) -> list[str]:
+    """Every text over ChatGLM's 256 tokens, named by its key with its count. With
+    story.truncate_long_prompts the cut is accepted here; the encode job logs what it drops."""
+    if config["story"]["truncate_long_prompts"]:
+        return []
+    fix = ("shorten it, or set story.truncate_long_prompts: true to accept the cut (the encode job's "
+           "log then shows the dropped words)")
+    return [f"{problem}; {fix}." for where, text in texts_for_chatglm(config) if (problem := over_limit(text, where))]

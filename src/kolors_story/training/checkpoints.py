@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from kolors_story.files import ensure_space
+
 log = logging.getLogger(__name__)
 
 LORA_FILE = "lora.safetensors"
@@ -41,6 +43,9 @@ def save_checkpoint(root: Path, step: int, lora: dict[str, torch.Tensor], state:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    lora_bytes = sum(t.numel() * t.element_size() for t in lora.values())
+    # AdamW keeps two fp32 moments per LoRA parameter; the rest of the state is small
+    ensure_space(tmp, 3 * lora_bytes + (1 << 20), f"the checkpoint of step {step}")
     save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / LORA_FILE)
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)

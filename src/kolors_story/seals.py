@@ -1,0 +1,162 @@
+"""Seals: the digest and size of an artifact, written beside it by the job that made it, checked by
+every job that uses it. Snakemake compares times, never contents, so a file that was cut, flipped
+or replaced after its job would otherwise travel on into the bundle and the upload.
+
+A seal is `.<artifact>.seal.json`, a hidden file next to the file or folder (a folder's seal lists
+each file). A
+consumer that finds a seal checks size and sha256 and fails with one line naming the file, what is
+wrong and the command that remakes it; a `.safetensors` file is also checked for a readable header
+and a data section as long as the header says, seal or not (a LoRA the user brings has none).
+
+    python -m kolors_story.seals results/     # check every seal under a folder
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from kolors_story.errors import UserError
+from kolors_story.files import sha256_file, write_json
+
+SUFFIX = ".seal.json"
+FORMAT = 1
+
+
+class DamagedArtifact(UserError):
+    """An artifact that is not what its job wrote: the message names it, the damage and the fix."""
+
+
+def seal_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}{SUFFIX}")
+
+
+def sealed_artifact(seal: Path) -> Path:
+    """The artifact a seal file stands beside."""
+    return seal.with_name(seal.name[1:-len(SUFFIX)])
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+IGNORED = {".snakemake_timestamp"}  # Snakemake's own mark in a directory() output, added after the job
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not p.name.endswith(SUFFIX) and p.name not in IGNORED)
+
+
+def seal(path: Path, rule: str) -> Path:
+    """Write the seal of a file or folder the rule `rule` just made; returns the seal's path."""
+    path = Path(path)
+    record: dict[str, Any] = {"format": FORMAT, "rule": rule}
+    if path.is_dir():
+        record["files"] = {p.relative_to(path).as_posix(): _entry(p) for p in _folder_files(path)}
+    else:
+        record.update(_entry(path))
+    return write_json(record, seal_path(path), sort_keys=True)
+
+
+def remake_hint(path: Path, rule: str | None) -> str:
+    made_by = f" (made by rule {rule})" if rule else ""
+    return (f"remake it{made_by}: snakemake -R {path} <your usual options>, or delete it and rerun "
+            "(see docs/troubleshooting.md, 'damaged artifact')")
+
+
+def _damage(path: Path, recorded: dict[str, Any]) -> str | None:
+    """What is wrong with one file against its seal entry, or None when it matches."""
+    if not path.is_file():
+        return "missing"
+    size, want = path.stat().st_size, recorded["bytes"]
+    if size < want:
+        return f"truncated: {size} of {want} bytes"
+    if size > want:
+        return f"changed since its job: {size} bytes, {want} recorded"
+    if sha256_file(path) != recorded["sha256"]:
+        return "changed since its job: its sha256 is not the one recorded (a flipped or replaced byte)"
+    return None
+
+
+def _folder_damage(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    for name, recorded in sorted(files.items()):
+        if problem := _damage(folder / name, recorded):
+            return f"{name}: {problem}"
+    extra = sorted(set(p.relative_to(folder).as_posix() for p in _folder_files(folder)) - set(files))
+    return f"{extra[0]}: not written by its job (added or renamed since)" if extra else None
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a file is not a complete safetensors file, or None: an 8-byte header length, a JSON
+    header, and data exactly as long as the header's largest offset."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                return f"not a safetensors file: header of {header_len} bytes in a {size}-byte file"
+            header = json.loads(handle.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"not a safetensors file: unreadable header ({type(exc).__name__})"
+    if 8 + header_len + end != size:
+        return f"truncated: {size} bytes, its header says {8 + header_len + end}"
+    return None
+
+
+def verify(path: Path) -> None:
+    """Check an artifact against its seal (if it has one) and a .safetensors file's structure;
+    raise DamagedArtifact naming the file, the damage and how to remake it."""
+    path = Path(path)
+    record = read_seal(path)
+    problem = None
+    if record is not None:
+        problem = _folder_damage(path, record["files"]) if "files" in record else _damage(path, record)
+    if problem is None and path.is_file() and path.suffix == ".safetensors":
+        problem = safetensors_damage(path)
+    if problem:
+        rule = record.get("rule") if record else None
+        raise DamagedArtifact(f"{path}: {problem}; {remake_hint(path, rule)}")
+
+
+def read_seal(path: Path) -> dict[str, Any] | None:
+    sealed = seal_path(path)
+    if not sealed.is_file():
+        return None
+    try:
+        record = json.loads(sealed.read_text(encoding="utf-8"))
+        if record.get("format") != FORMAT:
+            raise ValueError(f"format {record.get('format')!r}")
+        return record
+    except ValueError as exc:
+        raise DamagedArtifact(f"{sealed}: unreadable seal ({exc}); {remake_hint(path, None)}") from None
+
+
+def verify_all(root: Path) -> list[str]:
+    """Every sealed artifact under `root` checked; the problems, one line each."""
+    problems = []
+    for sealed in sorted(Path(root).rglob(f".*{SUFFIX}")):
+        try:
+            verify(sealed_artifact(sealed))
+        except DamagedArtifact as err:
+            problems.append(str(err))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    roots = (argv if argv is not None else sys.argv[1:]) or ["results"]
+    problems = [p for root in roots for p in verify_all(Path(root))]
+    for line in problems:
+        print(line, file=sys.stderr)
+    count = sum(1 for root in roots for _ in Path(root).rglob(f".*{SUFFIX}"))
+    print(f"{count} sealed artifact(s) checked, {len(problems)} damaged")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Fixtures more than one test folder uses."""
+
+import pytest
+
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+
+
+@pytest.fixture
+def closed_endpoint(monkeypatch):
+    """MODELSCOPE_ENDPOINT at a closed local port, read afresh: the hub client caches its config
+    per process, so that cache is cleared here and restored by monkeypatch afterwards."""
+    import modelscope_hub.config
+
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", CLOSED_ENDPOINT)
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+    return CLOSED_ENDPOINT

@@ -1,0 +1,113 @@
+"""Seals (kolors_story.seals) and the shared file helpers: each kind of damage to a sealed file or
+folder, and a cut safetensors file without a seal, is found and named with the command that
+remakes it; a full disk is refused before writing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kolors_story import files, seals
+from kolors_story.models.tensor_cache import TensorCache
+
+
+@pytest.fixture
+def lora(tmp_path):
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    path.parent.mkdir()
+    save_file({"a.lora_A.weight": torch.arange(64.0).reshape(8, 8)}, path)
+    seals.seal(path, "train_lora")
+    return path
+
+
+def damage(path, how):
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "bitflip":
+        raw[-5] ^= 0x10
+        path.write_bytes(bytes(raw))
+    elif how == "replace":  # another file of the same size
+        raw[-4:] = b"\x00\x00\x80\x3f"
+        path.write_bytes(bytes(raw))
+    elif how == "grow":
+        path.write_bytes(bytes(raw) + b"\x00" * 8)
+
+
+def test_an_intact_artifact_passes(lora):
+    seals.verify(lora)
+    assert seals.read_seal(lora)["rule"] == "train_lora"
+
+
+@pytest.mark.parametrize("how,words", [("truncate", "truncated: "), ("bitflip", "changed since its job"),
+                                       ("replace", "changed since its job"), ("grow", "changed since its job")])
+def test_each_damage_is_named_with_the_command_that_remakes_it(lora, how, words):
+    damage(lora, how)
+    with pytest.raises(seals.DamagedArtifact) as err:
+        seals.verify(lora)
+    message = str(err.value)
+    assert message.startswith(f"{lora}: {words}") and "\n" not in message
+    assert f"snakemake -R {lora}" in message and "made by rule train_lora" in message
+
+
+def test_a_cut_safetensors_without_a_seal_is_refused_too(lora):
+    seals.seal_path(lora).unlink()
+    damage(lora, "truncate")
+    with pytest.raises(seals.DamagedArtifact, match="truncated|not a safetensors file"):
+        seals.verify(lora)
+    lora.write_bytes(b"PNG not a tensor file at all")
+    with pytest.raises(seals.DamagedArtifact, match="not a safetensors file"):
+        seals.verify(lora)
+
+
+def test_a_sealed_folder_finds_a_changed_missing_or_added_file(tmp_path):
+    folder = tmp_path / "candidates"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "candidates.json").write_text("{}")
+    (folder / "sub" / "0.png").write_bytes(b"x" * 100)
+    seals.seal(folder, "generate_scene")
+    seals.verify(folder)
+    (folder / "sub" / "0.png").write_bytes(b"y" * 100)
+    with pytest.raises(seals.DamagedArtifact, match="sub/0.png: changed since its job"):
+        seals.verify(folder)
+    (folder / "sub" / "0.png").unlink()
+    with pytest.raises(seals.DamagedArtifact, match="sub/0.png: missing"):
+        seals.verify(folder)
+    seals.seal(folder, "generate_scene")
+    (folder / "extra.png").write_bytes(b"z")
+    with pytest.raises(seals.DamagedArtifact, match="extra.png: not written by its job"):
+        seals.verify(folder)
+
+
+def test_the_check_command_lists_every_damaged_artifact(lora, tmp_path, capsys):
+    other = tmp_path / "panel.png"
+    other.write_bytes(b"p" * 10)
+    seals.seal(other, "generate_scene")
+    assert seals.main([str(tmp_path)]) == 0
+    damage(other, "truncate")
+    assert seals.main([str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "2 sealed artifact(s) checked, 1 damaged" in out.out and "panel.png: truncated" in out.err
+
+
+@pytest.mark.parametrize("how", ["truncate", "bitflip"])
+def test_a_damaged_cache_entry_is_dropped_and_made_again(tmp_path, caplog, how):
+    cache = TensorCache(tmp_path)
+    key = cache.key("caption")
+    cache.put(key, {"x": torch.arange(100.0)})
+    damage(cache._path(key), how)
+    assert cache.get(key) is None and not cache._path(key).exists()
+    assert "is damaged" in caplog.text and "making it again" in caplog.text
+    cache.put(key, {"x": torch.arange(100.0)})
+    assert torch.equal(cache.get(key)["x"], torch.arange(100.0))
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=5 << 20))
+    with pytest.raises(files.NoSpace, match=r"no space left on /.* \(the LoRA file\): 110\.0 MiB needed, 5\.0 MiB free"):
+        files.ensure_space(tmp_path / "not" / "made" / "yet", 100 << 20, "the LoRA file")
+    files.ensure_space(tmp_path, 1 << 20, "a small file")
