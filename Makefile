@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test browser test-slurm lint clean-demo env gpu-check wheelhouse
+.PHONY: demo test browser test-slurm lint check-config clean-demo env gpu-check wheelhouse
 
 env: $(STAMP)
 
@@ -45,6 +45,12 @@ test: $(STAMP) browser
 test-slurm: $(STAMP)
 	@set -e; trap 'tests/slurm/cluster.sh down' EXIT; tests/slurm/cluster.sh up; \
 	KOLORS_SLURM_TEST=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/slurm -s -p no:cacheprovider
+
+# Config files read strictly: a YAML error with its file, line and column (Snakemake's message for a
+# --configfile names neither), a key given twice. make check-config CONFIGS="demo/config.yaml my.yaml"
+CONFIGS ?= config.yaml
+check-config: $(STAMP)
+	$(BIN)/python -m kolors_story.plan.config_files $(CONFIGS)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml

@@ -443,3 +443,38 @@ def test_job_fixed_cost_benchmark_splits_a_scene_job_into_fixed_and_work(demo_ru
     scene = json.loads(out.read_text(encoding="utf-8"))["generate_scene"]
     assert scene["fixed"] > 0 and scene["work"] > 0 and scene["first_call"]
     assert "goal: a demo scene job's fixed cost" in proc.stdout
+
+
+# ---------------------------------------------------------------- damaged artifacts never travel on
+def damaged_rerun(work: Path, *targets: str) -> str:
+    proc = snakemake(work, *targets, "--cores", "2", "--configfile", *DEMO_SWEEP, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_a_damaged_artifact_stops_its_consumer_naming_the_file_and_the_remake(demo_run, tmp_path):
+    work = tmp_path / "demo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    # the run's LoRA cut in half: the bundle refuses it (and its old folder is gone, not shipped)
+    lora = "results/demo/lora/pytorch_lora_weights.safetensors"
+    good = (work / lora).read_bytes()
+    (work / lora).write_bytes(good[: len(good) // 2])
+    out = damaged_rerun(work, "results/demo/bundle")
+    assert f"{lora}: truncated: {len(good) // 2} of {len(good)} bytes" in out
+    assert f"remake it (made by rule variant_lora): snakemake -R {lora}" in out
+    assert not (work / "results/demo/bundle").exists()
+    snakemake(work, "results/demo/bundle", "-R", lora, "--cores", "2", "--configfile", *DEMO_SWEEP)
+    assert (work / "results/demo/bundle/pytorch_lora_weights.safetensors").read_bytes() == good
+    # a shared anchor with one flipped bit: the scene jobs that share its attention refuse it
+    anchor = next((work / "results/shared/anchors/prince").glob("*.safetensors"))
+    raw = bytearray(anchor.read_bytes())
+    raw[-3] ^= 0x01
+    anchor.write_bytes(bytes(raw))
+    out = damaged_rerun(work, "results/demo/scenes/s4_prince.png")
+    assert f"{anchor.relative_to(work)}: changed since its job: its sha256 is not the one recorded" in out
+    assert "made by rule render_anchor" in out
+    # a shared panel replaced by another picture: its variant copy refuses it
+    s1, s2 = (next((work / f"results/shared/scenes/{s}").glob("*/panel.png")) for s in ("s1_class", "s2_sleepy"))
+    shutil.copyfile(s2, s1)
+    out = damaged_rerun(work, "results/demo/scenes/s1_class.png", "results/demo-scale0.5/scenes/s1_class.png")
+    assert f"{s1.relative_to(work)}: " in out and "made by rule generate_scene" in out

@@ -29,3 +29,16 @@ def test_offline_download_names_every_model_the_run_still_needs_in_seconds(tmp_p
     assert f"no network (cannot connect to {closed_endpoint}" in message and "models.kolors" in message
     for model_id, folder in needed.items():
         assert f"{model_id} -> {folder}" in message
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+
+    from kolors_story.files import NoSpace
+
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
+    monkeypatch.setattr(hub, "_model_size", lambda model_id: 17 << 30)  # the hub's file list says 17 GiB
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4 << 30))
+    with pytest.raises(NoSpace, match=r"\(the download of Kwai-Kolors/Kolors-diffusers\): 18\.7 GiB needed, 4\.0 GiB free"):
+        hub.download_model("Kwai-Kolors/Kolors-diffusers", tmp_path / "k", "models.kolors")

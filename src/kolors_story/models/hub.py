@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from kolors_story.errors import UserError
+from kolors_story.files import ensure_space
 from kolors_story.modelscope_endpoint import offline_reason
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def download_model(model_id: str, out_dir: Path, config_key: str, needed: dict[s
             f"(modelscope download --model ID --local_dir FOLDER) into those folders, or set "
             f"{config_key} to a local folder (a path starting with /, ./ or resources/)."
         )
+    if (size := _model_size(model_id)) is not None:
+        ensure_space(Path(out_dir), size, f"the download of {model_id}")
     start = time.monotonic()
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
@@ -86,6 +89,18 @@ def download_model(model_id: str, out_dir: Path, config_key: str, needed: dict[s
                         type(err).__name__, attempt + 1, DOWNLOAD_ATTEMPTS, RETRY_WAIT_S)
             time.sleep(RETRY_WAIT_S)
     raise AssertionError("unreachable")
+
+
+def _model_size(model_id: str) -> int | None:
+    """The bytes of a hub model's files (HubApi.get_model_files: [{"Path", "Size"}]), or None when
+    the hub does not say (the download then reports a full disk as it happens)."""
+    from modelscope.hub.api import HubApi
+
+    try:
+        return sum(int(f.get("Size") or 0) for f in HubApi().get_model_files(model_id, recursive=True))
+    except Exception as err:  # noqa: BLE001 (a size we cannot learn must not stop the download)
+        log.info("size of %s unknown (%s); free space not checked before the download", model_id, type(err).__name__)
+        return None
 
 
 def describe_model(path: Path) -> dict:
