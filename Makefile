@@ -56,7 +56,8 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml
 
 clean-demo:
-	rm -rf results/demo results/demo-scale0.5 results/shared results/leaderboard.* resources/tiny resources/demo
+	rm -rf results/demo results/demo-scale0.5 results/shared results/leaderboard.* resources/tiny resources/demo \
+	  results/.seals/demo results/.seals/demo-scale0.5 results/.seals/shared results/.seals/leaderboard.* resources/.seals
 
 # The real code path at full size on one CUDA GPU, no download (docs/gpu-host.md, "Checking a GPU host").
 # With wheelhouse/ (from `make wheelhouse`) it runs on the host's own python3 + torch, offline;

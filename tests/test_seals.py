@@ -4,7 +4,9 @@ remakes it; a full disk is refused before writing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +105,33 @@ def test_a_damaged_cache_entry_is_dropped_and_made_again(tmp_path, caplog, how):
     assert "is damaged" in caplog.text and "making it again" in caplog.text
     cache.put(key, {"x": torch.arange(100.0)})
     assert torch.equal(cache.get(key)["x"], torch.arange(100.0))
+
+
+def test_seals_leave_the_output_folders_as_their_jobs_wrote_them(tmp_path, monkeypatch):
+    # the challenge's evaluate() opens every file of the scenes folder; a bundle is uploaded whole
+    monkeypatch.chdir(tmp_path)
+    scenes = Path("results/demo/scenes")
+    scenes.mkdir(parents=True)
+    for name in ("s1.png", "s2.png"):
+        (scenes / name).write_bytes(name.encode())
+        assert seals.seal(scenes / name, "copy_panel") == Path(f"results/.seals/demo/scenes/{name}.seal.json")
+    bundle = Path("results/demo/bundle")
+    bundle.mkdir()
+    (bundle / "README.md").write_text("card")
+    seals.seal(bundle, "bundle")
+    assert sorted(os.listdir(scenes)) == ["s1.png", "s2.png"] and os.listdir(bundle) == ["README.md"]
+    assert seals.sealed_artifact(seals.seal_path(scenes / "s1.png")) == scenes / "s1.png"
+    assert seals.sealed_under(Path("results/demo")) == [bundle, scenes / "s1.png", scenes / "s2.png"]
+    assert seals.sealed_under(Path("results")) == seals.sealed_under(Path("results/demo"))
+    assert seals.sealed_under(scenes) == [scenes / "s1.png", scenes / "s2.png"]
+    (scenes / "s2.png").write_bytes(b"other!")
+    assert [p.split(":")[0] for p in seals.verify_all(Path("results"))] == ["results/demo/scenes/s2.png"]
+    # outside the working folder: a .seals folder beside the artifact (a hidden folder, not a file)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-out" / "x.png"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    assert seals.seal(elsewhere, "r") == elsewhere.parent / ".seals" / "x.png.seal.json"
+    seals.verify(elsewhere)
 
 
 def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):

@@ -2,8 +2,11 @@
 every job that uses it. Snakemake compares times, never contents, so a file that was cut, flipped
 or replaced after its job would otherwise travel on into the bundle and the upload.
 
-A seal is `.<artifact>.seal.json`, a hidden file next to the file or folder (a folder's seal lists
-each file). A
+A seal is `<artifact>.seal.json` in a hidden `.seals/` tree beside the top folder, mirroring the
+artifact's path: `results/demo/scenes/s1.png` is sealed in `results/.seals/demo/scenes/s1.png.seal.json`
+(a folder's seal lists each file). Output folders stay exactly as their jobs wrote them: the
+challenge's evaluate() opens every file of the scenes folder, and a bundle folder is uploaded whole.
+An artifact outside the working folder is sealed in `.seals/` beside it. A
 consumer that finds a seal checks size and sha256 and fails with one line naming the file, what is
 wrong and the command that remakes it; a `.safetensors` file is also checked for a readable header
 and a data section as long as the header says, seal or not (a LoRA the user brings has none).
@@ -14,6 +17,7 @@ and a data section as long as the header says, seal or not (a LoRA the user brin
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -23,6 +27,7 @@ from kolors_story.errors import UserError
 from kolors_story.files import sha256_file, write_json
 
 SUFFIX = ".seal.json"
+STORE = ".seals"
 FORMAT = 1
 
 
@@ -31,13 +36,24 @@ class DamagedArtifact(UserError):
 
 
 def seal_path(path: Path) -> Path:
+    """Where the seal of `path` lives: `TOP/.seals/REST.seal.json` for `TOP/REST` under the
+    working folder, `PARENT/.seals/NAME.seal.json` otherwise. Relative stays relative."""
     path = Path(path)
-    return path.with_name(f".{path.name}{SUFFIX}")
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(Path.cwd())
+    except ValueError:
+        rel = None
+    if rel is None or len(rel.parts) < 2:
+        return path.parent / STORE / f"{path.name}{SUFFIX}"
+    top = Path.cwd() / rel.parts[0] if path.is_absolute() else Path(rel.parts[0])
+    return top / STORE / Path(*rel.parts[1:-1]) / f"{rel.name}{SUFFIX}"
 
 
 def sealed_artifact(seal: Path) -> Path:
-    """The artifact a seal file stands beside."""
-    return seal.with_name(seal.name[1:-len(SUFFIX)])
+    """The artifact a seal file stands for (the inverse of seal_path)."""
+    parts = Path(seal).parts
+    at = len(parts) - 1 - parts[::-1].index(STORE)
+    return Path(*parts[:at], *parts[at + 1:-1], parts[-1][:-len(SUFFIX)])
 
 
 def _entry(path: Path) -> dict[str, Any]:
@@ -49,7 +65,7 @@ IGNORED = {".snakemake_timestamp"}  # Snakemake's own mark in a directory() outp
 
 def _folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not p.name.endswith(SUFFIX) and p.name not in IGNORED)
+                  if p.is_file() and STORE not in p.relative_to(folder).parts and p.name not in IGNORED)
 
 
 def seal(path: Path, rule: str) -> Path:
@@ -137,12 +153,22 @@ def read_seal(path: Path) -> dict[str, Any] | None:
         raise DamagedArtifact(f"{sealed}: unreadable seal ({exc}); {remake_hint(path, None)}") from None
 
 
+def sealed_under(root: Path) -> list[Path]:
+    """Every artifact under `root` that has a seal: from the .seals trees inside it and from the
+    one that mirrors it (results/demo's seals are in results/.seals/demo)."""
+    root = Path(root)
+    bases = [root, seal_path(root).with_name(root.name)] if root.name else [root]
+    found = {sealed_artifact(s) for base in bases if base.is_dir()
+             for s in base.rglob(f"*{SUFFIX}") if STORE in s.parts}
+    return sorted(a for a in found if Path(os.path.abspath(a)).is_relative_to(os.path.abspath(root)))
+
+
 def verify_all(root: Path) -> list[str]:
     """Every sealed artifact under `root` checked; the problems, one line each."""
     problems = []
-    for sealed in sorted(Path(root).rglob(f".*{SUFFIX}")):
+    for artifact in sealed_under(root):
         try:
-            verify(sealed_artifact(sealed))
+            verify(artifact)
         except DamagedArtifact as err:
             problems.append(str(err))
     return problems
@@ -153,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for root in roots for p in verify_all(Path(root))]
     for line in problems:
         print(line, file=sys.stderr)
-    count = sum(1 for root in roots for _ in Path(root).rglob(f".*{SUFFIX}"))
+    count = sum(len(sealed_under(Path(root))) for root in roots)
     print(f"{count} sealed artifact(s) checked, {len(problems)} damaged")
     return 1 if problems else 0
 

@@ -132,7 +132,9 @@ def test_ctrl_c_is_one_line_and_the_half_output_is_removed(workflow):
 def test_a_damaged_input_stops_its_consumer_naming_the_file_and_the_fix(workflow):
     run(workflow, "used.txt", fails=False)
     lora = workflow / "made/lora.safetensors"
-    assert (workflow / "made/.lora.safetensors.seal.json").is_file() and (workflow / ".used.txt.seal.json").is_file()
+    # seals mirror the outputs under their top folder (made/.seals/), or sit in .seals/ beside them
+    assert (workflow / "made/.seals/lora.safetensors.seal.json").is_file()
+    assert (workflow / ".seals/used.txt.seal.json").is_file()
     size = lora.stat().st_size
     lora.write_bytes(lora.read_bytes()[:100])  # cut after its job: Snakemake sees a newer input
     console = run(workflow, "used.txt")

@@ -77,7 +77,7 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
     by default the recipe's type."""
     from kolors_story.render.character_sharing import enable_sharing, load_anchor
 
-    seals.verify(Path(bundle_dir))  # against bundle.seal.json when it is a run's bundle
+    seals.verify(Path(bundle_dir))  # against the bundle's seal when it is a run's bundle
     lora = Path(bundle_dir) / LORA_WEIGHT_NAME
     seals.verify(lora)  # a downloaded bundle has no seal: at least a complete safetensors file
     recipe = load_recipe(bundle_dir, scene_id)
