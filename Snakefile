@@ -51,6 +51,21 @@ localrules:
     variant_scene,
 
 
+# Under the slurm executor (profiles/slurm): before anything is submitted, every job's request is
+# checked against the nodes sinfo lists (a rule no node can run is refused, with the flags that fit);
+# while the run goes on, a job PENDING for a reason no waiting clears is cancelled and named.
+onstart:
+    if getattr(workflow.executor_plugin, "cli_prefix", None) == "slurm":
+        from snakemake.logging import logger
+        from kolors_story.host import slurm_fit
+
+        try:
+            slurm_fit.check_workflow_jobs(workflow.dag.needrun_jobs())
+        except UserError as err:
+            raise WorkflowError(str(err)) from None
+        slurm_fit.PendingWatch(os.getcwd(), report=logger.error).start()
+
+
 rule all:
     input:
         final_outputs(),

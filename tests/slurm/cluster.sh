@@ -25,7 +25,9 @@ ACCOUNT=${KOLORS_SLURM_ACCOUNT:-kolors}
 GPUS=2
 DB_PORT=${KOLORS_SLURM_DB_PORT:-3307}
 DB_PASS=kolors-test-only
-MEMORY=200000
+# The node is declared as this machine is: its CPUs (nproc) and its memory in MB (MemTotal), so a
+# request the machine could never meet is refused as on a real cluster (kolors_story.host.slurm_fit).
+MEMORY=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 ETC_FILES=(slurm.conf gres.conf slurmdbd.conf)
 HOST=$(hostname -s)

@@ -30,17 +30,28 @@ DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs: t
 FAIL_STATES = ("FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
-def slurm_command() -> list[str]:
+DEMO_MEM_MB = 4000  # the demo's tiny models: what a job of it asks on this node (nothing enforces it)
+
+
+def slurm_command(fit: bool = True) -> list[str]:
     """docs/cluster.md's command, with partition and account given on the command line as a user would:
     that replaces the profile's default-resources, so its defaults are named again (read from the
     profile). --set-threads: the local run's thread counts (`--cores 2`: training takes both
     cores, every other job one), so that torch computes with the same threads and the outputs can
-    be compared bit for bit; the profile's 8 CPUs for training would not fit this 2-CPU node."""
+    be compared bit for bit; the profile's 8 CPUs for training would not fit this 2-CPU node.
+    fit: the profile's memory (train_lora 64 GB) is more than this node has (the cluster declares
+    its true memory), so its set-resources are named again with the demo's DEMO_MEM_MB, as a
+    user of a small node does; fit=False: the profile as shipped."""
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text(encoding="utf-8"))
     defaults = [f"{k}={v}" for k, v in profile["default-resources"].items()]
-    return [SNAKEMAKE, "--workflow-profile", "profiles/slurm", "--configfile", *DEMO_SWEEP,
-            "--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}", *defaults,
-            "--set-threads", "train_lora=2"]
+    command = [SNAKEMAKE, "--workflow-profile", "profiles/slurm", "--configfile", *DEMO_SWEEP,
+               "--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}", *defaults,
+               "--set-threads", "train_lora=2"]
+    if fit:
+        command += ["--set-resources", *(f"{rule}:{key}={min(value, DEMO_MEM_MB) if key == 'mem_mb' else value}"
+                                          for rule, settings in profile["set-resources"].items()
+                                          for key, value in settings.items())]
+    return command
 
 
 LOCAL_COMMAND = [SNAKEMAKE, "--cores", "2", "--configfile", *DEMO_SWEEP]
@@ -66,10 +77,10 @@ def environment(workdir: Path) -> dict[str, str]:
     return env
 
 
-def start(workdir: Path, command: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+def start(workdir: Path, command: list[str], name: str, **env: str) -> tuple[subprocess.Popen, Path]:
     out = workdir / f"{name}.out"
     with open(out, "w") as stdout:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(command, cwd=workdir, env=environment(workdir), stdout=stdout,
+        proc = subprocess.Popen(command, cwd=workdir, env={**environment(workdir), **env}, stdout=stdout,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return proc, out
 
@@ -229,6 +240,63 @@ def test_a_lost_node_stops_snakemake_with_the_job_and_a_rerun_completes(slurm_de
     if checkpoints:  # training continued from the newest checkpoint the lost job left in results/
         newest = int(checkpoints[-1].removeprefix("step-"))
         assert [s["resumed_from_step"] for s in summaries] == [newest]
+
+
+# ---------------------------------------------------------------- jobs no node can run
+def node_memory_mb() -> int:
+    return int(subprocess.run(["sinfo", "--noheader", "--Node", "--format", "%m"], capture_output=True,
+                              text=True, check=True).stdout.split()[0])
+
+
+def test_a_rule_no_node_can_run_is_refused_before_anything_is_submitted(tmp_path):
+    """The profile as shipped asks 64 GB for training; this node has its true memory."""
+    work = fresh_copy(tmp_path / "refused")
+    proc, out = start(work, slurm_command(fit=False), "refused")
+    rc = finish(proc, 300)
+    text = out.read_text()
+    mem = node_memory_mb()
+    assert rc != 0 and "SLURM cannot run these jobs, nothing was submitted:" in text, text[-4000:]
+    line = (f"rule train_lora asks 2 CPUs, 64000 MB, 1 GPUs on partition {PARTITION}; no node there offers "
+            f"that, the largest ({subprocess.run(['hostname', '-s'], capture_output=True, text=True).stdout.strip()})"
+            f" has 2 CPUs, {mem} MB, 2 GPUs; make it fit: --set-resources train_lora:mem_mb={mem}")
+    assert line in text, text[-4000:]
+    for rule in ("encode_texts", "generate_scene", "render_anchor"):  # 32 and 48 GB
+        assert f"rule {rule} asks " in text
+    assert "rule score_images" not in text  # 16 GB fits
+    assert "submitted with SLURM jobid" not in text and not squeue()
+    report("the profile's 64 GB training refused before any submission, with the flags that fit")
+
+
+@pytest.mark.parametrize("case", ["partition time limit", "node drained"])
+def test_a_job_pending_for_ever_is_cancelled_and_named(tmp_path, case):
+    """The partition's MaxTime shrunk under the jobs' runtime, or its only node drained: the first
+    job sits PENDING; past the grace period it is cancelled and named, and Snakemake stops."""
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    change, undo = {
+        "partition time limit": ([f"partitionname={PARTITION}", "maxtime=1"], [f"partitionname={PARTITION}", "maxtime=infinite"]),
+        "node drained": ([f"nodename={host}", "state=drain", "reason=kolors-test"], [f"nodename={host}", "state=resume"]),
+    }[case]
+    work = fresh_copy(tmp_path / "pending")
+    subprocess.run(["scontrol", "update", *change], check=True)
+    t0 = time.monotonic()
+    try:
+        proc, out = start(work, slurm_command(), "pending", KOLORS_SLURM_PENDING_GRACE_S="5")
+        rc = finish(proc, 300)
+    finally:
+        subprocess.run(["scontrol", "update", *undo], check=True)
+    text = out.read_text()
+    found = re.search(r"SLURM job (\d+) \(rule (\w+)\) cancelled: PENDING for '([^']+)', which waiting cannot clear", text)
+    assert rc != 0 and found, text[-4000:]
+    job, rule, reason = found.groups()
+    if case == "partition time limit":
+        assert reason == "PartitionTimeLimit"
+        assert f"partition {PARTITION} allows 1 min: --set-resources {rule}:runtime=1" in text
+    else:
+        assert reason.startswith("Nodes required for job are DOWN, DRAINED")
+        assert f"no node of partition {PARTITION} is up ({host} drain" in text
+    assert f"SLURM-job '{job}' failed" in text  # Snakemake saw the cancelled job and stopped
+    report(f"{case}: job {job} ({rule}) pending for '{reason[:40]}', cancelled and named; "
+           f"snakemake stopped after {time.monotonic() - t0:.0f} s")
 
 
 @pytest.fixture(autouse=True)
