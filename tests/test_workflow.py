@@ -204,8 +204,10 @@ def test_the_resolved_config_in_a_fresh_folder_gives_byte_identical_relocatable_
     snakemake(fresh, "--cores", "2", "--configfile", "resolved.yaml")
     first, second = demo_run / "results", fresh / "results"
     files = result_files(second)
-    assert [f for f in result_files(first) if f.startswith("demo/")] == [f for f in files if f.startswith("demo/")]
-    assert {f.split("/")[0] for f in files} == {"demo", "shared"}
+    for run in ("demo/", ".seals/demo/"):  # the run's outputs and their seals
+        assert [f for f in result_files(first) if f.startswith(run)] == [f for f in files if f.startswith(run)]
+    assert {f.split("/")[0] for f in files} == {"demo", "shared", ".seals"}
+    assert {f.split("/")[1] for f in files if f.startswith(".seals/")} == {"demo", "shared"}
     assert differing(first, second, files) == []  # the fresh run's shared jobs: a subset of the sweep's
     for root in (first, second):
         holders = [rel for rel in result_files(root)

@@ -46,13 +46,14 @@ def test_a_rule_no_node_can_run_is_refused_with_the_flags_that_fit():
         slurm_fit.check_requests(requests, nodes)
     lines = str(err.value).splitlines()
     assert lines[0] == "SLURM cannot run these jobs, nothing was submitted:"
-    assert lines[1] == ("  rule train_lora asks 8 CPUs, 64000 MB, 1 GPUs on the default partition; no node there "
+    assert lines[1] == ("  rule encode_texts asks for partition nope, which sinfo does not list (partitions: "
+                        "debug, gpu, short); set one: --set-resources encode_texts:slurm_partition=NAME")
+    assert "rule generate_scene asks 4 CPUs, 48000 MB, 1 GPU" in lines[2]  # the largest of the rule's jobs
+    assert lines[3] == ("  rule train_lora asks 8 CPUs, 64000 MB, 1 GPU on the default partition; no node there "
                         "offers that, the largest (vm) has 2 CPUs, 24151 MB, 2 GPUs; make it fit: "
                         "--set-threads train_lora=2 --set-resources train_lora:mem_mb=24151")
-    assert "rule generate_scene asks 4 CPUs, 48000 MB" in lines[2]  # the largest of the rule's jobs
-    assert lines[3] == ("  rule encode_texts asks for partition nope, which sinfo does not list (partitions: "
-                        "debug, gpu, short); set one: --set-resources encode_texts:slurm_partition=NAME")
-    assert len(lines) == 5 and "docs/cluster.md" in lines[4]  # score_images and the gpu partition fit
+    assert len(lines) == 5  # score_images and the gpu partition fit
+    assert "replaces the profile's whole list" in lines[4] and "docs/cluster.md" in lines[4]
     # what the message says, done: every request fits
     fitted = [Request("train_lora", 2, 24151, 1, None), Request("generate_scene", 2, 24151, 1, None)]
     slurm_fit.check_requests(fitted, nodes)

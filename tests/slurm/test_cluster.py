@@ -256,7 +256,7 @@ def test_a_rule_no_node_can_run_is_refused_before_anything_is_submitted(tmp_path
     text = out.read_text()
     mem = node_memory_mb()
     assert rc != 0 and "SLURM cannot run these jobs, nothing was submitted:" in text, text[-4000:]
-    line = (f"rule train_lora asks 2 CPUs, 64000 MB, 1 GPUs on partition {PARTITION}; no node there offers "
+    line = (f"rule train_lora asks 2 CPUs, 64000 MB, 1 GPU on partition {PARTITION}; no node there offers "
             f"that, the largest ({subprocess.run(['hostname', '-s'], capture_output=True, text=True).stdout.strip()})"
             f" has 2 CPUs, {mem} MB, 2 GPUs; make it fit: --set-resources train_lora:mem_mb={mem}")
     assert line in text, text[-4000:]

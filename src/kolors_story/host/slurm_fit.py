@@ -36,6 +36,12 @@ NODES_GONE = ("ReqNodeNotAvail", "NodeDown", "Nodes required for job are DOWN", 
 GRACE_ENV = "KOLORS_SLURM_PENDING_GRACE_S"
 DEFAULT_GRACE_S = 120.0
 FIX_DOCS = "see docs/cluster.md, 'Jobs that no node can run'"
+PROFILE_NOTE = ("a --set-resources or --set-threads on the command line replaces the profile's whole "
+                "list: put the value in profiles/slurm/config.yaml instead, or name the others again")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Node:
         return not self.state.rstrip("*~#!%$@^-").startswith(DOWN_STATES)
 
     def offers(self) -> str:
-        return f"{self.cpus} CPUs, {self.mem_mb} MB, {self.gpus} GPUs"
+        return f"{_count(self.cpus, 'CPU')}, {self.mem_mb} MB, {_count(self.gpus, 'GPU')}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Request:
     partition: str | None  # None: the cluster's default partition
 
     def asks(self) -> str:
-        return f"{self.cpus} CPUs, {self.mem_mb} MB, {self.gpus} GPUs"
+        return f"{_count(self.cpus, 'CPU')}, {self.mem_mb} MB, {_count(self.gpus, 'GPU')}"
 
 
 def _gpus(gres: str) -> int:
@@ -163,10 +169,11 @@ def check_requests(requests: Iterable[Request], nodes: list[Node]) -> None:
         old = worst.get(key, req)
         worst[key] = Request(req.rule, max(old.cpus, req.cpus), max(old.mem_mb, req.mem_mb),
                              max(old.gpus, req.gpus), req.partition)
-    problems = [p for req in worst.values() if (p := unfit(req, nodes))]
+    problems = [p for _, req in sorted(worst.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+                if (p := unfit(req, nodes))]
     if problems:
         raise UserError("SLURM cannot run these jobs, nothing was submitted:\n  " + "\n  ".join(problems)
-                        + f"\n({FIX_DOCS})")
+                        + f"\n({PROFILE_NOTE}; {FIX_DOCS})")
 
 
 def check_workflow_jobs(jobs: Iterable[Any], nodes: list[Node] | None = None) -> int:
@@ -192,7 +199,7 @@ class Pending:
         job_id, partition, reason, comment, cpus, mem, limit, tres, workdir = line.split("|", 8)
         found = re.match(r"rule_(.+?)(?:_wildcards_.*)?$", comment)
         gpus = f", {tres}" if "gpu" in tres else ""
-        asks = f"{cpus} CPUs, {mem} memory{gpus}, time limit {limit}"
+        asks = f"{_count(int(cpus), 'CPU')}, {mem} memory{gpus}, time limit {limit}"
         return cls(job_id, partition, reason, found.group(1) if found else comment, asks), workdir
 
 
