@@ -21,6 +21,7 @@ from kolors_story.errors import UserError
 from kolors_story.plan.job_plan import IMAGE_KEYS, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
+from kolors_story.plan.prompts import cut_texts
 
 SCHEMA = load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml")
 try:

@@ -80,6 +80,7 @@ rule manifest:
                           **{s: v["seed"] for s, v in SCENES[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
         jobs=lambda wc: vars(variant_jobs(wc)),
+        cut_texts=lambda wc: cut_texts(variant_config(wc)),  # story.truncate_long_prompts: what was cut
     log:
         f"{RUN_DIR}/logs/manifest.log",
     conda:

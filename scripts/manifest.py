@@ -6,6 +6,7 @@ from kolors_story.outputs.manifest import (
     read_benchmarks,
     write_resolved_config,
 )
+from kolors_story.data.training_folder import cut_captions
 from kolors_story.files import write_json
 from kolors_story.render.candidates_file import read_record
 from kolors_story.outputs.report_figures import draw_timings, timing_rows
@@ -30,6 +31,9 @@ def main(snakemake):
     seeds.update({f"{r.scene}_panel": r.seed for r in records})  # best-of-N: the seed of the kept candidate
     manifest = build_manifest(dict(snakemake.params.config), models, seeds, inputs, panels=records)
     manifest["jobs"] = dict(snakemake.params.jobs)  # the keys of the shared jobs under results/shared/
+    # what ChatGLM's 256 tokens cut, where the config opted in (truncate_long_prompts, _captions)
+    manifest["cut_texts"] = {"config": list(snakemake.params.cut_texts),
+                             "captions": cut_captions(inputs["training_data"])}
     benchmarks = dict(zip(snakemake.params.benchmark_labels, map(Path, snakemake.input.benchmarks)))
     manifest["timings"] = read_benchmarks(benchmarks)
     write_json(manifest, Path(snakemake.output.manifest))

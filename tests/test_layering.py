@@ -8,13 +8,14 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "kolors_story"
 SHARED = {"errors", "files", "dotted", "seals", "modelscope_endpoint", "chatglm_tokens"}  # the package root's modules: anyone may use them; they use nothing
-EVERYTHING = {"models", "data", "render", "training", "outputs", "plan", "host"}
+EVERYTHING = {"models", "data", "render", "training", "outputs", "writing", "plan", "host"}
 MAY_IMPORT = {
     "models": {"models"},
     "data": {"data"},
     "render": {"render", "models", "data"},
     "training": {"training", "models", "data"},
     "outputs": {"outputs", "render", "models", "data"},
+    "writing": {"writing"},
     "plan": EVERYTHING,
     "host": EVERYTHING,
 }

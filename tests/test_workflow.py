@@ -170,6 +170,7 @@ def test_bundle_and_manifest_describe_the_run(demo_run):
     assert set(manifest["panels"]) == set(SCENES)
     assert manifest["panels"]["s2_sleepy"]["recipe"]["seed"] == manifest["seeds"]["s2_sleepy_panel"]
     assert set(manifest["models"]) == {"kolors", "aesthetic"}
+    assert manifest["cut_texts"] == {"config": [], "captions": []}  # the demo's texts fit ChatGLM
     assert manifest["models"]["kolors"].endswith("resources/tiny/kolors")
     assert manifest["config"]["run"] == "demo" and manifest["seeds"]["s2_sleepy"] == 1
     assert manifest["seeds"]["s2_sleepy_panel"] in {1 + k * 100_003 for k in range(3)}

@@ -102,6 +102,11 @@ def test_a_caption_over_256_tokens_is_refused_naming_the_image_or_cut_with_a_war
         csv_path = build_training_folder(given, tmp_path, truncate_long_captions=True)
     assert f"caption of {rows[1]['id']} cut at 256 tokens" in caplog.text and "结尾'" in caplog.text
     assert long in csv_path.read_text(encoding="utf-8")  # the text is kept whole; ChatGLM cuts it
+    # the run's manifest lists the cut (cut_captions reads the folder the trainer reads)
+    from kolors_story.data.training_folder import cut_captions
+
+    cuts = cut_captions(tmp_path)
+    assert [c["image"] for c in cuts] == [f"{rows[1]['id']}.jpg"] and cuts[0]["dropped"].endswith("结尾")
 
 
 def test_rows_from_elsewhere_are_made_upright_rgb_too(tmp_path, monkeypatch):

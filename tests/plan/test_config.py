@@ -255,3 +255,9 @@ def test_truncation_opted_in_accepts_every_long_text_at_parse_time(caplog):
         edit(config)
     validate_config(config, SCHEMA)
     assert "tokens" not in caplog.text  # said once, in the encode job's log (test_prompt_embeddings)
+    # ...and the run's manifest and report list each cut with the words it loses
+    from kolors_story.plan.prompts import cut_texts
+
+    cuts = cut_texts(config)
+    assert [c["where"] for c in cuts] == [LONG_TEXTS[i][1] for i in (0, 2, 1, 3, 4)]  # the config's order
+    assert all(c["dropped"] and c["dropped"].replace(" ", "") in LONG + "{caption}" for c in cuts)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kolors_story.writing.llm_client import ChatSettings
 from kolors_story.render import character_sharing
 
 from kolors_story.plan import prompts
@@ -47,7 +48,8 @@ ONLY_IN_SCHEMA = {
 }
 # Dataclass fields that are not config keys, by schema path, with the reason (none today).
 ONLY_IN_DATACLASS: dict[str, dict[str, str]] = {}
-PAIRS = [(TrainSettings, "train"), (SamplerSettings, "generate"), (Consistency, "generate.consistency")]
+PAIRS = [(TrainSettings, "train"), (SamplerSettings, "generate"), (Consistency, "generate.consistency"),
+         (ChatSettings, "prompt_writer")]
 
 # Scene gathers each field from another key (config.scene_settings resolves them).
 SCENE_SOURCES = {

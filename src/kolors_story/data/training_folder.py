@@ -50,6 +50,14 @@ def check_caption_lengths(rows: list[dict], truncate: bool) -> None:
                     dropped_text(str(row["text"])))
 
 
+def cut_captions(dataset: Path) -> list[dict[str, str]]:
+    """The captions of a training folder (`dataset/train/metadata.csv`) that ChatGLM cuts (only
+    with dataset.truncate_long_captions), each with its image and the words it loses."""
+    with open(Path(dataset) / "train" / "metadata.csv", newline="", encoding="utf-8") as handle:
+        return [{"image": row["file_name"], "dropped": dropped} for row in csv.DictReader(handle)
+                if (dropped := dropped_text(row["text"]))]
+
+
 def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False) -> Path:
     """Write `out_dir/train/<id>.jpg` and `out_dir/train/metadata.csv`; return the csv path.
 

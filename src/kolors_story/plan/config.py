@@ -70,7 +70,36 @@ def validate_config(config: dict, schema: dict) -> dict:
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise UserError(f"Invalid configuration ({len(errors)} problem(s)):\n{lines}")
+    if "scenes" not in config["story"]:
+        raise UserError(_NO_SCENES if "outline" in config["story"] else
+                        "config key 'story.scenes': required: the story's scenes, in order (see config.yaml).")
     _check_semantics(config)
+    return config
+
+
+_NO_SCENES = ("config key 'story.scenes': required; the workflow renders story.scenes, and story.outline is "
+              "the prompt writer's: `python -m kolors_story.host.write_prompts YOUR_CONFIG.yaml` writes "
+              "prompts.yaml, whose `scenes` you paste under story.scenes (see docs/configuration.md, "
+              "'Scene prompts from an outline').")
+
+
+def validate_outline(config: dict, schema: dict) -> dict:
+    """For the prompt writer: `config` with defaults, valid against the schema, with a
+    story.outline whose ids are unique and whose characters are defined (scenes not needed)."""
+    config = copy.deepcopy(config)
+    _fill_defaults(config, schema)
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    story = config.get("story", {})
+    problems = [_describe(e) for e in errors]
+    if not errors and not story.get("outline"):
+        problems.append("config key 'story.outline': required by the prompt writer: one {id, description} a scene")
+    if not problems:
+        outline = [{**item, "action": item["description"]} for item in story["outline"]]
+        problems += _check_ids({**story, "scenes": outline}) + _check_scenes({**story, "scenes": outline})
+        problems = [p.replace("story.scenes", "story.outline") for p in problems]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"Invalid configuration ({len(problems)} problem(s)):\n{lines}")
     return config
 
 

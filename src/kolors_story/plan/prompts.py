@@ -13,7 +13,7 @@ import re
 import string
 from collections.abc import Iterator
 
-from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, over_limit, tokenizer_model  # noqa: F401 (tests' names)
+from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text, over_limit, tokenizer_model  # noqa: F401 (tests' names)
 from kolors_story.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,13 @@ def texts_for_chatglm(config: dict) -> list[tuple[str, str]]:
     prefix = apply_template(config["dataset"]["caption_template"], "")
     texts.append(("config key 'dataset.caption_template' (its own words, with an empty caption)", prefix))
     return texts
+
+
+def cut_texts(config: dict) -> list[dict[str, str]]:
+    """The texts ChatGLM's 256 tokens cut (only possible with story.truncate_long_prompts), each
+    with its key and the words it loses: the run's manifest records them."""
+    return [{"where": where, "dropped": dropped} for where, text in texts_for_chatglm(config)
+            if (dropped := dropped_text(text))]
 
 
 def check_text_lengths(config: dict) -> list[str]:

@@ -1,0 +1,7 @@
+"""The story's words written by a language model: the one OpenAI-compatible chat client
+(llm_client: DashScope's compatible mode by default, vLLM, Ollama or any server by base_url), the
+cache of its replies keyed by request (reply_cache), and the scene prompt writer that turns the
+story outline into checked prompts (scene_prompts).
+
+Imports nothing of the library but the package root's shared modules: plan and host call it.
+"""

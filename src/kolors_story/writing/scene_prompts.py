@@ -1,0 +1,173 @@
+"""The story outline (`story.outline`: one line a scene) turned into one checked prompt per scene by
+a language model, the step a challenge participant otherwise does by hand in a chat window.
+
+The editable requirements (`story.prompt_rules`) go first; the reply format is this module's and
+is checked: JSON, one entry per outline id, a non-empty prompt within ChatGLM's 256 tokens that
+holds, word for word, the description of each character the scene lists (so the character looks
+the same in every panel). A reply that fails is sent back with its problems, a bounded number of
+times. Every request and raw reply is recorded; replies come from the cache when the same request
+was asked before. A scene with its own `prompt` keeps it and is not sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens
+from kolors_story.writing.llm_client import ChatSettings, LLMError, chat
+from kolors_story.writing.reply_cache import ReplyCache
+
+REPLY_FORMAT = (
+    'Reply with JSON only, in this form: {"scenes": [{"id": "<scene id>", "prompt": "<the prompt>", '
+    '"negative_prompt": "<what to avoid, may be empty>"}]}, one entry for each scene id below, in order. '
+    "Each prompt must contain, word for word, the description of every character its scene lists, "
+    f"and must stay within {MAX_TOKENS} tokens (about 150 Chinese characters).")
+SHOW_RAW = 2000  # characters of a failed raw reply shown in the error
+
+
+@dataclass(frozen=True)
+class ScenePrompt:
+    id: str
+    prompt: str
+    negative_prompt: str = ""
+
+
+@dataclass
+class Transcript:
+    """Every request and raw reply of one writing, in order (results/<run>/prompt_writer.jsonl)."""
+    turns: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, request: dict[str, Any], reply: str, cached: bool, problems: list[str]) -> None:
+        self.turns.append({"request": request, "reply": reply, "cached": cached, "problems": problems})
+
+    def jsonl(self) -> str:
+        return "".join(json.dumps(t, ensure_ascii=False, sort_keys=True) + "\n" for t in self.turns)
+
+
+def outline_message(story: dict, todo: list[dict]) -> str:
+    """The user turn: the story, its characters and the scenes to write, by id."""
+    lines = [f"故事：{story['title']}"] if story.get("title") else []
+    if story.get("style"):
+        lines.append(f"风格：{story['style']}")
+    if story.get("characters"):
+        lines.append("人物：")
+        lines += [f"- {name}：{text}" for name, text in story["characters"].items()]
+    lines.append("场景：")
+    for i, item in enumerate(todo, 1):
+        who = f"（人物：{'、'.join(item['characters'])}）" if item.get("characters") else ""
+        lines.append(f"{i}. id {item['id']}：{item['description']}{who}")
+    return "\n".join(lines)
+
+
+def first_messages(story: dict, rules: str, todo: list[dict]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": f"{rules.strip()}\n\n{REPLY_FORMAT}"},
+            {"role": "user", "content": outline_message(story, todo)}]
+
+
+def _json_object(raw: str) -> Any:
+    text = raw.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)  # models often fence it
+    return json.loads(fenced.group(1) if fenced else text)
+
+
+def check_reply(raw: str, story: dict, todo: list[dict]) -> tuple[list[ScenePrompt], list[str]]:
+    """The reply as scene prompts, and its problems (none: every scene is fine)."""
+    try:
+        data = _json_object(raw)
+        entries = data["scenes"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return [], ['the reply is not JSON of the form {"scenes": [{"id": ..., "prompt": ..., "negative_prompt": ...}]}']
+    by_id: dict[str, dict] = {}
+    problems = []
+    for entry in entries:
+        sid = str(entry.get("id", ""))
+        if sid in by_id:
+            problems.append(f"scene {sid}: given twice")
+        by_id[sid] = entry
+    wanted = [item["id"] for item in todo]
+    problems += [f"scene {sid}: not in the outline (its ids: {', '.join(wanted)})" for sid in by_id if sid not in wanted]
+    prompts = []
+    for item in todo:
+        entry = by_id.get(item["id"])
+        if entry is None:
+            problems.append(f"scene {item['id']}: missing")
+            continue
+        scene = ScenePrompt(item["id"], str(entry.get("prompt") or "").strip(),
+                            str(entry.get("negative_prompt") or "").strip())
+        problems += scene_problems(scene, item, story)
+        prompts.append(scene)
+    return prompts, problems
+
+
+def scene_problems(scene: ScenePrompt, item: dict, story: dict) -> list[str]:
+    if not scene.prompt:
+        return [f"scene {scene.id}: the prompt is empty"]
+    problems = []
+    for text, what in ((scene.prompt, "prompt"), (scene.negative_prompt, "negative_prompt")):
+        if text and (n := count_tokens(text)) > MAX_TOKENS:
+            problems.append(f"scene {scene.id}: the {what} has {n} tokens, more than ChatGLM's {MAX_TOKENS}")
+    for name in item.get("characters", []):
+        described = story.get("characters", {}).get(name, name)
+        if described not in scene.prompt:
+            problems.append(f"scene {scene.id}: the prompt lacks character {name}'s description, word for word: {described}")
+    return problems
+
+
+def feedback(raw: str, problems: list[str]) -> list[dict[str, str]]:
+    """The turns that send a failed reply back with its problems."""
+    listed = "\n".join(f"- {p}" for p in problems)
+    return [{"role": "assistant", "content": raw},
+            {"role": "user", "content": f"This reply has problems:\n{listed}\nReply again with the whole JSON, fixed."}]
+
+
+def write_prompts(story: dict, rules: str, settings: ChatSettings, cache: ReplyCache,
+                  transcript: Transcript | None = None,
+                  ask: Callable[[list[dict[str, str]], ChatSettings], str] = chat) -> list[ScenePrompt]:
+    """One prompt per outline scene without its own `prompt`, checked; LLMError naming each
+    failing scene and showing the last raw reply after settings.attempts replies that failed."""
+    todo = [item for item in story["outline"] if not item.get("prompt")]
+    transcript = transcript if transcript is not None else Transcript()
+    if not todo:
+        return []
+    messages = first_messages(story, rules, todo)
+    for _ in range(settings.attempts):
+        request = {"settings": settings.identity(), "messages": messages}
+        reply = cache.get(request)
+        cached = reply is not None
+        if reply is None:
+            reply = ask(messages, settings)
+            cache.put(request, reply)
+        prompts, problems = check_reply(reply, story, todo)
+        transcript.add(request, reply, cached, problems)
+        if not problems:
+            return prompts
+        messages = messages + feedback(reply, problems)
+    shown = reply if len(reply) <= SHOW_RAW else reply[:SHOW_RAW] + f"... ({len(reply)} characters)"
+    raise LLMError(f"prompt_writer: {settings.attempts} replies of {settings.model} failed their checks; the last one's "
+                   f"problems: {'; '.join(problems)}. Its raw reply:\n{shown}\n(every request and reply is in "
+                   "the transcript; edit story.prompt_rules or give those scenes a prompt of their own)")
+
+
+def scenes_file_entries(story: dict, written: list[ScenePrompt]) -> list[dict[str, Any]]:
+    """story.outline with its prompts: entries that can be pasted into story.scenes as they are."""
+    by_id = {p.id: p for p in written}
+    entries = []
+    for item in story["outline"]:
+        entry: dict[str, Any] = {"id": item["id"]}
+        written_here = by_id.get(item["id"])
+        entry["prompt"] = item.get("prompt") or written_here.prompt  # a prompt written by hand wins
+        negative = item.get("negative_prompt") or (written_here.negative_prompt if written_here else "")
+        if negative:
+            entry["negative_prompt"] = negative
+        entry["caption"] = item.get("caption", item["description"])
+        for key in ("characters", "seed", "width", "height"):
+            if item.get(key) not in (None, []):
+                entry[key] = item[key]
+        entries.append(entry)
+    return entries
