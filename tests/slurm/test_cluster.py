@@ -251,6 +251,7 @@ def node_memory_mb() -> int:
 def test_a_rule_no_node_can_run_is_refused_before_anything_is_submitted(tmp_path):
     """The profile as shipped asks 64 GB for training; this node has its true memory."""
     work = fresh_copy(tmp_path / "refused")
+    earlier = {job["id"] for job in squeue()}  # finished jobs of earlier tests stay listed for MinJobAge
     proc, out = start(work, slurm_command(fit=False), "refused")
     rc = finish(proc, 300)
     text = out.read_text()
@@ -263,7 +264,9 @@ def test_a_rule_no_node_can_run_is_refused_before_anything_is_submitted(tmp_path
     for rule in ("encode_texts", "generate_scene", "render_anchor"):  # 32 and 48 GB
         assert f"rule {rule} asks " in text
     assert "rule score_images" not in text  # 16 GB fits
-    assert "submitted with SLURM jobid" not in text and not squeue()
+    assert "submitted with SLURM jobid" not in text, text[-4000:]
+    submitted = [job for job in squeue() if job["id"] not in earlier]
+    assert not submitted, submitted
     report("the profile's 64 GB training refused before any submission, with the flags that fit")
 
 
