@@ -74,6 +74,9 @@ def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
     assert report["settings"]["precision"] == "fp16" and report["settings"]["train_precision"] == "bf16"
     assert "s/training step" in output and (work / "panel.png").is_file() and (work / "consistency_panel.png").is_file()
     assert (work / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # The full-size trace's estimates beside the measured peaks (bench/reference, found from the checkout).
+    assert report["estimates_source"].endswith("bench/reference/gpu_memory_estimate.json"), report["estimates_source"]
+    assert {"train", "encode_texts", "scene_render", "anchor_job", "score"} <= set(report["estimated_vs_measured_gib"])
 
 
 def test_the_lora_round_trip_renders_the_trained_lora(checked):

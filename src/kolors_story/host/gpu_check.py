@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("kolors_story.host.gpu_check")
-ESTIMATES = Path(__file__).resolve().parents[2] / "bench" / "reference" / "gpu_memory_estimate.json"
+# src/kolors_story/host/gpu_check.py -> the repository root
+ESTIMATES = Path(__file__).resolve().parents[3] / "bench" / "reference" / "gpu_memory_estimate.json"
 CAPTIONS = ("二次元，水墨画，山水", "二次元，少女，樱花", "水墨画，古风，小桥流水", "二次元，猫，窗台")
 PROMPT = "二次元，水墨画，一个少女站在山顶，看着远处的云海"
 NEGATIVE = "模糊，低质量，变形"
