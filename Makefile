@@ -18,6 +18,9 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
 	$(BIN)/pip install --quiet --no-deps -e . $(QUIET_PIP)
+	# Only for its qwen.tiktoken (the real Qwen tokenizer's ranks): the demo's and the tests' tiny
+	# prompt-writer model (kolors_story.models.random_qwen). Never imported, so none of its dependencies.
+	$(BIN)/pip install --quiet --no-deps dashscope==2.0.2 $(QUIET_PIP)
 	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake; from modelscope.msdatasets import MsDataset"
 	touch $(STAMP)
 

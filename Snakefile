@@ -31,6 +31,7 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
+include: "rules/prompts.smk"
 include: "rules/encode.smk"
 include: "rules/train.smk"
 include: "rules/generate.smk"
@@ -49,6 +50,7 @@ localrules:
     variant_lora,
     variant_training,
     variant_scene,
+    variant_prompts,
 
 
 # Under the slurm executor (profiles/slurm): before anything is submitted, every job's request is
@@ -68,5 +70,5 @@ onstart:
 
 rule all:
     input:
-        final_outputs(),
+        final_outputs,
     default_target: True

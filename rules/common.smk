@@ -22,6 +22,15 @@ from kolors_story.plan.job_plan import IMAGE_KEYS, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
 from kolors_story.plan.prompts import cut_texts
+from kolors_story.plan.outline import (
+    TRANSCRIPT_FILE,
+    WRITTEN_FILE,
+    read_written_scenes,
+    with_written_scenes,
+    writer_key,
+    writer_settings,
+    writes_from_outline,
+)
 
 SCHEMA = load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml")
 try:
@@ -32,9 +41,53 @@ try:
 except UserError as err:
     raise WorkflowError(str(err)) from None
 
-PLAN = plan_jobs(VARIANTS)
 SWEEP = bool(config["sweep"])
 SHARED = f"results/{SHARED_NAME}"  # keyed jobs' outputs, shared by every variant that needs them
+
+# Variants whose story is an outline: the prompt writer's job (rules/prompts.smk) writes their scenes.
+WRITER_KEYS = {name: writer_key(c) for name, c in VARIANTS.items() if writes_from_outline(c)}
+WRITERS = {key: {**writer_settings(VARIANTS[name]), "prompt_writer": VARIANTS[name]["prompt_writer"],
+                 "local_model": VARIANTS[name]["prompt_writer"]["model"]
+                 if VARIANTS[name]["prompt_writer"]["backend"] == "local" else None}
+           for name, key in WRITER_KEYS.items()}
+OUTLINE_IDS = {s["id"] for c in VARIANTS.values() for s in c["story"].get("outline", [])}
+
+
+def writer_inputs(wildcards):
+    """The model folder of a local prompt writer (none for a server)."""
+    ref = WRITERS[wildcards.key]["local_model"]
+    return {"model": model_folder(ref, "prompt_writer.model")} if ref else {}
+
+
+def writer_params(wildcards):
+    """prompt_writer.* as the job's script reads it: a local model as its folder."""
+    writer = WRITERS[wildcards.key]
+    ref = writer["local_model"]
+    return {**writer["prompt_writer"], **({"model": model_folder(ref, "prompt_writer.model")} if ref else {})}
+
+
+def written_scenes_file(name):
+    return f"{SHARED}/prompts/{WRITER_KEYS[name]}/{WRITTEN_FILE}"
+
+
+def plan_written_scenes():
+    """Every variant whose writer's file exists gets its scenes from it; the jobs are planned again
+    (called at parse time, and by rule all once a writer's checkpoint is done)."""
+    global PLAN, SCENES
+    for name in WRITER_KEYS:
+        path = Path(written_scenes_file(name))
+        if writes_from_outline(VARIANTS[name]) and path.is_file():
+            entries = read_written_scenes(path, VARIANTS[name]["story"]["outline"])
+            VARIANTS[name] = validate_config(with_written_scenes(VARIANTS[name], entries), SCHEMA)
+    ready = {name: c for name, c in VARIANTS.items() if not writes_from_outline(c)}
+    PLAN = plan_jobs(ready)
+    SCENES = {name: scene_settings(c) for name, c in ready.items()}  # resolved once: prompts are tokenized
+
+
+try:
+    plan_written_scenes()
+except UserError as err:
+    raise WorkflowError(str(err)) from None
 RUN_DIR = "results/{run}"
 # The report's category of the leaderboard: the report sorts categories by name, variant names
 # start with a letter or digit, so the star puts the leaderboard first.
@@ -48,10 +101,9 @@ except WorkflowError:
     ALL_CORES = 1
 
 # Folders that rules of this workflow build (the demo's data and tiny models).
-BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic"}
-SCENES = {name: scene_settings(c) for name, c in VARIANTS.items()}  # resolved once: prompts are tokenized
-ALL_SCENES = sorted({s for scenes in SCENES.values() for s in scenes})
-ALL_CHARACTERS = sorted({c for v in PLAN.variants.values() for c in v.anchors})
+BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic", "resources/tiny/qwen"}
+ALL_SCENES = sorted({s for scenes in SCENES.values() for s in scenes} | OUTLINE_IDS)
+ALL_CHARACTERS = sorted({c for v in VARIANTS.values() for c in v["story"]["characters"]})  # anchors' names
 
 
 wildcard_constraints:
@@ -87,12 +139,6 @@ def model_folder(ref, key):
     return _check_local(ref, key) if is_local_model(ref) else model_dir(ref)
 
 
-for _name, _variant in VARIANTS.items():  # refuse a missing local folder at parse time
-    for _model in ("kolors", "aesthetic"):
-        _where = f"models.{_model}" + (f" (sweep variant '{_name}')" if SWEEP else "")
-        model_folder(_variant["models"][_model], _where)
-
-
 def model_check(name, ref):
     """The file rule prepare_model writes once a model folder's layout is checked."""
     return f"{SHARED}/models/{name}/{job_key(ref)}.json"
@@ -107,14 +153,33 @@ def model_inputs(name, ref):
     return {field: model_folder(ref, f"models.{name}"), f"{field}_check": model_check(name, ref)}
 
 
+def local_writer_model(config):
+    """The prompt writer's model id or folder, where its backend runs one in the job (else None)."""
+    writer = config["prompt_writer"]
+    return writer["model"] if writes_from_outline(config) and writer["backend"] == "local" else None
+
+
+def model_refs(config):
+    """Config key -> model id or folder, of every model the variant loads."""
+    refs = {f"models.{k}": v for k, v in config["models"].items() if k in MODEL_INPUT}
+    if local_writer_model(config):
+        refs["prompt_writer.model"] = local_writer_model(config)
+    return refs
+
+
 def _key_for_model_id(wildcards):
     model_id = f"{wildcards.owner}/{wildcards.name}"
-    keys = [f"models.{k}" for c in VARIANTS.values() for k, v in c["models"].items() if v == model_id]
+    keys = [k for c in VARIANTS.values() for k, v in model_refs(c).items() if v == model_id]
     return keys[0] if keys else "models"
 
 
+for _name, _variant in VARIANTS.items():  # refuse a missing local folder at parse time
+    for _key, _ref in model_refs(_variant).items():
+        model_folder(_ref, _key + (f" (sweep variant '{_name}')" if SWEEP else ""))
+
+
 # ModelScope ids whose folder is not there yet: id -> the folder it downloads to
-MODEL_DOWNLOADS = {r: model_dir(r) for c in VARIANTS.values() for r in (c["models"]["kolors"], c["models"]["aesthetic"])
+MODEL_DOWNLOADS = {r: model_dir(r) for c in VARIANTS.values() for r in model_refs(c).values()
                    if not is_local_model(r) and not os.path.isdir(model_dir(r))}
 MODEL_REFS = {(n, job_key(c["models"][n])): c["models"][n] for c in VARIANTS.values() for n in ("kolors", "aesthetic")}
 
@@ -163,10 +228,19 @@ def variant_outputs(name):
     ]
     if VARIANTS[name]["upload"]["enabled"]:
         outputs.append(f"results/{name}/upload.json")
+    if name in WRITER_KEYS:
+        outputs += [f"results/{name}/prompts.yaml", f"results/{name}/{TRANSCRIPT_FILE}"]
     return outputs
 
 
-def final_outputs():
+def final_outputs(wildcards):
+    """Rule all's inputs. While the prompt writer has a variant's scenes to write, its checkpoint is
+    all there is to do: Snakemake runs the writer, then asks again, and every job is planned with
+    every variant's scenes known (the one encode job encodes the texts of them all)."""
+    for name in WRITER_KEYS:
+        if writes_from_outline(VARIANTS[name]):
+            checkpoints.write_prompts.get(key=WRITER_KEYS[name])
+            plan_written_scenes()
     outputs = [f for name in VARIANTS for f in variant_outputs(name)]
     if SWEEP:
         outputs += ["results/leaderboard.csv", "results/leaderboard.png"]

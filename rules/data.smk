@@ -27,7 +27,7 @@ rule download_dataset:
         dataset=download_settings,
     log:
         f"{SHARED}/logs/download_dataset/{{key}}.log",
-    retries: NETWORK_RETRIES if any(d["dataset"]["source"] == "modelscope" for d in PLAN.downloads.values()) else 0
+    retries: NETWORK_RETRIES if any(c["dataset"]["source"] == "modelscope" for c in VARIANTS.values()) else 0
     conda:
         ENV
     script:

@@ -33,6 +33,20 @@ rule build_tiny_models:
         "../scripts/build_tiny_models.py"
 
 
+rule build_tiny_writer:
+    """The demo's prompt-writer model: a tiny random Qwen2 with the real Qwen tokenizer."""
+    output:
+        directory("resources/tiny/qwen"),
+    params:
+        seed=0,
+    log:
+        "resources/logs/build_tiny_writer.log",
+    conda:
+        ENV
+    script:
+        "../scripts/build_tiny_writer.py"
+
+
 rule prepare_model:
     input:
         lambda wc: model_folder(MODEL_REFS[(wc.model_name, wc.key)], f"models.{wc.model_name}"),

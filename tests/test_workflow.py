@@ -481,3 +481,50 @@ def test_a_damaged_artifact_stops_its_consumer_naming_the_file_and_the_remake(de
     shutil.copyfile(s2, s1)
     out = damaged_rerun(work, "results/demo/scenes/s1_class.png", "results/demo-scale0.5/scenes/s1_class.png")
     assert f"{s1.relative_to(work)}: " in out and "made by rule generate_scene" in out
+
+
+# ---------------------------------------------------------------- scenes written from an outline
+LLM_KEY = "sk-kolors-test-0123456789-never-written"
+OUTLINE = [{"id": "s1_class", "description": "坐在书院教室里认真听讲，上半身", "characters": ["girl"]},
+           {"id": "s5_talk", "description": "站在桃花小路旁微笑交谈，上半身", "characters": ["girl", "prince"]}]
+
+
+def outline_override(work: Path, url: str, outline: list[dict]) -> str:
+    """The demo as a two-line outline (story.scenes: null turns the base's scenes off), written by
+    the local OpenAI-compatible server at `url` with the key in KOLORS_TEST_LLM_KEY."""
+    return override(work, "outline", {"run": "outlined", "story": {"scenes": None, "outline": outline},
+                                      "prompt_writer": {"base_url": url, "api_key_env": "KOLORS_TEST_LLM_KEY"}})
+
+
+def test_an_outline_is_written_into_scenes_inside_the_dag_and_an_edited_line_renders_its_scene_only(
+        demo_run, tmp_path, httpserver, monkeypatch):
+    from llm_stub import answer
+
+    work = tmp_path / "demo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    monkeypatch.setenv("KOLORS_TEST_LLM_KEY", LLM_KEY)
+    httpserver.expect_request("/v1/chat/completions", method="POST").respond_with_handler(answer)
+    url = httpserver.url_for("/v1")
+    outline = outline_override(work, url, OUTLINE)
+    snakemake(work, "--cores", "2", "--configfile", "demo/config.yaml", outline)
+    run = work / "results/outlined"
+    written = yaml.safe_load((run / "prompts.yaml").read_text(encoding="utf-8"))["scenes"]
+    assert [s["id"] for s in written] == ["s1_class", "s5_talk"] and len(httpserver.log) == 1
+    assert "一个黑色长发少女" in written[1]["prompt"] and "一位身穿银色盔甲的年轻王子" in written[1]["prompt"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["story"]
+    assert "outline" not in resolved and [s["prompt"] for s in resolved["scenes"]] == [s["prompt"] for s in written]
+    assert sorted(p.stem for p in (run / "scenes").glob("*.png")) == ["s1_class", "s5_talk"]
+    assert len((run / "prompt_writer.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+    # the key comes from the environment only: no file of the run, its logs or caches holds it
+    assert [p for p in work.rglob("*") if p.is_file() and LLM_KEY.encode() in p.read_bytes()] == []
+    # unchanged: nothing planned; reproduced from results/: nothing planned, the writer not even needed
+    assert planned_jobs(work, outline) == {}
+    proc = snakemake(work, "-n", "--cores", "1", "--configfile", "results/outlined/config.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr and len(httpserver.log) == 1
+    # one outline line edited: the writer asks once more, and only that scene renders again
+    outline = outline_override(work, url, [OUTLINE[0], {**OUTLINE[1], "description": "站在桃花小路旁手持折扇，上半身"}])
+    snakemake(work, "--cores", "2", "--configfile", "demo/config.yaml", outline, "--until", "write_prompts")
+    assert len(httpserver.log) == 2
+    jobs = planned_jobs(work, outline)
+    assert jobs.get("generate_scene") == 1 and jobs.get("encode_texts") == 1
+    assert not {"write_prompts", "train_lora", "render_anchor", "build_metadata"} & set(jobs)

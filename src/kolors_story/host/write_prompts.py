@@ -16,15 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from kolors_story.errors import UserError
 from kolors_story.plan.config import load_schema, validate_outline
+from kolors_story.plan.outline import TRANSCRIPT_FILE
 from kolors_story.plan.config_files import load_strict
 from kolors_story.plan.sweep import deep_merge
 from kolors_story.writing.llm_client import ChatSettings
 from kolors_story.writing.reply_cache import ReplyCache
-from kolors_story.writing.scene_prompts import Transcript, scenes_file_entries, write_prompts
+from kolors_story.writing.scene_prompts import write_scenes_file
 
 SCHEMA = Path("schemas/config.schema.yaml")
 CACHE = Path("resources/cache/llm")
@@ -39,30 +38,14 @@ def read_config(paths: list[Path], schema: Path = SCHEMA) -> dict:
     return validate_outline(config, load_schema(schema))
 
 
-def prompts_file_text(config: dict, entries: list[dict]) -> str:
-    writer = config["prompt_writer"]
-    header = (f"# Scene prompts written by {writer['model']} ({writer['base_url']}) from story.outline.\n"
-              "# Read and edit them; paste `scenes` under story.scenes of your config to render them\n"
-              "# (a prompt written there by hand always wins). Requests and raw replies: prompt_writer.jsonl\n")
-    return header + yaml.safe_dump({"scenes": entries}, allow_unicode=True, sort_keys=False, width=120)
-
-
 def run(paths: list[Path], out: Path | None, cache: Path | None) -> Path:
     config = read_config(paths)
     out = out or Path("results") / config["run"] / "prompts.yaml"
-    transcript = Transcript()
-    try:
-        written = write_prompts(config["story"], config["story"]["prompt_rules"],
-                                ChatSettings(**config["prompt_writer"]), ReplyCache(cache), transcript)
-    finally:  # also when the writer fails: the raw replies are what the user needs to see
-        if transcript.turns:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            (out.parent / "prompt_writer.jsonl").write_text(transcript.jsonl(), encoding="utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(prompts_file_text(config, scenes_file_entries(config["story"], written)), encoding="utf-8")
-    asked = sum(not t["cached"] for t in transcript.turns)
-    print(f"{len(written)} scene prompt(s) written ({len(transcript.turns)} reply(ies), {asked} asked, "
-          f"{len(transcript.turns) - asked} from the cache) -> {out}; paste its scenes under story.scenes")
+    settings = ChatSettings(**config["prompt_writer"])
+    write_scenes_file(config["story"], config["story"]["prompt_rules"], settings, ReplyCache(cache), out,
+                      out.parent / TRANSCRIPT_FILE)
+    print(f"scene prompts -> {out}; paste its scenes under story.scenes (and delete story.outline), or "
+          "let the workflow render them: it writes the same file when story.outline is given")
     return out
 
 

@@ -62,44 +62,60 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
 
 
 def validate_config(config: dict, schema: dict) -> dict:
-    """Return a copy of `config` with defaults filled in; raise UserError on any invalid value."""
+    """Return a copy of `config` with defaults filled in; raise UserError on any invalid value.
+    A story given as story.outline comes back without story.scenes: the prompt writer's job gives
+    them (kolors_story.plan.outline); its outline is checked here as scenes would be."""
     config = copy.deepcopy(config)
+    story = config.get("story")
+    for key in ("scenes", "outline"):  # null: a sweep variant turning the base's scenes into an outline
+        if isinstance(story, dict) and key in story and story[key] is None:
+            del story[key]
     _fill_defaults(config, schema)
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise UserError(f"Invalid configuration ({len(errors)} problem(s)):\n{lines}")
-    if "scenes" not in config["story"]:
-        raise UserError(_NO_SCENES if "outline" in config["story"] else
-                        "config key 'story.scenes': required: the story's scenes, in order (see config.yaml).")
-    _check_semantics(config)
+    story = config["story"]
+    if "scenes" in story and "outline" in story:
+        raise UserError(_BOTH)
+    if "scenes" not in story and "outline" not in story:
+        raise UserError("config key 'story.scenes': required: the story's scenes, in order (see config.yaml), "
+                        "or story.outline for the prompt writer to write them.")
+    if "outline" in story:
+        _check_outline(config)
+    else:
+        _check_semantics(config)
     return config
 
 
-_NO_SCENES = ("config key 'story.scenes': required; the workflow renders story.scenes, and story.outline is "
-              "the prompt writer's: `python -m kolors_story.host.write_prompts YOUR_CONFIG.yaml` writes "
-              "prompts.yaml, whose `scenes` you paste under story.scenes (see docs/configuration.md, "
-              "'Scene prompts from an outline').")
+_BOTH = ("config keys 'story.scenes' and 'story.outline': both given; the workflow renders story.scenes as "
+         "written, or writes them from story.outline. Keep one (after pasting a prompts.yaml under "
+         "story.scenes, delete story.outline; a sweep variant over a base with scenes sets `story: {scenes: null}`).")
+
+
+def _outline_as_scenes(story: dict) -> list[dict]:
+    """The outline as scenes with stand-in prompts (their own, or the description) for the checks."""
+    keep = ("id", "characters", "negative_prompt", "seed", "width", "height")
+    return [{**{k: item[k] for k in keep if k in item}, "prompt": item.get("prompt") or item["description"]}
+            for item in story["outline"]]
+
+
+def _check_outline(config: dict) -> None:
+    """An outline gets a scene's checks (ids, characters, layout, lengths), named by its own key."""
+    stand_in = {**config, "story": {**config["story"], "scenes": _outline_as_scenes(config["story"])}}
+    stand_in["story"].pop("outline")
+    try:
+        _check_semantics(stand_in)
+    except UserError as err:
+        raise UserError(str(err).replace("story.scenes", "story.outline")) from None
 
 
 def validate_outline(config: dict, schema: dict) -> dict:
-    """For the prompt writer: `config` with defaults, valid against the schema, with a
-    story.outline whose ids are unique and whose characters are defined (scenes not needed)."""
-    config = copy.deepcopy(config)
-    _fill_defaults(config, schema)
-    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
-    story = config.get("story", {})
-    problems = [_describe(e) for e in errors]
-    if not errors and not story.get("outline"):
-        problems.append("config key 'story.outline': required by the prompt writer: one {id, description} a scene")
-    if not problems:
-        outline = [{**item, "action": item["description"]} for item in story["outline"]]
-        problems += _check_ids({**story, "scenes": outline}) + _check_scenes({**story, "scenes": outline})
-        problems = [p.replace("story.scenes", "story.outline") for p in problems]
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise UserError(f"Invalid configuration ({len(problems)} problem(s)):\n{lines}")
+    """For the prompt writer's command: `config` valid, with a story.outline to write from."""
+    config = validate_config(config, schema)
+    if "outline" not in config["story"]:
+        raise UserError("config key 'story.outline': required by the prompt writer: one {id, description} a scene")
     return config
 
 

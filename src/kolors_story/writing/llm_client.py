@@ -25,8 +25,9 @@ class LLMError(UserError):
 @dataclass(frozen=True)
 class ChatSettings:
     """prompt_writer.* of the config (schemas/config.schema.yaml holds the defaults)."""
+    backend: str = "openai"  # an OpenAI-compatible server; "local": a model folder in the job (local_model)
     base_url: str = DASHSCOPE_URL
-    model: str = "qwen-plus"
+    model: str = "qwen-plus"  # the server's model name; with backend local, the model folder
     api_key_env: str | None = "DASHSCOPE_API_KEY"  # None: a local server that takes no key
     temperature: float = 0.0
     seed: int | None = 0
@@ -34,12 +35,15 @@ class ChatSettings:
     max_retries: int = 3  # 429, 5xx and lost connections, with the client's backoff
     json_mode: bool = True  # response_format {"type": "json_object"}
     attempts: int = 3  # replies asked for when one fails its checks (the first included)
+    max_new_tokens: int = 160  # backend local: the most tokens the model writes for one string
 
     def identity(self) -> dict[str, Any]:
-        """What makes a reply: part of its cache key. Not the key, the timeout or the retries."""
+        """What makes a reply: part of its cache key. Not the key, the timeout or the retries, nor
+        what the other backend alone reads."""
         record = asdict(self)
         for name in ("api_key_env", "timeout_s", "max_retries", "attempts"):
             record.pop(name)
+        record.pop("base_url" if self.backend == "local" else "max_new_tokens")
         return record
 
 

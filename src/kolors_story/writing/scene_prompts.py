@@ -12,10 +12,14 @@ was asked before. A scene with its own `prompt` keeps it and is not sent.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens
 from kolors_story.writing.llm_client import ChatSettings, LLMError, chat
@@ -136,16 +140,19 @@ def write_prompts(story: dict, rules: str, settings: ChatSettings, cache: ReplyC
     if not todo:
         return []
     messages = first_messages(story, rules, todo)
+    exchange: list[tuple[dict[str, Any], str]] = []
     for _ in range(settings.attempts):
         request = {"settings": settings.identity(), "messages": messages}
         reply = cache.get(request)
         cached = reply is not None
         if reply is None:
             reply = ask(messages, settings)
-            cache.put(request, reply)
         prompts, problems = check_reply(reply, story, todo)
         transcript.add(request, reply, cached, problems)
-        if not problems:
+        exchange.append((request, reply))
+        if not problems:  # the whole exchange is kept once it succeeds; after a failure a rerun asks anew
+            for asked, answered in exchange:
+                cache.put(asked, answered)
             return prompts
         messages = messages + feedback(reply, problems)
     shown = reply if len(reply) <= SHOW_RAW else reply[:SHOW_RAW] + f"... ({len(reply)} characters)"
@@ -171,3 +178,40 @@ def scenes_file_entries(story: dict, written: list[ScenePrompt]) -> list[dict[st
                 entry[key] = item[key]
         entries.append(entry)
     return entries
+
+
+def prompts_file_text(settings: ChatSettings, entries: list[dict[str, Any]]) -> str:
+    """The prompts file a person reads, edits and pastes back: its `scenes` are story.scenes entries."""
+    where = "run locally through transformers" if settings.backend == "local" else settings.base_url
+    header = (f"# Scene prompts written by {settings.model} ({where}) from story.outline.\n"
+              "# Read and edit them; to render your edits, paste `scenes` under story.scenes of your config and\n"
+              "# delete story.outline. Every request and raw reply: prompt_writer.jsonl beside this file.\n")
+    return header + yaml.safe_dump({"scenes": entries}, allow_unicode=True, sort_keys=False, width=120)
+
+
+def write_scenes_file(story: dict, rules: str, settings: ChatSettings, cache: ReplyCache, out: Path,
+                      transcript_out: Path, ask: Callable[[list[dict[str, str]], ChatSettings], str] = chat) -> int:
+    """Write the outline's scenes to `out` (prompts_file_text) and every request and raw reply to
+    `transcript_out`, also when the writer fails (its raw replies are what the user needs to see).
+    Returns how many replies were asked of the model (not found in the cache)."""
+    transcript = Transcript()
+    if settings.backend == "local" and ask is chat:
+        from kolors_story.writing.local_model import LocalWriter  # here: torch and transformers
+
+        ask = LocalWriter(settings, [item["id"] for item in story["outline"] if not item.get("prompt")]).ask
+    try:
+        written = write_prompts(story, rules, settings, cache, transcript, ask)
+    finally:
+        if transcript.turns:
+            transcript_out.parent.mkdir(parents=True, exist_ok=True)
+            transcript_out.write_text(transcript.jsonl(), encoding="utf-8")
+    if not transcript.turns:  # every scene had its own prompt: nothing was asked
+        transcript_out.parent.mkdir(parents=True, exist_ok=True)
+        transcript_out.write_text("", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prompts_file_text(settings, scenes_file_entries(story, written)), encoding="utf-8")
+    asked = sum(not turn["cached"] for turn in transcript.turns)
+    logging.getLogger(__name__).info(
+        "%d scene prompt(s) written by %s: %d reply(ies), %d asked, %d from the cache -> %s", len(written),
+        settings.model, len(transcript.turns), asked, len(transcript.turns) - asked, out)
+    return asked

@@ -1,0 +1,44 @@
+# The scene prompts of a story given as story.outline, written by a language model
+# (kolors_story.writing: DashScope's OpenAI-compatible mode by default, any server by base_url).
+# A checkpoint: a variant's scenes, and so its encode, scene and anchor jobs, are planned once its
+# file exists (rules/common.smk, written_scenes). The job is keyed by what it sends and copies
+# (kolors_story.plan.outline), and replies are cached by request under CACHE/llm: an unchanged
+# outline never asks again, and scenes whose prompt came back unchanged never render again.
+
+
+checkpoint write_prompts:
+    input:
+        unpack(writer_inputs),
+    output:
+        scenes=f"{SHARED}/prompts/{{key}}/{WRITTEN_FILE}",
+        transcript=f"{SHARED}/prompts/{{key}}/{TRANSCRIPT_FILE}",
+    params:
+        story=lambda wc: WRITERS[wc.key]["story"],
+        rules=lambda wc: WRITERS[wc.key]["rules"],
+        writer=writer_params,  # the API key's variable name, never the key
+        cache_dir=f"{CACHE}/llm",
+    resources:
+        gpu=lambda wc: 1 if WRITERS[wc.key]["local_model"] else 0,  # backend local: the model in this job
+    log:
+        f"{SHARED}/logs/write_prompts/{{key}}.log",  # and beside it {key}.jsonl: every request and reply
+    conda:
+        ENV
+    script:
+        "../scripts/write_prompts.py"
+
+
+rule variant_prompts:
+    """The variant's written scenes (they paste into story.scenes) and the writer's transcript."""
+    input:
+        prompts=lambda wc: f"{SHARED}/prompts/{WRITER_KEYS[wc.run]}/{WRITTEN_FILE}",
+        transcript=lambda wc: f"{SHARED}/prompts/{WRITER_KEYS[wc.run]}/{TRANSCRIPT_FILE}",
+    output:
+        prompts=report(f"{RUN_DIR}/prompts.yaml", caption="../report/prompts.rst", category="{run}",
+                       subcategory="Config"),
+        transcript=f"{RUN_DIR}/{TRANSCRIPT_FILE}",
+    log:
+        f"{RUN_DIR}/logs/variant_prompts.log",
+    conda:
+        ENV
+    script:
+        "../scripts/copy_outputs.py"
