@@ -27,7 +27,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 DEMO_CONFIG := demo/config.yaml demo/sweep.yaml
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(DEMO_CONFIG)
-	@echo "Demo outputs: results/demo/ and results/demo-scale0.5/ (story.png, scenes/, scores.json, bundle/, manifest.json),"
+	@echo "Demo outputs: results/demo/, results/demo-scale0.5/ and results/demo-outline/ (story.png, scenes/, scores.json,"
+	@echo "bundle/, manifest.json; prompts.yaml: the outline's scene prompts, written by the tiny local Qwen),"
 	@echo "ranked in results/leaderboard.csv and .png; the report: $(BIN)/snakemake --report report.html --configfile $(DEMO_CONFIG)"
 
 # Debian packages the tests use: chromium + CJK fonts for the report's browser check (installed
@@ -59,8 +60,9 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml
 
 clean-demo:
-	rm -rf results/demo results/demo-scale0.5 results/shared results/leaderboard.* resources/tiny resources/demo \
-	  results/.seals/demo results/.seals/demo-scale0.5 results/.seals/shared results/.seals/leaderboard.* resources/.seals
+	rm -rf results/demo results/demo-scale0.5 results/demo-outline results/shared results/leaderboard.* resources/tiny \
+	  resources/demo resources/cache/llm results/.seals/demo results/.seals/demo-scale0.5 results/.seals/demo-outline \
+	  results/.seals/shared results/.seals/leaderboard.* resources/.seals
 
 # The real code path at full size on one CUDA GPU, no download (docs/gpu-host.md, "Checking a GPU host").
 # With wheelhouse/ (from `make wheelhouse`) it runs on the host's own python3 + torch, offline;

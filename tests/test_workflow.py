@@ -27,6 +27,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]
 DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs
 SCENES = ["s1_class", "s2_sleepy", "s3_dream", "s4_prince", "s5_talk", "s6_ride", "s7_awake", "s8_study"]
+DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline")  # demo/sweep.yaml
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -95,6 +96,24 @@ def test_demo_writes_every_output(demo_run):
         assert (out / name).is_file(), name
     assert (shared_dir(demo_run, "demo", "filter") / "dataset/train/metadata.csv").is_file()
     assert sorted(p.stem for p in (out / "scenes").glob("*.png")) == sorted(SCENES)
+
+
+def test_the_outline_variant_is_written_by_the_local_tiny_qwen_and_rendered(demo_run):
+    """demo-outline: its scene prompts written in the run by the prompt writer's local backend
+    (resources/tiny/qwen: random weights, the real Qwen tokenizer), offline, then rendered."""
+    run = demo_run / "results/demo-outline"
+    text = (run / "prompts.yaml").read_text(encoding="utf-8")
+    scenes = yaml.safe_load(text)["scenes"]
+    assert [s["id"] for s in scenes] == ["o1_garden", "o2_bridge", "o3_home"] and all(s["prompt"] for s in scenes)
+    assert scenes[2]["prompt"] == "ink style，古风，水墨画，书院的小院，黄昏"  # written by hand: kept, not sent
+    assert "resources/tiny/qwen (run locally through transformers)" in text
+    turns = [json.loads(line) for line in (run / "prompt_writer.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(turns) == 1 and turns[0]["request"]["settings"]["backend"] == "local" and not turns[0]["problems"]
+    assert "o3_home" not in turns[0]["request"]["messages"][1]["content"]
+    resolved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["story"]
+    assert "outline" not in resolved and [s["prompt"] for s in resolved["scenes"]] == [s["prompt"] for s in scenes]
+    assert sorted(p.stem for p in (run / "scenes").glob("*.png")) == ["o1_garden", "o2_bridge", "o3_home"]
+    assert (run / "story.png").is_file() and json.loads((run / "scores.json").read_text(encoding="utf-8"))["mean"] > 0
 
 
 def test_story_page_and_best_of_three_candidates(demo_run):
@@ -209,11 +228,26 @@ def test_the_resolved_config_in_a_fresh_folder_gives_byte_identical_relocatable_
         assert [f for f in result_files(first) if f.startswith(run)] == [f for f in files if f.startswith(run)]
     assert {f.split("/")[0] for f in files} == {"demo", "shared", ".seals"}
     assert {f.split("/")[1] for f in files if f.startswith(".seals/")} == {"demo", "shared"}
-    assert differing(first, second, files) == []  # the fresh run's shared jobs: a subset of the sweep's
+    # The fresh run's shared jobs: a subset of the sweep's, byte for byte; but the one encode job's
+    # file holds the texts of the variants of its call (the sweep's: demo-outline's prompts too):
+    # there, every text of the fresh file is in the sweep's, bit for bit.
+    embeddings = [f for f in files if f.startswith(("shared/embeddings/", ".seals/shared/embeddings/"))]
+    assert differing(first, second, [f for f in files if f not in embeddings]) == []
+    assert same_embeddings(second, first)
     for root in (first, second):
         holders = [rel for rel in result_files(root)
                    if str(root.parents[0]).encode() in (root / rel).read_bytes() or b"/tmp/" in (root / rel).read_bytes()]
         assert holders == [], f"absolute paths in {holders}"
+
+
+def same_embeddings(subset: Path, superset: Path) -> bool:
+    """Every text of the encode job's file under `subset` (a results/ folder) is in the one under
+    `superset` with bitwise-equal tensors."""
+    from safetensors import safe_open
+
+    (small,), (large,) = (list(root.glob("shared/embeddings/*/embeddings.safetensors")) for root in (subset, superset))
+    with safe_open(str(small), framework="pt") as a, safe_open(str(large), framework="pt") as b:
+        return set(a.keys()) < set(b.keys()) and all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
 
 
 def test_the_readme_report_command_works_as_written(demo_run):
@@ -225,12 +259,16 @@ def test_the_readme_report_command_works_as_written(demo_run):
 
 # ---------------------------------------------------------------- caching
 def test_rerun_does_nothing(demo_run):
-    assert planned_jobs(demo_run) == {}
+    assert planned_jobs(demo_run, *DEMO_SWEEP[1:]) == {}
 
 
 def test_resolved_config_reproduces_the_run_without_new_jobs(demo_run):
-    proc = snakemake(demo_run, "-n", "--cores", "1", "--configfile", "results/demo/config.yaml")
-    assert "Nothing to be done" in proc.stdout + proc.stderr
+    """results/<run>/config.yaml of a sweep's variant, run in the sweep's folder: the one encode job
+    encodes the texts of the variants of its call, so it runs again for this variant's alone (from
+    its cache, without ChatGLM); nothing it feeds reruns (they take its file as ancient())."""
+    for run in ("demo", "demo-outline"):
+        proc = snakemake(demo_run, "-n", "--cores", "1", "--configfile", f"results/{run}/config.yaml")
+        assert job_table(proc.stdout + proc.stderr) == {"encode_texts": 1, "all": 1}, run
 
 
 def test_changing_one_scene_reruns_that_scene_only(demo_run):
@@ -372,16 +410,17 @@ def test_leaderboard_ranks_every_variant_by_its_scores(demo_run):
     with open(demo_run / "results/leaderboard.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     means = {v: json.loads((demo_run / f"results/{v}/scores.json").read_text(encoding="utf-8"))["mean"]
-             for v in ("demo", "demo-scale0.5")}
+             for v in DEMO_VARIANTS}
     assert [r["variant"] for r in rows] == sorted(means, key=lambda v: -means[v])
     assert [float(r["mean_score"]) for r in rows] == sorted(means.values(), reverse=True)
-    assert [r["best"] for r in rows] == ["True", "False"] and [r["rank"] for r in rows] == ["1", "2"]
-    assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {"demo": "1.0", "demo-scale0.5": "0.5"}
+    assert [r["best"] for r in rows] == ["True", "False", "False"] and [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {"demo": "1.0", "demo-scale0.5": "0.5",
+                                                                       "demo-outline": "1.0"}
     assert all(r["passes"] == str(float(r["mean_score"]) >= 6.0) for r in rows)
     from PIL import Image
 
     with Image.open(demo_run / "results/leaderboard.png") as picture:
-        assert picture.height > 2 * 200  # a row with a story thumbnail per variant
+        assert picture.height > 3 * 200  # a row with a story thumbnail per variant
 
 
 def test_a_generation_only_grid_of_four_plans_one_training(tmp_path):
@@ -403,8 +442,9 @@ def planned_outputs(workdir: Path, *configfiles: str) -> list[str]:
 
 
 def test_editing_one_variant_reruns_that_variant_only(demo_run):
-    edited = override(demo_run, "edited", {"sweep": [{"name": "demo"}, {"name": "demo-scale0.5",
-                                                                         "generate": {"lora_scale": 0.6}}]})
+    sweep = yaml.safe_load((demo_run / "demo/sweep.yaml").read_text(encoding="utf-8"))["sweep"]
+    sweep = [{**v, "generate": {"lora_scale": 0.6}} if v["name"] == "demo-scale0.5" else v for v in sweep]
+    edited = override(demo_run, "edited", {"sweep": sweep})
     outputs = planned_outputs(demo_run, "demo/config.yaml", edited)
     assert outputs and not [f for f in outputs if f.startswith("results/demo/")]
     assert {f.split("/")[1] for f in outputs} == {"demo-scale0.5", "shared", "leaderboard.csv", "leaderboard.png"}
@@ -515,7 +555,9 @@ def test_an_outline_is_written_into_scenes_inside_the_dag_and_an_edited_line_ren
     assert "outline" not in resolved and [s["prompt"] for s in resolved["scenes"]] == [s["prompt"] for s in written]
     assert sorted(p.stem for p in (run / "scenes").glob("*.png")) == ["s1_class", "s5_talk"]
     assert len((run / "prompt_writer.jsonl").read_text(encoding="utf-8").splitlines()) == 1
-    # the key comes from the environment only: no file of the run, its logs or caches holds it
+    # the key comes from the environment only: no file of the run, its logs, caches or report holds it
+    snakemake(work, "--report", "report.html", "--configfile", "demo/config.yaml", outline)
+    assert (work / "report.html").is_file()
     assert [p for p in work.rglob("*") if p.is_file() and LLM_KEY.encode() in p.read_bytes()] == []
     # unchanged: nothing planned; reproduced from results/: nothing planned, the writer not even needed
     assert planned_jobs(work, outline) == {}

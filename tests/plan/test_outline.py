@@ -86,3 +86,13 @@ def test_a_written_file_for_another_outline_or_changed_since_its_job_is_refused(
     path.write_text(yaml.safe_dump({"scenes": [{"id": "s1", "prompt": "y"}]}), encoding="utf-8")
     with pytest.raises(UserError, match="changed since its job"):
         read_written_scenes(path, OUTLINE)
+
+
+def test_a_sweep_varies_the_writer_as_an_axis_and_equal_writers_share_one_job():
+    config = {**BASE, "story": {**{k: v for k, v in BASE["story"].items() if k != "scenes"}, "outline": OUTLINE},
+              "sweep": [{"grid": {"prompt_writer.model": ["qwen-plus", "qwen-max"], "generate.lora_scale": [0.5, 1.0]}}]}
+    variants = expand_sweep(config, lambda c: validate_config(c, SCHEMA))
+    keys = {name: writer_key(c) for name, c in variants.items()}
+    assert len(variants) == 4 and len(set(keys.values())) == 2  # the LoRA scale does not reach the writer
+    rules = {**config, "sweep": [{"name": "plain"}, {"name": "strict", "story": {"prompt_rules": "只写全身像。"}}]}
+    assert len({writer_key(c) for c in expand_sweep(rules, lambda c: validate_config(c, SCHEMA)).values()}) == 2

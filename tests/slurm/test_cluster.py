@@ -33,7 +33,7 @@ FAIL_STATES = ("FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "
 DEMO_MEM_MB = 4000  # the demo's tiny models: what a job of it asks on this node (nothing enforces it)
 
 
-def slurm_command(fit: bool = True) -> list[str]:
+def slurm_command(fit: bool = True, configfiles: tuple[str, ...] = DEMO_SWEEP) -> list[str]:
     """docs/cluster.md's command, with partition and account given on the command line as a user would:
     that replaces the profile's default-resources, so its defaults are named again (read from the
     profile). --set-threads: the local run's thread counts (`--cores 2`: training takes both
@@ -44,7 +44,7 @@ def slurm_command(fit: bool = True) -> list[str]:
     user of a small node does; fit=False: the profile as shipped."""
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text(encoding="utf-8"))
     defaults = [f"{k}={v}" for k, v in profile["default-resources"].items()]
-    command = [SNAKEMAKE, "--workflow-profile", "profiles/slurm", "--configfile", *DEMO_SWEEP,
+    command = [SNAKEMAKE, "--workflow-profile", "profiles/slurm", "--configfile", *configfiles,
                "--default-resources", f"slurm_partition={PARTITION}", f"slurm_account={ACCOUNT}", *defaults,
                "--set-threads", "train_lora=2"]
     if fit:
@@ -155,7 +155,7 @@ def test_the_demo_through_slurm_gives_the_local_outputs_byte_for_byte(slurm_demo
     ids = re.findall(r"has been submitted with SLURM jobid (\d+)", (slurm_demo / "slurm.out").read_text())
     assert ids, "no job went through SLURM"
     gres = accounted_gpus(ids)
-    gpu_rules = {"encode_texts", "train_lora", "generate_scene", "render_anchor"}
+    gpu_rules = {"encode_texts", "train_lora", "generate_scene", "render_anchor", "write_prompts"}  # the demo's writer is local
     for job_id, (rule, gpus) in gres.items():
         assert gpus == (1 if rule in gpu_rules else 0), f"SLURM job {job_id} ({rule}) got {gpus} GPUs"
     rules = {rule for rule, _ in gres.values()}
@@ -249,10 +249,12 @@ def node_memory_mb() -> int:
 
 
 def test_a_rule_no_node_can_run_is_refused_before_anything_is_submitted(tmp_path):
-    """The profile as shipped asks 64 GB for training; this node has its true memory."""
+    """The profile as shipped asks 64 GB for training; this node has its true memory. The demo
+    alone, not the sweep: a sweep whose outline variant waits for its prompt writer plans (and so
+    checks) the writer's job first and the rest once it is done (docs/cluster.md)."""
     work = fresh_copy(tmp_path / "refused")
     earlier = {job["id"] for job in squeue()}  # finished jobs of earlier tests stay listed for MinJobAge
-    proc, out = start(work, slurm_command(fit=False), "refused")
+    proc, out = start(work, slurm_command(fit=False, configfiles=("demo/config.yaml",)), "refused")
     rc = finish(proc, 300)
     text = out.read_text()
     mem = node_memory_mb()

@@ -7,7 +7,6 @@ evaluate() on the same folder.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from transformers import CLIPProcessor
 
 from kolors_story.errors import UserError
+from kolors_story.files import write_json
 from kolors_story.models.hub import check_aesthetic_dir
 
 # The challenge rejected a submission whose mean score was below this.
@@ -149,5 +149,5 @@ def write_scores(
         for name, value in scores.items():
             writer.writerow([name, repr(float(value))])
     summary = {**summarise_scores(scores, threshold), **(extra or {})}
-    json_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(summary, json_path)
     return summary

@@ -21,6 +21,7 @@ from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.lora_files import LORA_WEIGHT_NAME
 from kolors_story.render.candidates_file import CandidateRecord
+from kolors_story.files import write_json
 
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
 # in diffusers' release tags): KolorsPipeline arrived in 0.30.0 with the SDXL LoRA mixin, which
@@ -309,9 +310,7 @@ def build_bundle(
         prompts = {"title": title, "base_model": base_model, "trigger_words": trigger_words,
                    "run": run_name, "mean_score": mean, "threshold": threshold,
                    "passes": mean >= threshold, "scenes": rows}
-        (tmp_dir / "prompts.json").write_text(
-            json.dumps(prompts, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        write_json(prompts, tmp_dir / "prompts.json")
         card = _model_card(title, base_model, trigger_words, run_name, rows, mean, threshold, repo_id)
         (tmp_dir / "README.md").write_text(card, encoding="utf-8")
         _replace_dir(tmp_dir, out_dir)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from kolors_story.errors import UserError
+from kolors_story.files import write_json
 
 RECORD_FILE = "candidates.json"
 FORMAT = 2  # bumped when the file's shape changes; older files are refused with the fix
@@ -174,10 +175,7 @@ def _consistency(data: dict | None) -> ConsistencyRecipe | None:
 
 
 def write_record(record: CandidateRecord, folder: Path) -> Path:
-    path = Path(folder) / RECORD_FILE
-    data = {"format": FORMAT, **asdict(record)}
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_json({"format": FORMAT, **asdict(record)}, Path(folder) / RECORD_FILE)
 
 
 def read_record(folder: Path) -> CandidateRecord:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+from kolors_story.files import write_json
 
 
 def _pyplot():
@@ -70,4 +70,4 @@ def write_summary(result, path: Path) -> None:
                "resumed_from_step": result.resumed_from, "steps": len(result.losses),
                "final_loss": result.losses[-1]["loss"] if result.losses else None,
                "validations": result.validations, "seconds": round(result.seconds, 2)}
-    Path(path).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_json(summary, Path(path))
