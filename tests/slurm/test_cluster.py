@@ -187,14 +187,15 @@ def test_a_lost_node_stops_snakemake_with_the_job_and_a_rerun_completes(slurm_de
     Snakemake, so the job step never launches and no orphan keeps training); Snakemake must stop
     within 90 s naming the job, its state and its SLURM log. Then slurmd comes back and the same
     command completes. To keep `make test-slurm` within its time budget the command stops after
-    training (--until train_lora: the DAG after it went through SLURM in the first test), and the
+    training (--until train_lora: the DAG after it went through SLURM in the first test; the demo
+    alone, whose training is the sweep's, since an outline variant's writer comes first), and the
     fresh copy gets resources/ (tiny models, demo dataset, caches) from the first run, as it stays
     on a cluster's shared filesystem between runs; results/ starts empty."""
     from kolors_story.training.checkpoints import STATE_FILE
 
     work = fresh_copy(tmp_path / "fault")
     shutil.copytree(slurm_demo / "resources", work / "resources", symlinks=True)
-    command = [*slurm_command(), "--until", "train_lora"]
+    command = [*slurm_command(configfiles=("demo/config.yaml",)), "--until", "train_lora"]  # its training is the sweep's
     proc, out = start(work, command, "fault")
     try:
         def training_running():
