@@ -158,9 +158,17 @@ def _platform_fonts(context: Any, family: str, lang: str) -> list[str]:
         cdp = context.new_cdp_session(page)
         cdp.send("DOM.enable")
         cdp.send("CSS.enable")
-        root = cdp.send("DOM.getDocument")["root"]["nodeId"]
-        node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "#cjk-probe"})["nodeId"]
-        return [f["familyName"] for f in cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]]
+        fonts: list[str] = []
+        for _ in range(5):  # on a busy machine the first layout may not have picked its fonts yet
+            page.evaluate("async () => { await document.fonts.ready;"
+                          " return document.getElementById('cjk-probe').getBoundingClientRect().width; }")
+            root = cdp.send("DOM.getDocument")["root"]["nodeId"]
+            node = cdp.send("DOM.querySelector", {"nodeId": root, "selector": "#cjk-probe"})["nodeId"]
+            fonts = [f["familyName"] for f in cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]]
+            if fonts:
+                break
+            page.wait_for_timeout(500)
+        return fonts
     finally:
         page.close()
 

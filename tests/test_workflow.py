@@ -521,6 +521,17 @@ def test_a_damaged_artifact_stops_its_consumer_naming_the_file_and_the_remake(de
     shutil.copyfile(s2, s1)
     out = damaged_rerun(work, "results/demo/scenes/s1_class.png", "results/demo-scale0.5/scenes/s1_class.png")
     assert f"{s1.relative_to(work)}: " in out and "made by rule generate_scene" in out
+    # the shared LoRA cut: the variant copy refuses it, naming the training that remakes it
+    shared_lora = next((work / "results/shared/lora").glob("*/pytorch_lora_weights.safetensors"))
+    shared_lora.write_bytes(good[: len(good) // 3])
+    out = damaged_rerun(work, "results/demo-scale0.5/lora/pytorch_lora_weights.safetensors")
+    assert f"{shared_lora.relative_to(work)}: truncated" in out and "made by rule train_lora" in out
+    # the prompt writer's scenes edited behind its back: refused when the workflow is parsed
+    written = next((work / "results/shared/prompts").glob("*/scenes.yaml"))
+    same_size = written.read_text(encoding="utf-8").replace("o2_bridge", "o2_bridgE")  # one changed byte
+    written.write_text(same_size, encoding="utf-8")
+    proc = snakemake(work, "-n", "--configfile", *DEMO_SWEEP, check=False)
+    assert proc.returncode != 0 and f"{written.relative_to(work)}: changed since its job" in proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------- scenes written from an outline
