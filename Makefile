@@ -13,14 +13,15 @@ CORES ?= 2
 
 env: $(STAMP)
 
-# The environment is rebuilt when requirements change. Only the project's own files are used.
+# The environment is rebuilt when requirements change. Only the project's own files are used, and
+# the real Qwen tokenizer's ranks (qwen.tiktoken, for the tiny prompt-writer model of the demo and
+# the tests: kolors_story.models.random_qwen) taken from the dashscope wheel, checked by its sha256
+# (the wheel is not installed: its many dependencies are not needed for one file).
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt $(QUIET_PIP)
 	$(BIN)/pip install --quiet --no-deps -e . $(QUIET_PIP)
-	# Only for its qwen.tiktoken (the real Qwen tokenizer's ranks): the demo's and the tests' tiny
-	# prompt-writer model (kolors_story.models.random_qwen). Never imported, so none of its dependencies.
-	$(BIN)/pip install --quiet --no-deps dashscope==2.0.2 $(QUIET_PIP)
+	$(BIN)/python -m kolors_story.models.random_qwen --fetch-ranks $(QUIET_PIP)
 	$(BIN)/python -c "import kolors_story, diffusers, data_juicer, aesthetics_predictor, snakemake; from modelscope.msdatasets import MsDataset"
 	touch $(STAMP)
 

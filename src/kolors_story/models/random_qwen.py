@@ -6,8 +6,8 @@ chat template), vocab.json, merges.txt, model.safetensors.index.json and a safet
 * A seeded random `Qwen2ForCausalLM` (hidden 64, 2 layers, ~20 M parameters) whose config keeps
   every other field of the real 7B config (vocab 152064, untied embeddings, rope_theta 1e6, ...).
 * The real Qwen2 byte-level BPE tokenizer, rebuilt from `qwen.tiktoken` (151,643 ranks, shipped in
-  the `dashscope` wheel at `dashscope/resources/qwen.tiktoken`; `make env` installs that wheel
-  without its dependencies, only for this file) plus the 22 Qwen2.5 added tokens. Its vocab.json
+  the `dashscope` wheel at `dashscope/resources/qwen.tiktoken`; `make env` extracts that one file
+  into the environment, checked by its sha256) plus the 22 Qwen2.5 added tokens. Its vocab.json
   and merges.txt are byte-identical to the real ones; tests/models/test_random_qwen.py checks the
   tokenizer against tiktoken's own encoding of the same ranks. transformers' TikTokenConverter is
   not used: in 4.57 it splits digits in threes and skips NFC, unlike Qwen2.
@@ -18,8 +18,8 @@ Only transformers, tokenizers, torch and safetensors are needed; no network.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -312,12 +312,46 @@ def build_random_qwen(out: Path, qwen_tiktoken: Path, seed: int = 0) -> Path:
     return out
 
 
+RANKS_WHEEL = "dashscope==2.0.2"  # a py3-none-any wheel on PyPI holding the file below
+RANKS_IN_WHEEL = "dashscope/resources/qwen.tiktoken"
+RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+RANKS_FILE = Path(sys.prefix) / "share" / "kolors-story" / "qwen.tiktoken"  # where `make env` puts it
+
+
 def qwen_tiktoken_file() -> Path:
-    """qwen.tiktoken inside the installed dashscope wheel, found without importing dashscope."""
-    spec = importlib.util.find_spec("dashscope")
-    path = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken" \
-        if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError("the Qwen tokenizer ranks (dashscope/resources/qwen.tiktoken) are missing: "
-                                "run `make env` (it installs the dashscope wheel for that one file)")
-    return path
+    """The qwen.tiktoken ranks `make env` took from the dashscope wheel (RANKS_FILE)."""
+    if not RANKS_FILE.is_file():
+        raise FileNotFoundError(f"the Qwen tokenizer ranks ({RANKS_FILE}) are missing: run `make env` "
+                                f"(it takes them from the {RANKS_WHEEL} wheel)")
+    return RANKS_FILE
+
+
+def fetch_ranks(out: Path = RANKS_FILE) -> Path:
+    """Download the dashscope wheel (no dependencies, nothing installed), extract qwen.tiktoken and
+    check its sha256: set-up, never run by the workflow or the tests."""
+    import subprocess
+    import tempfile
+    import zipfile
+
+    from kolors_story.files import sha256_file
+
+    if out.is_file() and sha256_file(out) == RANKS_SHA256:
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        RANKS_WHEEL, "-d", tmp], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as archive:
+            out.write_bytes(archive.read(RANKS_IN_WHEEL))
+    if sha256_file(out) != RANKS_SHA256:
+        out.unlink()
+        raise SystemExit(f"{RANKS_IN_WHEEL} in {RANKS_WHEEL} is not the file this project was checked with")
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--fetch-ranks"]:
+        print(f"Qwen tokenizer ranks: {fetch_ranks()}")
+    else:
+        raise SystemExit("usage: python -m kolors_story.models.random_qwen --fetch-ranks")
