@@ -6,7 +6,8 @@ from kolors_story.host.rule_runner import run_rule
 
 def main(snakemake):
     s, inp, params = snakemake.params.scene, snakemake.input, snakemake.params
-    scene = Scene(s["id"], s["prompt"], s["negative_prompt"], s["seed"], s["width"], s["height"])
+    scene = Scene(s["id"], s["prompt"], s["negative_prompt"], s["seed"], s["width"], s["height"],
+                  tuple(s.get("alternatives", ())))
     render_scene(
         Path(inp.model), Path(inp.lora), scene, SamplerSettings(**params.sampler),
         Path(snakemake.output.panel), candidates_dir=Path(snakemake.output.candidates),

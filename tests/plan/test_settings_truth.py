@@ -55,7 +55,7 @@ PAIRS = [(TrainSettings, "train"), (SamplerSettings, "generate"), (Consistency, 
 SCENE_SOURCES = {
     "id": "story.scenes[].id", "prompt": "story.scenes[].prompt",
     "negative_prompt": "story.negative_prompt", "seed": "generate.seed",
-    "width": "generate.width", "height": "generate.height",
+    "width": "generate.width", "height": "generate.height", "alternatives": "story.scenes[].alternatives",
 }
 SCENE_KEYS_NOT_IN_SCENE = {
     "characters": "pick the scene's anchors and fill {characters}; the prompt holds the result",

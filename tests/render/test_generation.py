@@ -7,7 +7,7 @@ from PIL import Image
 
 from kolors_story.render.scenes import (
     SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
-    render, render_scene,
+    load_style_lora, render, render_scene,
 )
 from kolors_story.render.candidates_file import read_record
 from kolors_story.models.aesthetic import AestheticScorer
@@ -128,6 +128,29 @@ def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lo
     base = np.asarray(Image.open(tmp_path / "c/0.png")).astype(int)
     styled = np.asarray(Image.open(tmp_path / "c/2.png")).astype(int)
     assert np.abs(base - styled).max() > 0
+
+
+def test_alternative_prompts_compete_with_every_seed_and_the_winner_renders_again(tiny_kolors, lora, tmp_path):
+    """prompt_writer.variants: the scene's prompts x seeds are scored; the record names each
+    candidate's prompt, and the kept one's recipe (its prompt, seed, batch) renders the panel again."""
+    aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
+    settings = SamplerSettings(steps=2, candidates=2)
+    scene = Scene("s1", "水墨画，山水", seed=4, width=32, height=32, alternatives=("水墨画，小桥流水", "古风，竹林"))
+    record = render_scene(tiny_kolors, lora, scene, settings, tmp_path / "s1.png", candidates_dir=tmp_path / "c",
+                          aesthetic_dir=aesthetic, device=CPU)
+    assert [c.prompt for c in record.candidates] == [None, None, "水墨画，小桥流水", "水墨画，小桥流水", "古风，竹林", "古风，竹林"]
+    assert [c.seed for c in record.candidates] == candidate_seeds(4, 2) * 3
+    assert record.chosen == int(np.argmax(record.scores)) and read_record(tmp_path / "c") == record
+    recipe = record.recipe()
+    assert recipe.prompt == scene.prompts[record.chosen // 2] and recipe.seed == record.seed
+    pipe, embeds = pipeline_and_embeddings(tiny_kolors, settings, Scene("s1", recipe.prompt, seed=recipe.seed,
+                                                                       width=32, height=32), CPU)
+    load_style_lora(pipe, lora, 1.0, fuse=True)
+    again = render(pipe, Scene("s1", recipe.prompt, width=32, height=32), settings, list(recipe.batch_seeds), embeds)
+    kept = np.asarray(Image.open(tmp_path / "s1.png"))
+    assert np.array_equal(np.asarray(again[recipe.batch_index]), kept)
+    others = [np.asarray(Image.open(tmp_path / "c" / f)) for f in record.files]
+    assert not np.array_equal(others[0], others[2])  # another prompt, the same seed: another image
 
 
 def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pick(tiny_kolors, lora, tmp_path):

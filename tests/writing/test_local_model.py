@@ -58,3 +58,10 @@ def test_a_writing_sends_only_scenes_without_a_prompt_and_checks_the_words(setti
 def test_a_folder_without_a_model_is_one_line(tmp_path):
     with pytest.raises(LLMError, match="is not a model folder"):
         LocalWriter(ChatSettings(backend="local", model=str(tmp_path)), ["o1"]).load()
+
+
+def test_variants_fill_a_prompts_list_in_the_skeleton(settings):
+    two = ChatSettings(**{**vars(settings), "variants": 2})
+    reply = LocalWriter(two, ["o1"]).ask(first_messages(STORY, RULES, STORY["outline"][:1], 2), two)
+    (scene,) = json.loads(reply)["scenes"]
+    assert set(scene) == {"id", "prompts", "negative_prompt"} and len(scene["prompts"]) == 2

@@ -20,7 +20,7 @@ from kolors_story.host import write_prompts as cli
 from kolors_story.plan.config import load_schema, validate_config
 from kolors_story.writing.llm_client import ChatSettings, LLMError
 from kolors_story.writing.reply_cache import ReplyCache
-from kolors_story.writing.scene_prompts import Transcript, write_prompts
+from kolors_story.writing.scene_prompts import ScenePrompt, Transcript, scenes_file_entries, write_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schemas/config.schema.yaml")
@@ -207,3 +207,22 @@ def test_an_outline_with_an_unknown_character_or_a_repeated_id_is_refused_before
         cli.read_config([path])
     assert "config key 'story.outline': duplicate scene id(s) S1, s1" in str(err.value)
     assert "config key 'story.outline[3].characters' (scene S1): unknown character(s) ['boy']" in str(err.value)
+
+
+def test_variants_ask_for_several_distinct_prompts_each_checked_and_written_as_alternatives(httpserver, settings,
+                                                                                          tmp_path):
+    two = ChatSettings(**{**vars(settings), "variants": 2})
+    short = {**STORY, "outline": STORY["outline"][:1]}  # s1 shows the girl
+    same = {"scenes": [{"id": "s1", "prompts": [f"古风，{GIRL}，听讲", f"古风，{GIRL}，听讲"]}]}
+    missing = {"scenes": [{"id": "s1", "prompts": [f"古风，{GIRL}，听讲", "古风，一个少年，听讲"]}]}
+    good = {"scenes": [{"id": "s1", "prompts": [f"古风，{GIRL}，听讲", f"水墨画，{GIRL}，窗边读书"]}]}
+    serve(httpserver, same, missing, good)
+    transcript = Transcript()
+    prompts = write_prompts(short, RULES, two, ReplyCache(tmp_path), transcript)
+    assert "Give 2 different prompts for each scene" in sent(httpserver)[0]["messages"][0]["content"]
+    assert transcript.turns[0]["problems"] == ['scene s1: 1 distinct non-empty prompt(s) in "prompts", 2 asked']
+    assert transcript.turns[1]["problems"] == [
+        f"scene s1: the prompt 2 lacks character girl's description, word for word: {GIRL}"]
+    assert prompts == [ScenePrompt("s1", good["scenes"][0]["prompts"][0], "", (good["scenes"][0]["prompts"][1],))]
+    entry, = scenes_file_entries(short, prompts)
+    assert entry["prompt"] == good["scenes"][0]["prompts"][0] and entry["alternatives"] == [good["scenes"][0]["prompts"][1]]

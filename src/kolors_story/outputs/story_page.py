@@ -268,14 +268,15 @@ def _draw_cells(page: Image.Image, images: list[Image.Image], wrapped: list[list
 
 
 def contact_sheet(
-    rows: list[tuple[str, list[Image.Image], list[float], int]],
+    rows: list[tuple],
     thumb: int | None = None,
     title: str | None = None,
     font: Path | None = None,
 ) -> Image.Image:
-    """One row per scene: its id, then its candidates as thumbnails (at most `thumb` px a side,
-    default the first candidate's size up to 256), each labelled with its score ("5.83"); the
-    chosen candidate (the row's index) gets a HIGHLIGHT_COLOUR border and label, with a ★."""
+    """One row per scene, (id, candidates, scores, chosen index[, tags]): its id, then its
+    candidates as thumbnails (at most `thumb` px a side, default the first candidate's size up to
+    256), each labelled with its score ("5.83"), after its tag when the row has tags (the prompt it
+    was drawn from: "P2 5.83"); the chosen candidate gets a HIGHLIGHT_COLOUR border and label, with a ★."""
     _check_sheet_rows(rows)
     if thumb is None:
         thumb = min(max(rows[0][1][0].size), 256)
@@ -293,7 +294,7 @@ def contact_sheet(
     below = hl + max(2, hl // 2)  # thumbnail -> score label (clear of the highlight)
     id_w = max(math.ceil(label_font.getlength(str(scene))) for scene, *_ in rows) + space
     row_h = thumb + below + line_h + space
-    most = max(len(images) for _, images, _, _ in rows)
+    most = max(len(row[1]) for row in rows)
     grid_w = id_w + most * thumb + (most - 1) * space + hl
     title_lines = wrap_text(title.strip(), title_font, grid_w) if title and title.strip() else []
     title_h = len(title_lines) * line_height(title_font) + (text_px if title_lines else 0)
@@ -302,23 +303,24 @@ def contact_sheet(
                       PAGE_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw_lines(draw, title_lines, title_font, margin, margin, grid_w, TITLE_COLOUR, centre=True)
-    for r, (scene, images, scores, chosen) in enumerate(rows):
+    for r, (scene, images, scores, chosen, *tags) in enumerate(rows):
+        tags = tags[0] if tags else [""] * len(images)
         y = margin + title_h + r * row_h + hl
         ascent, descent = label_font.getmetrics()
         draw.text((margin, y + (thumb - ascent - descent) // 2), str(scene), font=label_font, fill=TEXT_COLOUR)
-        for i, (image, score) in enumerate(zip(images, scores)):
+        for i, (image, score, tag) in enumerate(zip(images, scores, tags)):
             x = margin + id_w + i * (thumb + space) + hl
             _draw_thumbnail(sheet, draw, image, (x, y), thumb, hl if i == chosen else 0)
-            label = _score_label(score) + (" ★" if i == chosen else "")
+            label = (f"{tag} " if tag else "") + _score_label(score) + (" ★" if i == chosen else "")
             draw_lines(draw, [label], chosen_font if i == chosen else label_font, x, y + thumb + below,
                         thumb, HIGHLIGHT_COLOUR if i == chosen else TEXT_COLOUR, centre=True)
     return sheet
 
 
-def _check_sheet_rows(rows: list[tuple[str, list[Image.Image], list[float], int]]) -> None:
+def _check_sheet_rows(rows: list[tuple]) -> None:
     if not rows:
         raise UserError("No scenes for the contact sheet; check the config's scenes.")
-    for scene, images, scores, chosen in rows:
+    for scene, images, scores, chosen, *_ in rows:
         if not images:
             raise UserError(f"Scene {scene!r} has no candidate images for the contact sheet.")
         if len(scores) != len(images):
@@ -399,5 +401,15 @@ def write_contact_sheet(candidate_dirs: list[Path], out_path: Path) -> Path:
     for folder in candidate_dirs:
         record = read_record(Path(folder))
         images = _load_panels([Path(folder) / name for name in record.files])
-        rows.append((record.scene, images, record.scores, record.chosen))
+        rows.append((record.scene, images, record.scores, record.chosen, *_prompt_tags(record)))
     return _save(contact_sheet(rows), out_path)
+
+
+def _prompt_tags(record) -> list[list[str]]:
+    """[tags] when the scene had alternative prompts: "P1" for its own prompt, "P2", ... for the
+    alternatives in the order they were drawn; [] (no tags) otherwise."""
+    prompts = list(dict.fromkeys(c.prompt for c in record.candidates))
+    if prompts == [None]:
+        return []
+    numbers = {p: k for k, p in enumerate([None, *(p for p in prompts if p is not None)], 1)}
+    return [[f"P{numbers[c.prompt]}" for c in record.candidates]]

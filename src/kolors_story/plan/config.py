@@ -177,6 +177,10 @@ def _check_scenes(story: dict) -> list[str]:
         if twice := sorted({n for n in shown if shown.count(n) > 1}):
             problems.append(f"config key '{key}.characters' (scene {scene['id']}): {twice} listed twice; "
                             "name each character once.")
+        prompts = [assemble_prompt(scene, story), *scene.get("alternatives", [])]
+        if len(set(prompts)) < len(prompts):
+            problems.append(f"config key '{key}.alternatives' (scene {scene['id']}): a prompt given twice; each "
+                            "alternative must differ from the prompt and from the others.")
     return problems
 
 
@@ -274,6 +278,7 @@ def scene_settings(config: dict) -> dict[str, dict]:
             "id": scene["id"],
             "index": index,
             "prompt": prompt,
+            "alternatives": list(scene.get("alternatives", [])),
             "negative_prompt": scene.get("negative_prompt", story["negative_prompt"]),
             "caption": scene.get("caption") or scene.get("action") or prompt,
             "characters": list(scene.get("characters", [])),

@@ -124,15 +124,19 @@ def anchor_settings(config: dict, character: str) -> dict:
 def _scene_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:
     gen, sampler = config["generate"], sampler_settings(config)
     consistency = consistency_settings(config) if gen["consistency"]["enabled"] else None
-    scorer = config["models"]["aesthetic"] if needs_scorer(gen["candidates"], gen["lora_scale"]) else None
     base = {"kolors": config["models"]["kolors"], "sampler": sampler, "lora": jobs.lora,
             "imported": jobs.imported, "encoding": jobs.encoding}
     for scene_id, scene in scenes.items():
+        prompts = 1 + len(scene["alternatives"])
+        scorer = config["models"]["aesthetic"] if needs_scorer(gen["candidates"], gen["lora_scale"], prompts) else None
         anchors = [[c, jobs.anchors[c]] for c in scene["characters"]] if consistency else []
-        settings = {**base, "scene": {k: scene[k] for k in IMAGE_KEYS}, "anchors": anchors,
+        image = {k: scene[k] for k in IMAGE_KEYS}
+        if scene["alternatives"]:  # only then: a scene without them keeps the key it always had
+            image["alternatives"] = scene["alternatives"]
+        settings = {**base, "scene": image, "anchors": anchors,
                     "consistency": consistency if anchors else None, "aesthetic": scorer}
         jobs.scenes[scene_id] = _note_texts(plan, jobs.encoding, _add(plan.scenes, settings),
-                                            [scene["prompt"], scene["negative_prompt"]])
+                                            [scene["prompt"], *scene["alternatives"], scene["negative_prompt"]])
 
 
 def _anchor_jobs(plan: JobPlan, config: dict, scenes: dict[str, dict], jobs: VariantJobs) -> None:

@@ -83,6 +83,8 @@ def texts_for_chatglm(config: dict) -> list[tuple[str, str]]:
     for i, scene in enumerate(story["scenes"]):
         field = "prompt" if scene.get("prompt") else "prompt_template"
         texts.append((f"config key 'story.scenes[{i}].{field}' (scene {scene['id']})", assemble_prompt(scene, story)))
+        texts += [(f"config key 'story.scenes[{i}].alternatives[{k}]' (scene {scene['id']})", text)
+                  for k, text in enumerate(scene.get("alternatives", []))]
         if "negative_prompt" in scene:
             texts.append((f"config key 'story.scenes[{i}].negative_prompt'", scene["negative_prompt"]))
     for i, item in enumerate(validation["prompts"]):

@@ -64,6 +64,7 @@ class Candidate:
     anchor_similarity: float | None = None  # mean CLIP cosine to its anchors (selection_weight > 0)
     selection_score: float | None = None  # what best-of-N maximised
     file: str | None = None  # image name in the candidates folder
+    prompt: str | None = None  # one of the scene's alternative prompts; None: the record's prompt
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ class CandidateRecord:
         """The kept candidate's full recipe."""
         panel = self.panel
         return PanelRecipe(
-            id=self.scene, prompt=self.prompt, negative_prompt=self.negative_prompt, seed=panel.seed,
+            id=self.scene, prompt=panel.prompt or self.prompt, negative_prompt=self.negative_prompt, seed=panel.seed,
             width=self.width, height=self.height, sampler=self.sampler, steps=self.steps,
             guidance_scale=self.guidance_scale, lora_scale=panel.lora_scale, precision=self.precision,
             dtype=self.dtype, device=self.device, batch_seeds=panel.batch_seeds,
@@ -175,7 +176,11 @@ def _consistency(data: dict | None) -> ConsistencyRecipe | None:
 
 
 def write_record(record: CandidateRecord, folder: Path) -> Path:
-    return write_json({"format": FORMAT, **asdict(record)}, Path(folder) / RECORD_FILE)
+    data = {"format": FORMAT, **asdict(record)}
+    for candidate in data["candidates"]:  # a scene without alternatives: no per-candidate prompt at all
+        if candidate["prompt"] is None:
+            del candidate["prompt"]
+    return write_json(data, Path(folder) / RECORD_FILE)
 
 
 def read_record(folder: Path) -> CandidateRecord:

@@ -70,6 +70,11 @@ class Scene:
     seed: int = 0
     width: int = 1024
     height: int = 1024
+    alternatives: tuple[str, ...] = ()  # other prompts: best-of-N renders each with every seed
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return (self.prompt, *self.alternatives)
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -157,12 +162,21 @@ def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: S
     `embeddings` (the encode_texts job's file) ChatGLM is never loaded; without it, ChatGLM is
     loaded, used and released first, and only when cache_dir lacks the prompt or the negative
     prompt: the 6B encoder and the UNet never meet."""
+    pipe, embeds = pipeline_and_prompt_embeddings(model_dir, settings, replace(scene, alternatives=()), device,
+                                                  cache_dir, embeddings)
+    return pipe, embeds[0]
+
+
+def pipeline_and_prompt_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
+                                   cache_dir: Path | None = None,
+                                   embeddings: Path | None = None) -> tuple[object, list[dict]]:
+    """As pipeline_and_embeddings, with the embeddings of every prompt of the scene (scene.prompts)."""
     from kolors_story.models.prompt_embeddings import EmbeddingsFile
 
     folder, dtype = KolorsFolder(model_dir), pipeline_dtype(settings, device)
     source = (EmbeddingsFile(embeddings, folder, dtype, device) if embeddings is not None
               else PromptEmbeddings(folder, dtype, device, cache_dir))
-    embeds = source.for_pipeline(scene.prompt, scene.negative_prompt)
+    embeds = [source.for_pipeline(prompt, scene.negative_prompt) for prompt in scene.prompts]
     return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
 
 
@@ -212,12 +226,12 @@ def render_scene(
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
     candidates (written to candidates_dir/candidates.json when given). With anchors (one per
     character the scene shows), self-attention is shared with them for consistent characters."""
-    scored = needs_scorer(settings.candidates, settings.lora_scale)
+    scored = needs_scorer(settings.candidates, settings.lora_scale, len(scene.prompts))
     if scored and aesthetic_dir is None:  # refused before any GPU work, not after rendering
         raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or devices.pick_device()
-    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
+    pipe, embeds = pipeline_and_prompt_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
     move_to_device(pipe, device, settings)
     scales = lora_scales(settings)
     fused = len(scales) == 1
@@ -225,34 +239,47 @@ def render_scene(
     consistency = (consistency or Consistency()) if anchors else None
     sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
     if settings.compile:
-        warm_up(pipe, scene, embeds)
+        warm_up(pipe, scene, embeds[0])
     images, drawn = render_candidates(pipe, scene, settings, scales, embeds, fused)
     compare = bool(sharing and consistency.compare and candidates_dir is not None)
     if not compare:
         del pipe  # frees the UNet before the predictor loads
     weight = sharing.selection_weight if sharing else 0.0
-    scores = similarity = combined = [None] * len(images)
-    chosen = 0
-    if scored:
-        scores, similarity = score_candidates(images, aesthetic_dir, device, anchors if weight else [])
-        combined = [a + weight * (c or 0.0) for a, c in zip(scores, similarity)]
-        chosen = max(range(len(images)), key=lambda k: combined[k])
+    chosen, candidates = choose_candidate(images, drawn, aesthetic_dir if scored else None, device,
+                                          anchors if weight else [], weight, candidates_dir)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     images[chosen].save(out_path)
-    files = save_candidates(images, candidates_dir) if candidates_dir is not None else [None] * len(images)
-    candidates = tuple(Candidate(*d, score=s, anchor_similarity=a, selection_score=c, file=f)
-                       for d, s, a, c, f in zip(drawn, scores, similarity, combined, files))
     record = scene_record(scene, settings, device, fused, candidates, chosen, sharing)
     if candidates_dir is not None:
         if compare:
+            kept = embeds[scene.prompts.index(record.recipe().prompt)]
             record = replace(record, without_consistency=render_without_sharing(
-                pipe, scene, settings, record.seed, None if fused else record.lora_scale, embeds,
+                pipe, scene, settings, record.seed, None if fused else record.lora_scale, kept,
                 Path(candidates_dir)))
         write_record(record, Path(candidates_dir))
     if len(images) > 1:
-        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f)", scene.id,
-                 ", ".join(f"{s:.3f}" for s in scores), chosen, record.seed, record.lora_scale)
+        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f, prompt %d of %d)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in record.scores), chosen, record.seed, record.lora_scale,
+                 scene.prompts.index(record.recipe().prompt) + 1, len(scene.prompts))
     return record
+
+
+def choose_candidate(images: list[Image.Image], drawn: list[tuple], aesthetic_dir: Path | None,
+                     device: torch.device, anchors: list[Path], weight: float,
+                     candidates_dir: Path | None) -> tuple[int, tuple[Candidate, ...]]:
+    """The kept candidate's index (the best challenge score, plus `weight` x its similarity to the
+    anchors; the first one when aesthetic_dir is None: nothing to choose), and every candidate's
+    record, its image saved under candidates_dir when given."""
+    scores = similarity = combined = [None] * len(images)
+    chosen = 0
+    if aesthetic_dir is not None:
+        scores, similarity = score_candidates(images, aesthetic_dir, device, anchors)
+        combined = [a + weight * (c or 0.0) for a, c in zip(scores, similarity)]
+        chosen = max(range(len(images)), key=lambda k: combined[k])
+    files = save_candidates(images, candidates_dir) if candidates_dir is not None else [None] * len(images)
+    return chosen, tuple(
+        Candidate(seed, scale, batch, score=s, anchor_similarity=a, selection_score=c, file=f, prompt=alternative)
+        for (seed, scale, batch, alternative), s, a, c, f in zip(drawn, scores, similarity, combined, files))
 
 
 def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, fused: bool,
@@ -266,22 +293,25 @@ def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, 
         candidates=candidates, chosen=chosen, consistency=sharing)
 
 
-def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: dict,
-                      fused: bool = False) -> tuple[list[Image.Image], list[tuple[int, float, tuple[int, ...]]]]:
-    """Every (LoRA scale, seed) candidate, and per image its seed, scale and the seeds of the
-    pipeline call that drew it (what renders it again bit for bit). fused: the one scale is
-    already merged into the UNet."""
+def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: list[dict],
+                      fused: bool = False) -> tuple[list[Image.Image], list[tuple]]:
+    """Every (LoRA scale, prompt, seed) candidate (`embeds`: one per prompt of scene.prompts), and
+    per image its seed, scale, the seeds of the pipeline call that drew it (what renders it again
+    bit for bit) and its prompt when it is an alternative. fused: the one scale is already merged
+    into the UNet."""
     seeds = candidate_seeds(scene.seed, settings.candidates)
-    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s",
-             scene.id, len(seeds) * len(scales), scene.seed, scene.width, scene.height, settings.sampler,
-             settings.steps, settings.guidance_scale, scales)
+    log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s, %d prompt(s)",
+             scene.id, len(seeds) * len(scales) * len(embeds), scene.seed, scene.width, scene.height,
+             settings.sampler, settings.steps, settings.guidance_scale, scales, len(embeds))
     images, drawn = [], []
     for scale in scales:
         if not fused:
             pipe.set_adapters([ADAPTER], adapter_weights=[scale])
-        for batch in candidate_batches(settings, seeds):
-            images += render(pipe, scene, settings, batch, embeds)
-            drawn += [(seed, scale, tuple(batch)) for seed in batch]
+        for k, prompt_embeds in enumerate(embeds):
+            alternative = scene.prompts[k] if k else None  # None: the scene's own prompt
+            for batch in candidate_batches(settings, seeds):
+                images += render(pipe, scene, settings, batch, prompt_embeds)
+                drawn += [(seed, scale, tuple(batch), alternative) for seed in batch]
     return images, drawn
 
 

@@ -36,6 +36,7 @@ class ChatSettings:
     json_mode: bool = True  # response_format {"type": "json_object"}
     attempts: int = 3  # replies asked for when one fails its checks (the first included)
     max_new_tokens: int = 160  # backend local: the most tokens the model writes for one string
+    variants: int = 1  # prompts asked per scene; more than one: the scene's best-of-N picks among them
 
     def identity(self) -> dict[str, Any]:
         """What makes a reply: part of its cache key. Not the key, the timeout or the retries, nor

@@ -21,7 +21,6 @@ from typing import Any
 from kolors_story.writing.llm_client import ChatSettings, LLMError
 
 log = logging.getLogger(__name__)
-FIELDS = ("prompt", "negative_prompt")  # the strings the model writes for each scene, in order
 STOPS = ('"', "\n")  # what ends a string: its closing quote, or a line break no prompt holds
 
 
@@ -43,20 +42,36 @@ class LocalWriter:
         return self._loaded
 
     def ask(self, messages: list[dict[str, str]], settings: ChatSettings) -> str:
-        """The reply to `messages`: the outline's skeleton with the model's strings, as JSON text."""
+        """The reply to `messages`: the outline's skeleton with the model's strings, as JSON text
+        (`"prompts": [...]` with prompt_writer.variants > 1, as scene_prompts.reply_format asks)."""
         model, tokenizer = self.load()
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         scenes = []
         for i, scene_id in enumerate(self.ids):
             text += _skeleton_head(scene_id, first=i == 0)
-            written: dict[str, str] = {"id": scene_id}
-            for j, name in enumerate(FIELDS):
-                text += ("" if j == 0 else ", ") + f'"{name}": "'
-                written[name] = continue_string(model, tokenizer, text, settings)
-                text += json.dumps(written[name], ensure_ascii=False)[1:]  # the string, closed
+            written: dict[str, Any] = {"id": scene_id}
+            if settings.variants == 1:
+                text += '"prompt": "'
+                written["prompt"], text = self._string(text, settings)
+            else:
+                text += '"prompts": ["'
+                written["prompts"] = []
+                for k in range(settings.variants):
+                    text += "" if k == 0 else ', "'
+                    string, text = self._string(text, settings)
+                    written["prompts"].append(string)
+                text += "]"
+            text += ', "negative_prompt": "'
+            written["negative_prompt"], text = self._string(text, settings)
             text += "}"
             scenes.append(written)
         return json.dumps({"scenes": scenes}, ensure_ascii=False)
+
+    def _string(self, text: str, settings: ChatSettings) -> tuple[str, str]:
+        """The string the model writes after `text` (an open quote), and `text` with it closed."""
+        model, tokenizer = self.load()
+        string = continue_string(model, tokenizer, text, settings)
+        return string, text + json.dumps(string, ensure_ascii=False)[1:]
 
 
 def load_chat_model(path: Path) -> tuple[Any, Any]:

@@ -25,12 +25,22 @@ from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens
 from kolors_story.writing.llm_client import ChatSettings, LLMError, chat
 from kolors_story.writing.reply_cache import ReplyCache
 
-REPLY_FORMAT = (
-    'Reply with JSON only, in this form: {"scenes": [{"id": "<scene id>", "prompt": "<the prompt>", '
-    '"negative_prompt": "<what to avoid, may be empty>"}]}, one entry for each scene id below, in order. '
-    "Each prompt must contain, word for word, the description of every character its scene lists, "
-    f"and must stay within {MAX_TOKENS} tokens (about 150 Chinese characters).")
 SHOW_RAW = 2000  # characters of a failed raw reply shown in the error
+
+
+def reply_format(variants: int = 1) -> str:
+    """The reply's form, added after story.prompt_rules: one prompt a scene, or `variants` distinct
+    ones (prompt_writer.variants) for the scene's best-of-N to choose from."""
+    if variants == 1:
+        shape, each = '"prompt": "<the prompt>"', "Each prompt"
+    else:
+        shape = f'"prompts": [{", ".join(f"<prompt {k}>" for k in range(1, variants + 1))}]'
+        each = f"Give {variants} different prompts for each scene (other wording, framing or details). Each prompt"
+    return (f'Reply with JSON only, in this form: {{"scenes": [{{"id": "<scene id>", {shape}, '
+            '"negative_prompt": "<what to avoid, may be empty>"}]}, one entry for each scene id below, in order. '
+            f"{each} must contain, word for word, the description of every character its scene lists, "
+            f"and must stay within {MAX_TOKENS} tokens (about 150 Chinese characters).")
+
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class ScenePrompt:
     id: str
     prompt: str
     negative_prompt: str = ""
+    alternatives: tuple[str, ...] = ()  # prompt_writer.variants > 1: the other prompts, for best-of-N
 
 
 @dataclass
@@ -67,8 +78,8 @@ def outline_message(story: dict, todo: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def first_messages(story: dict, rules: str, todo: list[dict]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": f"{rules.strip()}\n\n{REPLY_FORMAT}"},
+def first_messages(story: dict, rules: str, todo: list[dict], variants: int = 1) -> list[dict[str, str]]:
+    return [{"role": "system", "content": f"{rules.strip()}\n\n{reply_format(variants)}"},
             {"role": "user", "content": outline_message(story, todo)}]
 
 
@@ -78,15 +89,16 @@ def _json_object(raw: str) -> Any:
     return json.loads(fenced.group(1) if fenced else text)
 
 
-def check_reply(raw: str, story: dict, todo: list[dict]) -> tuple[list[ScenePrompt], list[str]]:
+def check_reply(raw: str, story: dict, todo: list[dict], variants: int = 1) -> tuple[list[ScenePrompt], list[str]]:
     """The reply as scene prompts, and its problems (none: every scene is fine)."""
+    key = "prompt" if variants == 1 else "prompts"
     try:
         data = _json_object(raw)
         entries = data["scenes"]
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        return [], ['the reply is not JSON of the form {"scenes": [{"id": ..., "prompt": ..., "negative_prompt": ...}]}']
+        return [], [f'the reply is not JSON of the form {{"scenes": [{{"id": ..., "{key}": ..., "negative_prompt": ...}}]}}']
     by_id: dict[str, dict] = {}
     problems = []
     for entry in entries:
@@ -102,24 +114,40 @@ def check_reply(raw: str, story: dict, todo: list[dict]) -> tuple[list[SceneProm
         if entry is None:
             problems.append(f"scene {item['id']}: missing")
             continue
-        scene = ScenePrompt(item["id"], str(entry.get("prompt") or "").strip(),
-                            str(entry.get("negative_prompt") or "").strip())
-        problems += scene_problems(scene, item, story)
+        scene, shape = _entry_prompts(entry, item["id"], variants)
+        problems += shape + scene_problems(scene, item, story)
         prompts.append(scene)
     return prompts, problems
+
+
+def _entry_prompts(entry: dict, scene_id: str, variants: int) -> tuple[ScenePrompt, list[str]]:
+    """One reply entry as a ScenePrompt, and what is wrong with the number of its prompts."""
+    negative = str(entry.get("negative_prompt") or "").strip()
+    if variants == 1:
+        return ScenePrompt(scene_id, str(entry.get("prompt") or "").strip(), negative), []
+    given = entry.get("prompts")
+    texts = [str(t).strip() for t in given] if isinstance(given, list) else []
+    distinct = list(dict.fromkeys(t for t in texts if t))
+    problems = [] if len(distinct) == variants else [
+        f"scene {scene_id}: {len(distinct)} distinct non-empty prompt(s) in \"prompts\", {variants} asked"]
+    first = distinct[0] if distinct else ""
+    return ScenePrompt(scene_id, first, negative, tuple(distinct[1:variants])), problems
 
 
 def scene_problems(scene: ScenePrompt, item: dict, story: dict) -> list[str]:
     if not scene.prompt:
         return [f"scene {scene.id}: the prompt is empty"]
     problems = []
-    for text, what in ((scene.prompt, "prompt"), (scene.negative_prompt, "negative_prompt")):
+    prompts = [(scene.prompt, "prompt")] + [(t, f"prompt {k}") for k, t in enumerate(scene.alternatives, 2)]
+    for text, what in (*prompts, (scene.negative_prompt, "negative_prompt")):
         if text and (n := count_tokens(text)) > MAX_TOKENS:
             problems.append(f"scene {scene.id}: the {what} has {n} tokens, more than ChatGLM's {MAX_TOKENS}")
     for name in item.get("characters", []):
         described = story.get("characters", {}).get(name, name)
-        if described not in scene.prompt:
-            problems.append(f"scene {scene.id}: the prompt lacks character {name}'s description, word for word: {described}")
+        for text, what in prompts:
+            if described not in text:
+                problems.append(f"scene {scene.id}: the {what} lacks character {name}'s description, word for "
+                                f"word: {described}")
     return problems
 
 
@@ -139,7 +167,7 @@ def write_prompts(story: dict, rules: str, settings: ChatSettings, cache: ReplyC
     transcript = transcript if transcript is not None else Transcript()
     if not todo:
         return []
-    messages = first_messages(story, rules, todo)
+    messages = first_messages(story, rules, todo, settings.variants)
     exchange: list[tuple[dict[str, Any], str]] = []
     for _ in range(settings.attempts):
         request = {"settings": settings.identity(), "messages": messages}
@@ -147,7 +175,7 @@ def write_prompts(story: dict, rules: str, settings: ChatSettings, cache: ReplyC
         cached = reply is not None
         if reply is None:
             reply = ask(messages, settings)
-        prompts, problems = check_reply(reply, story, todo)
+        prompts, problems = check_reply(reply, story, todo, settings.variants)
         transcript.add(request, reply, cached, problems)
         exchange.append((request, reply))
         if not problems:  # the whole exchange is kept once it succeeds; after a failure a rerun asks anew
@@ -169,6 +197,8 @@ def scenes_file_entries(story: dict, written: list[ScenePrompt]) -> list[dict[st
         entry: dict[str, Any] = {"id": item["id"]}
         written_here = by_id.get(item["id"])
         entry["prompt"] = item.get("prompt") or written_here.prompt  # a prompt written by hand wins
+        if not item.get("prompt") and written_here.alternatives:
+            entry["alternatives"] = list(written_here.alternatives)
         negative = item.get("negative_prompt") or (written_here.negative_prompt if written_here else "")
         if negative:
             entry["negative_prompt"] = negative
