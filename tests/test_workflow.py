@@ -114,6 +114,15 @@ def test_the_outline_variant_is_written_by_the_local_tiny_qwen_and_rendered(demo
     assert "outline" not in resolved and [s["prompt"] for s in resolved["scenes"]] == [s["prompt"] for s in scenes]
     assert sorted(p.stem for p in (run / "scenes").glob("*.png")) == ["o1_garden", "o2_bridge", "o3_home"]
     assert (run / "story.png").is_file() and json.loads((run / "scores.json").read_text(encoding="utf-8"))["mean"] > 0
+    # prompt_writer.variants 2: best-of-N over 2 prompts x 3 seeds; the bundle's recipe holds the winner
+    from kolors_story.render.candidates_file import read_record
+
+    record = read_record(run / "candidates/o1_garden")
+    assert [c.prompt for c in record.candidates] == [None] * 3 + scenes[0]["alternatives"] * 3
+    assert record.recipe().prompt in (scenes[0]["prompt"], *scenes[0]["alternatives"])
+    rows = json.loads((run / "bundle/prompts.json").read_text(encoding="utf-8"))["scenes"]
+    assert next(r for r in rows if r["id"] == "o1_garden")["prompt"] == record.recipe().prompt
+    assert len(read_record(run / "candidates/o3_home").candidates) == 3  # written by hand: one prompt
 
 
 def test_story_page_and_best_of_three_candidates(demo_run):
