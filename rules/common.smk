@@ -26,6 +26,7 @@ from kolors_story.plan.outline import (
     TRANSCRIPT_FILE,
     WRITTEN_FILE,
     read_written_scenes,
+    sorted_keys,
     with_written_scenes,
     writer_key,
     writer_settings,
@@ -46,7 +47,7 @@ SHARED = f"results/{SHARED_NAME}"  # keyed jobs' outputs, shared by every varian
 
 # Variants whose story is an outline: the prompt writer's job (rules/prompts.smk) writes their scenes.
 WRITER_KEYS = {name: writer_key(c) for name, c in VARIANTS.items() if writes_from_outline(c)}
-WRITERS = {key: {**writer_settings(VARIANTS[name]), "prompt_writer": VARIANTS[name]["prompt_writer"],
+WRITERS = {key: {**writer_settings(VARIANTS[name]), "prompt_writer": sorted_keys(VARIANTS[name]["prompt_writer"]),
                  "local_model": VARIANTS[name]["prompt_writer"]["model"]
                  if VARIANTS[name]["prompt_writer"]["backend"] == "local" else None}
            for name, key in WRITER_KEYS.items()}

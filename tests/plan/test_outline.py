@@ -10,7 +10,9 @@ import yaml
 
 from kolors_story.errors import UserError
 from kolors_story.plan.config import load_schema, scene_settings, validate_config
-from kolors_story.plan.outline import read_written_scenes, with_written_scenes, writer_key, writes_from_outline
+from kolors_story.plan.outline import (
+    read_written_scenes, with_written_scenes, writer_key, writer_settings, writes_from_outline,
+)
 from kolors_story.plan.sweep import expand_sweep
 from kolors_story.seals import seal
 
@@ -96,3 +98,13 @@ def test_a_sweep_varies_the_writer_as_an_axis_and_equal_writers_share_one_job():
     assert len(variants) == 4 and len(set(keys.values())) == 2  # the LoRA scale does not reach the writer
     rules = {**config, "sweep": [{"name": "plain"}, {"name": "strict", "story": {"prompt_rules": "只写全身像。"}}]}
     assert len({writer_key(c) for c in expand_sweep(rules, lambda c: validate_config(c, SCHEMA)).values()}) == 2
+
+
+def test_the_writers_params_do_not_follow_the_order_of_keys_in_the_yaml():
+    """Snakemake compares params as written: an outline with its keys in another order (a YAML
+    written by yaml.safe_dump sorts them) must give the same params, or the writer reruns."""
+    import json
+
+    reordered = [dict(sorted(item.items(), reverse=True)) for item in OUTLINE]
+    first, second = (json.dumps(writer_settings(outlined(o)), ensure_ascii=False) for o in (OUTLINE, reordered))
+    assert first == second

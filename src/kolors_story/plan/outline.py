@@ -34,13 +34,22 @@ def writes_from_outline(config: dict) -> bool:
 
 
 def writer_settings(config: dict) -> dict[str, Any]:
-    """What the writer's job depends on: what it sends the model and what its file copies."""
+    """What the writer's job depends on: what it sends the model and what its file copies. Keys
+    sorted at every level: Snakemake compares a job's params as written, so the same outline with
+    its keys in another order in the YAML must not rerun the writer."""
     story = config["story"]
-    return {
+    return sorted_keys({
         "story": {k: story[k] for k in ("title", "style", "characters", "outline") if k in story},
         "rules": story["prompt_rules"],
         "writer": ChatSettings(**config["prompt_writer"]).identity(),
-    }
+    })
+
+
+def sorted_keys(value: Any) -> Any:
+    """`value` with every mapping's keys in sorted order (lists keep theirs)."""
+    if isinstance(value, dict):
+        return {k: sorted_keys(value[k]) for k in sorted(value)}
+    return [sorted_keys(v) for v in value] if isinstance(value, list) else value
 
 
 def writer_key(config: dict) -> str:
