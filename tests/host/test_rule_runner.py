@@ -47,7 +47,10 @@ rule use:
 SCRIPTS = {
     # torch.save's zip writer on a full disk says nothing about space
     "full.py": 'raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40763 vs 40720")',
-    "interrupt.py": "import os, signal\n    open(snakemake.output[0], 'w').write('half')\n    os.kill(os.getpid(), signal.SIGINT)",
+    # Ctrl-C as a terminal sends it; Python's own handler set again, since a suite started in the
+    # background (`cmd &` without job control) inherits SIGINT ignored and the kill would do nothing
+    "interrupt.py": ("import os, signal\n    signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                     "    open(snakemake.output[0], 'w').write('half')\n    os.kill(os.getpid(), signal.SIGINT)"),
     "make.py": "import torch; from safetensors.torch import save_file\n    save_file({'w': torch.ones(64)}, snakemake.output[0])",
     "use.py": "open(snakemake.output[0], 'w').write('ok')",
 }
