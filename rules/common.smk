@@ -45,11 +45,16 @@ except UserError as err:
 SWEEP = bool(config["sweep"])
 SHARED = f"results/{SHARED_NAME}"  # keyed jobs' outputs, shared by every variant that needs them
 
+def local_writer_model(config):
+    """The prompt writer's model id or folder, where its backend runs one in the job (else None)."""
+    writer = config["prompt_writer"]
+    return writer["model"] if writes_from_outline(config) and writer["backend"] == "local" else None
+
+
 # Variants whose story is an outline: the prompt writer's job (rules/prompts.smk) writes their scenes.
 WRITER_KEYS = {name: writer_key(c) for name, c in VARIANTS.items() if writes_from_outline(c)}
 WRITERS = {key: {**writer_settings(VARIANTS[name]), "prompt_writer": sorted_keys(VARIANTS[name]["prompt_writer"]),
-                 "local_model": VARIANTS[name]["prompt_writer"]["model"]
-                 if VARIANTS[name]["prompt_writer"]["backend"] == "local" else None}
+                 "local_model": local_writer_model(VARIANTS[name])}
            for name, key in WRITER_KEYS.items()}
 OUTLINE_IDS = {s["id"] for c in VARIANTS.values() for s in c["story"].get("outline", [])}
 
@@ -154,12 +159,6 @@ def model_inputs(name, ref):
     return {field: model_folder(ref, f"models.{name}"), f"{field}_check": model_check(name, ref)}
 
 
-def local_writer_model(config):
-    """The prompt writer's model id or folder, where its backend runs one in the job (else None)."""
-    writer = config["prompt_writer"]
-    return writer["model"] if writes_from_outline(config) and writer["backend"] == "local" else None
-
-
 def model_refs(config):
     """Config key -> model id or folder, of every model the variant loads."""
     refs = {f"models.{k}": v for k, v in config["models"].items() if k in MODEL_INPUT}
@@ -238,10 +237,11 @@ def final_outputs(wildcards):
     """Rule all's inputs. While the prompt writer has a variant's scenes to write, its checkpoint is
     all there is to do: Snakemake runs the writer, then asks again, and every job is planned with
     every variant's scenes known (the one encode job encodes the texts of them all)."""
-    for name in WRITER_KEYS:
-        if writes_from_outline(VARIANTS[name]):
-            checkpoints.write_prompts.get(key=WRITER_KEYS[name])
-            plan_written_scenes()
+    waiting = [name for name in WRITER_KEYS if writes_from_outline(VARIANTS[name])]
+    for name in waiting:
+        checkpoints.write_prompts.get(key=WRITER_KEYS[name])
+    if waiting:  # every writer done: plan once with all their scenes
+        plan_written_scenes()
     outputs = [f for name in VARIANTS for f in variant_outputs(name)]
     if SWEEP:
         outputs += ["results/leaderboard.csv", "results/leaderboard.png"]

@@ -250,17 +250,17 @@ def render_scene(
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     images[chosen].save(out_path)
     record = scene_record(scene, settings, device, fused, candidates, chosen, sharing)
+    kept_prompt = scene.prompts.index(record.recipe().prompt)
     if candidates_dir is not None:
         if compare:
-            kept = embeds[scene.prompts.index(record.recipe().prompt)]
             record = replace(record, without_consistency=render_without_sharing(
-                pipe, scene, settings, record.seed, None if fused else record.lora_scale, kept,
+                pipe, scene, settings, record.seed, None if fused else record.lora_scale, embeds[kept_prompt],
                 Path(candidates_dir)))
         write_record(record, Path(candidates_dir))
     if len(images) > 1:
         log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f, prompt %d of %d)", scene.id,
                  ", ".join(f"{s:.3f}" for s in record.scores), chosen, record.seed, record.lora_scale,
-                 scene.prompts.index(record.recipe().prompt) + 1, len(scene.prompts))
+                 kept_prompt + 1, len(scene.prompts))
     return record
 
 

@@ -158,12 +158,17 @@ def feedback(raw: str, problems: list[str]) -> list[dict[str, str]]:
             {"role": "user", "content": f"This reply has problems:\n{listed}\nReply again with the whole JSON, fixed."}]
 
 
+def scenes_to_write(story: dict) -> list[dict]:
+    """The outline's scenes the model writes: those without a prompt of their own."""
+    return [item for item in story["outline"] if not item.get("prompt")]
+
+
 def write_prompts(story: dict, rules: str, settings: ChatSettings, cache: ReplyCache,
                   transcript: Transcript | None = None,
                   ask: Callable[[list[dict[str, str]], ChatSettings], str] = chat) -> list[ScenePrompt]:
     """One prompt per outline scene without its own `prompt`, checked; LLMError naming each
     failing scene and showing the last raw reply after settings.attempts replies that failed."""
-    todo = [item for item in story["outline"] if not item.get("prompt")]
+    todo = scenes_to_write(story)
     transcript = transcript if transcript is not None else Transcript()
     if not todo:
         return []
@@ -228,16 +233,12 @@ def write_scenes_file(story: dict, rules: str, settings: ChatSettings, cache: Re
     if settings.backend == "local" and ask is chat:
         from kolors_story.writing.local_model import LocalWriter  # here: torch and transformers
 
-        ask = LocalWriter(settings, [item["id"] for item in story["outline"] if not item.get("prompt")]).ask
+        ask = LocalWriter(settings, [item["id"] for item in scenes_to_write(story)]).ask
     try:
         written = write_prompts(story, rules, settings, cache, transcript, ask)
-    finally:
-        if transcript.turns:
-            transcript_out.parent.mkdir(parents=True, exist_ok=True)
-            transcript_out.write_text(transcript.jsonl(), encoding="utf-8")
-    if not transcript.turns:  # every scene had its own prompt: nothing was asked
+    finally:  # also when the writer fails (empty when every scene had its own prompt)
         transcript_out.parent.mkdir(parents=True, exist_ok=True)
-        transcript_out.write_text("", encoding="utf-8")
+        transcript_out.write_text(transcript.jsonl(), encoding="utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(prompts_file_text(settings, scenes_file_entries(story, written)), encoding="utf-8")
     asked = sum(not turn["cached"] for turn in transcript.turns)
