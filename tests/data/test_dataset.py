@@ -104,8 +104,10 @@ def test_ids_are_unique_and_non_images_ignored(tmp_path):
     (tmp_path / "notes.md").write_text("not an image")
     (tmp_path / "sub").mkdir()
     _image(tmp_path / "sub" / "deep.jpg")
+    _image(tmp_path / "sub" / "a.jpg")
     rows = collect_local_rows(tmp_path, default_caption="x")
-    assert [r["id"] for r in rows] == ["a", "a_2", "b"]
+    assert [r["id"] for r in rows] == ["a", "a_2", "b", "a_3", "deep"]  # subfolders too, in path order
+    assert [r["source"] for r in rows][-2:] == ["sub/a.jpg", "sub/deep.jpg"]
 
 
 @pytest.mark.parametrize("template", ["no placeholder", "{}", "{caption} {style}", "{caption", "{0}"])
@@ -556,3 +558,116 @@ def test_records_that_do_not_decode_are_dropped_and_counted(tmp_path):
     assert all(d["reason"].startswith("cannot decode image") for d in report.dropped)
     assert "0x" not in json.dumps(report.dropped) and str(tmp_path) not in json.dumps(report.dropped)
     assert np.asarray(Image.open(rows[0]["image"]))[0, 0].tolist() == [255, 255, 255]  # on the background
+
+
+# ---------------------------------------------------------------- the user's own caption on every row
+
+
+def test_local_rows_carry_the_users_caption_and_where_it_came_from(tmp_path):
+    for stem in ("a", "b", "c"):
+        _image(tmp_path / f"{stem}.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,  甲 山水 \n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n 乙 \n", encoding="utf-8")
+    rows = collect_local_rows(tmp_path, caption_template="ink, {caption}", default_caption="水墨画")
+    fields = [(r["caption"], r["caption_from"], r["text"]) for r in rows]
+    assert fields == [
+        ("甲 山水", "metadata.csv line 2", "ink, 甲 山水"),
+        ("乙", "b.txt", "ink, 乙"),
+        ("", "dataset.default_caption", "ink, 水墨画"),  # the default is never the user's caption
+    ]
+
+
+def test_modelscope_rows_carry_the_users_caption_and_the_column(tmp_path):
+    records = [{"image": Image.new("RGB", (4, 4)), "prompt": " 一 "}, {"image": Image.new("RGB", (4, 4)), "prompt": None}]
+    rows = rows_from_records(records, tmp_path / "out", "image", "prompt", "{caption}, anime", "二次元", None)
+    assert [(r["caption"], r["caption_from"], r["text"]) for r in rows] == [
+        ("一", "prompt", "一, anime"), ("", "dataset.default_caption", "二次元, anime")]
+    no_column = rows_from_records(records[:1], tmp_path / "out2", "image", None, "{caption}", "二次元", None)
+    assert (no_column[0]["caption"], no_column[0]["caption_from"]) == ("", "dataset.default_caption")
+
+
+# ---------------------------------------------------------------- folders as trainers lay them out
+
+
+@pytest.fixture
+def kohya_folder(tmp_path) -> Path:
+    """kohya sd-scripts' layout: <repeats>_<name>/ folders with .txt / .caption sidecars, plus the
+    clutter real folders bring (hidden files and folders, a plain subfolder, a 0-repeats folder)."""
+    root = tmp_path / "img"
+    for rel in ("10_mystyle/a.png", "10_mystyle/b.png", "10_mystyle/c.png", "10_mystyle/deeper/d.png",
+                "1_reg/a.png", "0_off/x.png", "plain/e.png", "top.png", ".git/objects/f.png", "10_mystyle/.g.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        _image(root / rel)
+    (root / "10_mystyle" / "a.txt").write_text("甲", encoding="utf-8")
+    (root / "10_mystyle" / "b.caption").write_text(" 乙 \n", encoding="utf-8")
+    (root / "10_mystyle" / "c.txt").write_text("丙 txt", encoding="utf-8")
+    (root / "10_mystyle" / "c.caption").write_text("丙 caption", encoding="utf-8")
+    (root / "plain" / "e.txt").write_text("戊", encoding="utf-8")
+    (root / "plain" / "metadata.csv").write_text("file_name,text\ne.png,never read\n", encoding="utf-8")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "empty").mkdir()
+    return root
+
+
+def _every_file_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_kohya_folders_rows_repeats_and_sidecars(kohya_folder):
+    rows, report = scan_local_folder(kohya_folder, caption_template="ink, {caption}", default_caption="水墨画")
+    got = [(r["id"], r["source"], r.get("repeats"), r["caption"], r["caption_from"]) for r in rows]
+    assert got == [
+        ("a", "10_mystyle/a.png", 10, "甲", "10_mystyle/a.txt"),
+        ("b", "10_mystyle/b.png", 10, "乙", "10_mystyle/b.caption"),
+        ("c", "10_mystyle/c.png", 10, "丙 txt", "10_mystyle/c.txt"),  # .txt wins over .caption
+        ("d", "10_mystyle/deeper/d.png", 10, "", "dataset.default_caption"),  # inherits its folder's repeats
+        ("a_2", "1_reg/a.png", 1, "", "dataset.default_caption"),
+        ("e", "plain/e.png", None, "戊", "plain/e.txt"),  # a plain folder: no repeats field
+        ("top", "top.png", None, "", "dataset.default_caption"),
+    ]
+    assert [r["text"] for r in rows][:2] == ["ink, 甲", "ink, 乙"] and rows[3]["text"] == "ink, 水墨画"
+    uses = {e["file"]: e for e in report.files}
+    assert uses["10_mystyle/c.caption"]["reason"] == "10_mystyle/c.txt is read instead (a .txt sidecar wins over .caption)"
+    assert uses["10_mystyle/b.caption"] == {"file": "10_mystyle/b.caption", "use": "caption", "encoding": "utf-8"}
+    assert uses["0_off/"]["use"] == "skipped" and "0 repeats" in uses["0_off/"]["reason"]
+    assert uses[".git/"]["reason"].startswith("hidden") and uses["10_mystyle/.g.png"]["reason"].startswith("hidden")
+    assert uses[".DS_Store"]["reason"].startswith("hidden") and uses["empty/"]["reason"] == "a folder with no files"
+    assert "only the one in dataset.path is read" in uses["plain/metadata.csv"]["reason"]
+    assert uses["10_mystyle/"] == {"file": "10_mystyle/", "use": "folder", "repeats": 10, "images": 3, "examples_per_epoch": 30}
+    assert uses["10_mystyle/deeper/"]["examples_per_epoch"] == 10 and uses["plain/"]["repeats"] == 1
+    assert uses["10_mystyle/a.png"]["repeats"] == 10 and "repeats" not in uses["top.png"]
+    # Every file is accounted for: by its own entry or by the skipped folder it is in.
+    skipped_folders = tuple(n for n, e in uses.items() if n.endswith("/") and e["use"] == "skipped")
+    accounted = {n for n in _every_file_under(kohya_folder) if n in uses or n.startswith(skipped_folders)}
+    assert accounted == _every_file_under(kohya_folder)
+
+
+def test_metadata_lists_files_in_subfolders_with_their_repeats(kohya_folder):
+    (kohya_folder / "metadata.csv").write_text(
+        "file_name,text\n10_mystyle/b.png,from metadata\n0_off/x.png,off\n", encoding="utf-8")
+    rows, report = scan_local_folder(kohya_folder)
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["10_mystyle/b.png"]["caption_from"] == "metadata.csv line 2"
+    assert by_source["10_mystyle/b.png"]["repeats"] == 10
+    assert "0_off/x.png" not in by_source
+    assert report.dropped == [{"file": "0_off/x.png", "where": "metadata.csv line 3",
+                               "reason": "0_off/x.png is in a 0-repeats folder (kohya's <repeats>_<name> form): not used"}]
+    assert {e["file"]: e for e in report.files}["10_mystyle/b.caption"]["use"] == "skipped"  # metadata gave the caption
+
+
+def test_nested_images_are_stored_in_the_run_by_their_unique_ids(kohya_folder, tmp_path):
+    rows, report = collect_local(kohya_folder, tmp_path / "run", "{caption}", "x", None)
+    stored = sorted(Path(r["image"]).name for r in rows)
+    assert stored == ["a.png", "a_2.png", "b.png", "c.png", "d.png", "e.png", "top.png"]
+    assert all(e.get("stored") for e in report.files if e["use"] == "image")
+    json.dumps(report.as_dict(len(rows)))
+
+
+def test_a_link_back_into_the_dataset_is_not_searched_twice(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    _image(tmp_path / "sub" / "b.png")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    rows, report = scan_local_folder(tmp_path)
+    assert [r["source"] for r in rows] == ["a.png", "sub/b.png"]
+    assert {e["file"]: e.get("reason") for e in report.files}["sub/loop/"] == "a link to a folder already searched"

@@ -167,3 +167,13 @@ def test_converted_and_huge_images_in_a_real_op_run(demo_rows, tmp_path):
     assert [r["id"] for r in result.kept] == [r["id"] for r in demo_rows[:4]] + ["clear", "deep"]
     (huge,) = result.stats["dropped"]
     assert huge["id"] == "huge" and huge["op"] == "integrity_check" and huge["reason"].startswith("too large")
+
+
+def test_rows_keep_the_fields_the_filter_does_not_know(result, tmp_path):
+    """Data-Juicer sees only text and image: caption, caption_from (and any later field) reach
+    filtered.jsonl as the download stage wrote them."""
+    from kolors_story.data.rows import read_rows, write_rows
+
+    assert all({"caption", "caption_from", "source"} <= set(row) for row in result.kept)
+    extra = [{**row, "repeats": 3, "anything": [1, "二"]} for row in result.kept[:2]]
+    assert read_rows(write_rows(extra, tmp_path / "filtered.jsonl")) == extra

@@ -1,13 +1,16 @@
-"""A local folder as rows: images, captions from metadata.jsonl / metadata.csv or sidecar .txt files,
-every file accounted for in a SourceReport (data/download_stats.json); images stored in the run as
+"""A local folder as rows: images (in subfolders too, kohya's `<repeats>_<name>/` folders repeating
+theirs), captions from metadata.jsonl / metadata.csv or sidecar .txt / .caption files, every file
+accounted for in a SourceReport (data/download_stats.json); images stored in the run as
 they will be trained on (upright RGB; see images.py)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import posixpath
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
-from kolors_story.data.rows import SourceReport, json_lines
+from kolors_story.data.rows import DEFAULT_CAPTION_KEY, SourceReport, json_lines
 from kolors_story.data.text_files import apply_template, check_caption_template, read_text_file
 from kolors_story.data.images import (
     RGB,
@@ -27,9 +30,7 @@ from kolors_story.data.images import (
     looks_like_image,
 )
 
-
-
-
+log = logging.getLogger(__name__)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # the first one present is read
 
 
@@ -90,6 +91,8 @@ def _listed_files(folder: Path, entries: list[MetaEntry], report: SourceReport) 
             reason = f"{name} is listed again (first at {first[name]})"
         elif posixpath.isabs(name) or name.split("/")[0] == "..":
             reason = f"{name} is outside dataset.path"
+        elif folder_repeats(name) == 0:
+            reason = f"{name} is in a 0-repeats folder (kohya's <repeats>_<name> form): not used"
         elif not (folder / name).is_file():
             twin = on_disk.get(name.lower())
             reason = f"{name} is not in the folder" + (f" ({twin} differs only in case)" if twin else "")
@@ -105,56 +108,143 @@ def _listed_files(folder: Path, entries: list[MetaEntry], report: SourceReport) 
 
 
 
-def _folder_images(folder: Path, listed: dict[str, MetaEntry], report: SourceReport) -> list[str]:
-    """Names of the images to use (sorted); every other file or folder is accounted for in `report`."""
-    images = set(listed)
-    for path in sorted(folder.iterdir()):
-        name = path.name
-        if path.is_dir():
-            report.file(f"{name}/", "skipped", reason="a folder: not searched (metadata can list files in it)")
-        elif name in METADATA_FILES or name in images:
+CAPTION_SUFFIXES = (".txt", ".caption")  # sidecar extensions; with both beside an image, .txt wins
+REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's <repeats>_<name>/
+MANY_REPEATS = 100  # a folder named like a year ("2024_trip") is likely no repeats count: warned
+
+
+def folder_repeats(name: str) -> int | None:
+    """Repeats of the images at relative path `name`: from the innermost `<repeats>_<name>` folder
+    it is in (kohya's convention), None when it is in none."""
+    for part in reversed(posixpath.dirname(name).split("/")):
+        match = REPEATS_FOLDER.fullmatch(part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _skip_folder(path: Path, name: str, seen: set[Path]) -> str | None:
+    """Why the folder `name` (relative) is not searched, or None."""
+    if path.name.startswith("."):
+        return "hidden (its name starts with '.'): not searched"
+    if path.resolve() in seen:
+        return "a link to a folder already searched"
+    if folder_repeats(name + "/x") == 0:
+        return "0 repeats (kohya's <repeats>_<name> folder form): not used, as kohya does"
+    if not any(path.iterdir()):
+        return "a folder with no files"
+    return None
+
+
+def _walk(folder: Path, report: SourceReport) -> list[str]:
+    """Relative names (/-separated) of every file under `folder` in searched folders; hidden
+    files and folders, 0-repeat folders and links back into searched folders are reported."""
+    files, seen, pending = [], {folder.resolve()}, [folder]
+    while pending:
+        directory = pending.pop()
+        for path in sorted(directory.iterdir()):
+            name = path.relative_to(folder).as_posix()
+            if path.is_dir():
+                why = _skip_folder(path, name, seen)
+                if why:
+                    report.file(f"{name}/", "skipped", reason=why)
+                    continue
+                seen.add(path.resolve())
+                pending.append(path)
+                repeats = folder_repeats(name + "/x")
+                if repeats is not None and repeats > MANY_REPEATS:
+                    log.warning("folder %s/ repeats its images %d times per epoch (kohya's <repeats>_<name> form); "
+                                "rename it if that is not meant", name, repeats)
+            elif path.name.startswith("."):
+                report.file(name, "skipped", reason="hidden (its name starts with '.')")
+            else:
+                files.append(name)
+    return files
+
+
+def _folder_images(folder: Path, listed: dict[str, MetaEntry], report: SourceReport) -> tuple[list[str], list[str]]:
+    """Names of the images to use (sorted) and of the caption-like files (.txt, .caption) to decide
+    on later; every other file or folder under `folder` is accounted for in `report`."""
+    images, texts = set(listed), []
+    for name in _walk(folder, report):
+        path = folder / name
+        if name in METADATA_FILES or name in images:
             continue  # metadata is accounted for by _read_metadata
-        elif path.suffix.lower() == ".txt":
-            continue  # a caption or not: decided once the images are known
+        if path.suffix.lower() in CAPTION_SUFFIXES:
+            texts.append(name)  # a caption or not: decided once the images are known
         elif path.suffix.lower() in image_suffixes() or looks_like_image(path):
             images.add(name)
+        elif path.name in METADATA_FILES:
+            report.file(name, "skipped", reason="a metadata file in a subfolder: only the one in dataset.path is read")
         else:
             report.file(name, "skipped", reason="not an image (Pillow does not recognise it)")
-    return sorted(images)
+    return sorted(images), texts
 
 
 def _sidecar_caption(folder: Path, name: str, sidecars: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
-    """(caption, sidecar name) from `<stem>.txt` beside the image, read once per sidecar."""
-    sidecar = posixpath.splitext(name)[0] + ".txt"
-    if sidecar not in sidecars:
-        if not (folder / sidecar).is_file():
-            return None
-        sidecars[sidecar] = read_text_file(folder / sidecar)
-    text = sidecars[sidecar][0].strip()
-    return (text, sidecar) if text else None
+    """(caption, sidecar name) from `<stem>.txt`, else `<stem>.caption`, beside the image (in its
+    own folder), read once per sidecar. An empty sidecar gives none."""
+    for suffix in CAPTION_SUFFIXES:
+        sidecar = posixpath.splitext(name)[0] + suffix
+        if sidecar not in sidecars:
+            if not (folder / sidecar).is_file():
+                continue
+            sidecars[sidecar] = read_text_file(folder / sidecar)
+        text = sidecars[sidecar][0].strip()
+        return (text, sidecar) if text else None
+    return None
 
 
-def _account_txt_files(folder: Path, images: list[str], sidecars: dict[str, tuple[str, str]], report: SourceReport) -> None:
+def _account_caption_files(texts: list[str], images: list[str], sidecars: dict[str, tuple[str, str]], report: SourceReport) -> None:
+    """Report every .txt / .caption file: a caption read, or skipped with the reason."""
     stems = {posixpath.splitext(n)[0] for n in images}
-    txt_files = {p.name for p in folder.glob("*.txt") if p.is_file()} - set(images)  # a listed .txt "image" has its entry
-    for name in sorted(txt_files | set(sidecars)):
+    for name in sorted(set(texts) | set(sidecars)):
+        stem, suffix = posixpath.splitext(name)
+        txt = stem + ".txt"
         if name in sidecars:
             report.file(name, "caption", encoding=sidecars[name][1])
-        elif posixpath.splitext(name)[0] in stems:
+        elif suffix.lower() == ".caption" and txt in sidecars:
+            report.file(name, "skipped", reason=f"{txt} is read instead (a .txt sidecar wins over .caption)")
+        elif stem in stems and suffix not in CAPTION_SUFFIXES:
+            report.file(name, "skipped", reason=f"sidecars are read with a lower-case extension ({stem}.txt or {stem}.caption)")
+        elif stem in stems:
             report.file(name, "skipped", reason="caption file, not needed (metadata gives the caption, or the image is not used)")
         else:
-            report.file(name, "skipped", reason="not an image (a .txt file with no image of the same name)")
+            report.file(name, "skipped", reason=f"not an image (a {suffix} file with no image of the same name)")
+
+
+def _image_row(folder: Path, name: str, caption: str, where: str, row_id: str, text: str) -> dict:
+    row = {"id": row_id, "image": os.path.abspath(folder / name), "text": text, "source": name,
+           "caption": caption, "caption_from": where}
+    repeats = folder_repeats(name)
+    return row if repeats is None else {**row, "repeats": repeats}
+
+
+def _account_folders(rows: list[dict], report: SourceReport) -> None:
+    """One `folder` entry per subfolder that gave rows: its repeats, images and examples per epoch."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        sub = posixpath.dirname(row["source"])
+        if sub:
+            counts[sub] = counts.get(sub, 0) + 1
+    for sub, images in sorted(counts.items()):
+        repeats = folder_repeats(sub + "/x") or 1
+        report.file(f"{sub}/", "folder", repeats=repeats, images=images, examples_per_epoch=images * repeats)
 
 
 def scan_local_folder(
     folder: Path, caption_template: str = "{caption}", default_caption: str = "", max_images: int | None = None
 ) -> tuple[list[dict], SourceReport]:
-    """Rows for the images in `folder` (sorted by name) and the report on every file there.
+    """Rows for the images in `folder` and its subfolders (sorted by path) and the report on every
+    file there.
 
     Caption priority per image: its metadata.jsonl / metadata.csv entry (file_name,text), then a
-    `<stem>.txt` sidecar, then `default_caption`. Metadata entries naming a missing file, a file
-    outside the folder or a file already listed are dropped and reported, not rows. Rows point at
-    the original files (`image`, absolute) and name them (`source`, relative to the folder).
+    `<stem>.txt` sidecar, then `<stem>.caption` (beside the image), then `default_caption`.
+    Metadata entries naming a missing file, a file outside the folder or a file already listed are
+    dropped and reported, not rows. Rows point at the original files (`image`, absolute) and name
+    them (`source`, relative to the folder); see rows.py for `caption`, `caption_from` and
+    `repeats` (an image in a kohya `<repeats>_<name>/` folder). Ids are file stems, made unique
+    with _2, _3... in path order.
     """
     check_caption_template(caption_template)
     folder = Path(folder)
@@ -162,7 +252,7 @@ def scan_local_folder(
         raise UserError(f"dataset.path {str(folder)!r} is not a folder; point dataset.path at a folder of images.")
     report = SourceReport("local")
     listed = _listed_files(folder, _read_metadata(folder, report), report)
-    names = _folder_images(folder, listed, report)
+    names, texts = _folder_images(folder, listed, report)
     rows, taken, sidecars = [], set(), {}
     for name in names:
         if max_images is not None and len(rows) >= max_images:
@@ -170,11 +260,13 @@ def scan_local_folder(
             continue
         entry = listed.get(name)
         found = (entry.caption.strip(), entry.where) if entry and entry.caption.strip() else _sidecar_caption(folder, name, sidecars)
-        caption, where = found or (default_caption, "dataset.default_caption")
-        row_id = _unique_id(Path(name).stem, taken)
-        report.file(name, "image", row=row_id, caption=where)
-        rows.append({"id": row_id, "image": os.path.abspath(folder / name), "text": apply_template(caption_template, caption), "source": name})
-    _account_txt_files(folder, names, sidecars, report)
+        caption, where = found or ("", DEFAULT_CAPTION_KEY)
+        row = _image_row(folder, name, caption, where, _unique_id(Path(name).stem, taken),
+                         apply_template(caption_template, caption or default_caption))
+        report.file(name, "image", row=row["id"], caption=where, **({"repeats": row["repeats"]} if "repeats" in row else {}))
+        rows.append(row)
+    _account_caption_files(texts, names, sidecars, report)
+    _account_folders(rows, report)
     if not rows:
         examples = "; ".join(f"{d['where']}: {d['reason']}" for d in report.dropped[:3])
         raise UserError(

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kolors_story import modelscope_endpoint
 from kolors_story.errors import UserError
-from kolors_story.data.rows import JPEG_QUALITY, SourceReport
+from kolors_story.data.rows import DEFAULT_CAPTION_KEY, JPEG_QUALITY, SourceReport
 from kolors_story.data.text_files import apply_template, check_caption_template
 from kolors_story.data.images import RGB, WHITE, BadImage, bad_image, load_rgb, strict_decoding, upright_rgb
 
@@ -125,7 +125,8 @@ def rows_from_records(
         path = out_images_dir / f"{index}.jpg"
         image.save(path, format="JPEG", quality=JPEG_QUALITY)
         caption = str(record[caption_column] or "").strip() if caption_column else ""
-        rows.append({"id": str(index), "image": os.path.abspath(path), "text": apply_template(caption_template, caption or default_caption)})
+        rows.append({"id": str(index), "image": os.path.abspath(path), "text": apply_template(caption_template, caption or default_caption),
+                     "caption": caption, "caption_from": caption_column if caption else DEFAULT_CAPTION_KEY})
     if not rows and report is not None and report.dropped:
         examples = "; ".join(f"record {d['record']}: {d['reason']}" for d in report.dropped[:3])
         raise UserError(f"No usable image in the dataset (dataset.id): every record was dropped ({examples}); check dataset.image_column.")

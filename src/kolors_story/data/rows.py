@@ -1,6 +1,16 @@
 """Rows ({"id", "image", "text"}), the account of every file a source saw (SourceReport), and rows
 files: JSON Lines whose image paths are relative to the file, so a moved or shared results/ folder
-stays valid."""
+stays valid.
+
+Every row the download stage writes (local folder and ModelScope alike) also carries:
+- `caption`: the user's own caption for the image, stripped and untemplated; "" when they gave none;
+- `caption_from`: where it came from: "metadata.csv line 3", a sidecar ("sub/a.txt"), the dataset
+  column's name, or DEFAULT_CAPTION_KEY when `text` was made from dataset.default_caption (then
+  `caption` is "").
+`text` is what training reads: dataset.caption_template applied to the caption or the default.
+Local-folder rows also have `source` (the file, relative to dataset.path) and, in a kohya
+`<repeats>_<name>/` folder, `repeats`. Later stages keep fields they do not know.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from kolors_story.errors import UserError
+
+DEFAULT_CAPTION_KEY = "dataset.default_caption"  # caption_from of a row with no caption of its own
 
 
 def json_lines(lines: Iterable[str], path: Path, fix: str) -> Iterator[tuple[int, Any]]:
