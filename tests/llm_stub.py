@@ -34,3 +34,24 @@ def answer(request: Request) -> Response:
     user = next(m["content"] for m in body["messages"] if m["role"] == "user")
     return Response(json.dumps(completion(json.dumps(scenes_reply(user), ensure_ascii=False))),
                     content_type="application/json")
+
+
+# ---------------------------------------------------------------- a vision model's captions
+def sent_image(body: dict) -> str:
+    """The data URL of the image a caption request sends (kolors_story.writing.captioners)."""
+    parts = next(m["content"] for m in body["messages"] if m["role"] == "user")
+    return next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
+
+
+def caption_of(data_url: str) -> str:
+    """The stub's caption of an image: Chinese, and different for different image bytes."""
+    import hashlib
+
+    return f"一幅水墨小景，编号{hashlib.sha256(data_url.encode()).hexdigest()[:6]}"
+
+
+def caption_answer(request: Request) -> Response:
+    """A vision model that describes every image (deterministic: the same bytes, the same caption)."""
+    body = json.loads(request.get_data())
+    return Response(json.dumps(completion(caption_of(sent_image(body))), ensure_ascii=False),
+                    content_type="application/json")

@@ -55,3 +55,10 @@ def over_limit(text: str, what: str) -> str | None:
     if n <= MAX_TOKENS:
         return None
     return f"{what}: {n} tokens, more than ChatGLM's {MAX_TOKENS}; the end would be cut off"
+
+
+def fitting_text(text: str, model_file: Path | None = None) -> str:
+    """`text` cut to what ChatGLM's 256 tokens keep (`text` itself when it fits)."""
+    ids = _sentencepiece(model_file).encode(text)
+    keep = MAX_TOKENS - PREFIX_TOKENS
+    return _sentencepiece(model_file).decode(ids[:keep]) if len(ids) > keep else text

@@ -2,7 +2,7 @@
 embeddings and their content-keyed cache (prompt_embeddings, tensor_cache), LoRA files in the
 diffusers and DiffSynth formats (lora_files), the challenge's aesthetic predictor (aesthetic),
 model downloads (hub), precisions and devices (devices), and random-weight models in the real
-layouts, tiny and full size (random_kolors, random_aesthetic).
+layouts, tiny and full size (random_kolors, random_aesthetic, random_blip).
 
 Uses nothing of the workflow: only the shared modules at the package root (errors, files).
 """

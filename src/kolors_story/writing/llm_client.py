@@ -37,12 +37,13 @@ class ChatSettings:
     attempts: int = 3  # replies asked for when one fails its checks (the first included)
     max_new_tokens: int = 160  # backend local: the most tokens the model writes for one string
     variants: int = 1  # prompts asked per scene; more than one: the scene's best-of-N picks among them
+    owner: str = "prompt_writer"  # the config section these settings come from, named in messages
 
     def identity(self) -> dict[str, Any]:
         """What makes a reply: part of its cache key. Not the key, the timeout or the retries, nor
         what the other backend alone reads."""
         record = asdict(self)
-        for name in ("api_key_env", "timeout_s", "max_retries", "attempts"):
+        for name in ("api_key_env", "timeout_s", "max_retries", "attempts", "owner"):
             record.pop(name)
         record.pop("base_url" if self.backend == "local" else "max_new_tokens")
         return record
@@ -53,15 +54,16 @@ def api_key(settings: ChatSettings) -> str:
         return "none"  # the client insists on a value; a local server ignores it
     key = os.environ.get(settings.api_key_env, "").strip()
     if not key:
-        raise LLMError(f"prompt_writer: the environment variable {settings.api_key_env} is not set; export "
+        raise LLMError(f"{settings.owner}: the environment variable {settings.api_key_env} is not set; export "
                        f"your key there (DashScope: the console's API-KEY page), or set "
-                       "prompt_writer.api_key_env: null for a server that takes no key")
+                       f"{settings.owner}.api_key_env: null for a server that takes no key")
     return key
 
 
-def chat(messages: list[dict[str, str]], settings: ChatSettings) -> str:
-    """The model's reply to `messages` (its text), or LLMError in one line."""
-    import openai  # here: only the prompt writer's job needs it
+def chat(messages: list[dict[str, Any]], settings: ChatSettings) -> str:
+    """The model's reply to `messages` (its text), or LLMError in one line. A message's content is
+    text, or a list of parts (text and image_url, as vision models take it: writing.captioners)."""
+    import openai  # here: only the prompt writer's and the captioner's jobs need it
 
     key = api_key(settings)
     client = openai.OpenAI(api_key=key, base_url=settings.base_url, timeout=settings.timeout_s,
@@ -93,16 +95,16 @@ def _explain(exc: Exception, settings: ChatSettings) -> str:
     if isinstance(exc, openai.PermissionDeniedError):
         return f"{where}: 403, this key may not use the model; check the model name and your account"
     if isinstance(exc, openai.NotFoundError):
-        return f"{where}: 404, no such model or path; check prompt_writer.model and prompt_writer.base_url"
+        return f"{where}: 404, no such model or path; check {settings.owner}.model and {settings.owner}.base_url"
     if isinstance(exc, openai.RateLimitError):
         return (f"{where}: 429 (rate limit or quota) after {tries} tries with backoff; wait and rerun, or "
                 "check your quota")
     if isinstance(exc, openai.APITimeoutError):
         return (f"{where}: no reply within {settings.timeout_s:g} s, {tries} tries; check the server, or "
-                "raise prompt_writer.timeout_s")
+                f"raise {settings.owner}.timeout_s")
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
-        return (f"{where}: cannot connect ({type(cause).__name__}: {cause}); check prompt_writer.base_url "
+        return (f"{where}: cannot connect ({type(cause).__name__}: {cause}); check {settings.owner}.base_url "
                 "and the network")
     if isinstance(exc, openai.APIStatusError):
         return f"{where}: {exc.status_code} after {tries} tries: {exc.message}"
