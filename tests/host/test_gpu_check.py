@@ -81,7 +81,32 @@ def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
 
 def test_the_lora_round_trip_renders_the_trained_lora(checked):
     trip = checked[0]["phases"]["lora_round_trip"]
-    assert trip["ok"] and trip["lora_vs_no_lora_mean_abs"] > 10 * trip["fused_vs_unfused_mean_abs"]
+    tolerance = max(trip["fused_vs_unfused_mean_abs"], trip["reloaded_vs_trained_mean_abs"])
+    assert trip["ok"] and trip["lora_vs_no_lora_mean_abs"] > 10 * tolerance
+
+
+def test_the_round_trip_fails_for_a_file_that_is_not_the_trained_adapter(checked):
+    """The same comparison, in this process, with the trained tensors changed as a wrong alpha
+    folding would change them: the reloaded file no longer renders the trained image."""
+    import torch
+
+    from kolors_story.host import gpu_check
+    from kolors_story.render.scenes import SamplerSettings
+
+    _, _, work = checked
+    args = gpu_check.parse_args([*TINY, "--work", str(work)])
+    settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
+                               precision=args.precision, candidates=1)
+    phases = gpu_check.Phases(torch.device("cpu"), work / "unused.json", {})
+    store = work / "embeddings.safetensors"
+    pipe, scene, embeds = gpu_check.scene_pipeline(args, phases, work / "kolors-tiny", work / "lora" /
+                                                   "pytorch_lora_weights.safetensors", settings, store)
+    reloaded = gpu_check._float_image(pipe, scene, settings, embeds)
+    pipe.fuse_lora(components=["unet"], adapter_names=["style"])
+    adapter = gpu_check.trained_adapter(work / "lora" / "work")
+    wrong = {k: v * 3 if "lora_B" in k else v for k, v in adapter.items()}
+    trip = gpu_check.compare_round_trip(pipe, scene, settings, embeds, reloaded, gpu_check.train_settings(args), wrong)
+    assert not trip["ok"] and trip["reloaded_vs_trained_mean_abs"] > 10 * trip["fused_vs_unfused_mean_abs"]
 
 
 def test_a_rerun_reuses_the_built_models(checked, host_site):

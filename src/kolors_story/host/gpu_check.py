@@ -9,8 +9,10 @@ plus a random full-size aesthetic predictor in its real layout; a later run reus
 default run's GPU work in the default config's precisions: the text-encoder job (ChatGLM loaded
 once, straight to the GPU, every prompt and caption into one embeddings file), the trainer's
 latent encoding and LoRA steps at 1024 px (rank 16, gradient checkpointing), one best-of-4 scene (50 steps, CFG 5: disk load, move to GPU, LoRA load and fuse, steps, VAE
-decode, scoring, each timed apart), a LoRA round trip (the saved file reloaded renders the same
-image fused and unfused, and another one than without the LoRA), and a character anchor with a
+decode, scoring, each timed apart), a LoRA round trip (the saved file, reloaded by diffusers,
+renders the image the adapter renders as the trainer held it, the same fused and unfused, and
+another one than without the LoRA; rendered by the eager UNet, so --compile compiles once), and a
+character anchor with a
 consistency scene. gpu_check.json is written after every phase: a crash leaves the finished
 phases, the failing phase's name and its traceback.
 
@@ -34,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger("kolors_story.host.gpu_check")
 # src/kolors_story/host/gpu_check.py -> the repository root
@@ -183,16 +187,18 @@ def write_dataset(root: Path, images: int, resolution: int) -> Path:
     return root
 
 
+def train_settings(args) -> TrainSettings:
+    return TrainSettings(steps=args.train_steps, resolution=args.resolution, rank=args.rank,
+                         precision=args.train_precision, gradient_checkpointing=True, checkpoint_every=0)
+
+
 def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Path) -> Path:
     """The trainer's prepare_batches (caption embeddings from the encode job's file, latents
     encoded and cached), the UNet's load, then training from warm caches."""
     from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.data import assign_sizes, read_metadata
     from kolors_story.training.loop import precision_dtypes, prepare_batches, train_lora
-    from kolors_story.training.settings import TrainSettings
-
-    settings = TrainSettings(steps=args.train_steps, resolution=args.resolution, rank=args.rank,
-                             precision=args.train_precision, gradient_checkpointing=True, checkpoint_every=0)
+    settings = train_settings(args)
     folder, cache = KolorsFolder(kolors), args.work / "cache"
     dtype, _ = precision_dtypes(settings.precision, phases.device)
     examples = read_metadata(dataset)
@@ -294,7 +300,7 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
                                precision=args.precision, candidates=args.candidates, compile=args.compile)
     pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings, store)
-    unfused = lora_round_trip_image(pipe, scene, settings, embeds)
+    reloaded = _float_image(pipe, scene, settings, embeds)  # the saved file, reloaded, unfused
     with phases.measure("scene_lora_fuse"):
         pipe.fuse_lora(components=["unet"], adapter_names=["style"])
     if args.compile:
@@ -309,7 +315,8 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
                   vae_decode_calls=timer.calls, denoise_seconds=round(record["seconds"] - timer.seconds, 3),
                   seconds_per_image=round(record["seconds"] / len(images), 3),
                   seconds_per_step=round((record["seconds"] - timer.seconds) / settings.steps, 4))
-    phases.results["lora_round_trip"] = compare_round_trip(pipe, scene, settings, embeds, unfused)
+    phases.results["lora_round_trip"] = compare_round_trip(pipe, scene, settings, embeds, reloaded, train_settings(args),
+                                                           trained_adapter(args.work / "lora" / "work"))
     del pipe
     phases.release()
     with phases.measure("score") as record:
@@ -320,27 +327,62 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
 
 
 def _float_image(pipe, scene, settings, embeds) -> torch.Tensor:
-    return pipe(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(scene.seed),
-                output_type="pt", **embeds).images[0].float().cpu()
+    """The scene seed rendered (float pixels in [0, 1]) by the eager UNet: a round-trip render
+    must not trigger another torch.compile (the timed warm-up compiles the fused UNet once)."""
+    compiled = pipe.unet
+    pipe.unet = getattr(compiled, "_orig_mod", compiled)
+    try:
+        return pipe(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(scene.seed),
+                    output_type="pt", **embeds).images[0].float().cpu()
+    finally:
+        pipe.unet = compiled
 
 
-def lora_round_trip_image(pipe, scene, settings, embeds) -> torch.Tensor:
-    """The scene seed rendered with the saved LoRA file, reloaded and unfused (float pixels)."""
-    return _float_image(pipe, scene, settings, embeds)
+def trained_adapter(work: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as the trainer held them in memory at its last step (peft naming,
+    alpha not folded): the last checkpoint, which the trainer always writes."""
+    from kolors_story.training import checkpoints
+
+    last = sorted(work.glob("*/step-*"))
+    if not last:
+        raise FileNotFoundError(f"no training checkpoint under {work}: the trainer writes one at its last step")
+    return checkpoints.load_file(checkpoints.lora_of(last[-1]))
 
 
-def compare_round_trip(pipe, scene, settings, embeds, unfused: torch.Tensor) -> dict:
-    """Fused vs unfused (the same image within rounding) and vs no LoRA at all (another image).
-    Mean absolute differences of float pixels in [0, 1]."""
+def _render_trained(pipe, scene, settings, embeds, trained: TrainSettings, adapter: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scene rendered with the adapter built as the trainer builds it (add_lora) and its
+    tensors set as it sets them on resume (load_lora_state): no LoRA file or loader in between."""
+    from kolors_story.training.lora_file import add_lora, load_lora_state
+
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
+    add_lora(unet, trained)  # the adapter "default", beside the disabled "style"
+    load_lora_state(unet, adapter)
+    pipe.enable_lora()
+    pipe.set_adapters(["default"], adapter_weights=[1.0])
+    try:
+        return _float_image(pipe, scene, settings, embeds)
+    finally:
+        unet.delete_adapters("default")
+
+
+def compare_round_trip(pipe, scene, settings, embeds, reloaded: torch.Tensor, trained: TrainSettings,
+                       adapter: dict[str, torch.Tensor]) -> dict:
+    """The saved file reloaded (unfused) against the adapter as trained (the same image within
+    rounding), against itself fused (the same within rounding) and against no LoRA at all (another
+    image). Mean absolute differences of float pixels in [0, 1]; call with the LoRA fused."""
     fused = _float_image(pipe, scene, settings, embeds)
     pipe.unfuse_lora(components=["unet"])
     pipe.disable_lora()
     base = _float_image(pipe, scene, settings, embeds)
-    fuse_error = float((fused - unfused).abs().mean())
-    lora_effect = float((unfused - base).abs().mean())
-    record = {"fused_vs_unfused_mean_abs": fuse_error, "lora_vs_no_lora_mean_abs": lora_effect,
-              "ok": lora_effect > 10 * fuse_error and fuse_error < 0.01}
+    as_trained = _render_trained(pipe, scene, settings, embeds, trained, adapter)
+    fuse_error = float((fused - reloaded).abs().mean())
+    file_error = float((as_trained - reloaded).abs().mean())
+    lora_effect = float((reloaded - base).abs().mean())
+    tolerance = max(fuse_error, file_error)
+    record = {"reloaded_vs_trained_mean_abs": file_error, "fused_vs_unfused_mean_abs": fuse_error,
+              "lora_vs_no_lora_mean_abs": lora_effect,
+              "ok": lora_effect > 10 * tolerance and tolerance < 0.01}
     log.info("lora_round_trip: %s", record)
     return record
 
