@@ -20,7 +20,7 @@ from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import (
     RECORD_FILE, AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, PanelRecipe, read_record, write_record,
 )
-from kolors_story.outputs.publishing import build_bundle
+from kolors_story.outputs.publishing import ModelCard, build_bundle
 from kolors_story.host.reproduce import main, rerender_panel
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.training import TrainSettings, train_lora
@@ -48,8 +48,8 @@ def published(tiny_kolors, training_folder, tmp_path_factory) -> tuple[Path, dic
     records = {name: read_record(work / f"candidates/{name}") for name in scenes}
     Image.new("RGB", (64, 64)).save(work / "story.png")
     bundle = build_bundle(root / "bundle", lora, [work / f"scenes/{n}.png" for n in scenes], list(records.values()),
-                          {"scores": {"s1.png": 5.0, "s2.png": 6.0}}, work / "story.png", str(tiny_kolors),
-                          "t", "", "test")
+                          {"scores": {"s1.png": 5.0, "s2.png": 6.0}}, work / "story.png",
+                          ModelCard("t", str(tiny_kolors), "", "test"))
     shutil.rmtree(work)  # the anchors, candidates and LoRA of the run: only the bundle is left
     return bundle, records
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe
-from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, build_bundle, modelscope_token, upload_bundle
+from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, ModelCard, build_bundle, modelscope_token, upload_bundle
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 
@@ -56,8 +56,9 @@ def make_inputs(root: Path, n: int = 3, consistency: ConsistencyRecipe | None = 
 
 
 def bundle(out_dir: Path, inputs: dict) -> Path:
-    return build_bundle(out_dir, base_model="Kwai-Kolors/Kolors-diffusers", title="Ink 水墨 LoRA",
-                        trigger_words="水墨画", run_name="demo", **inputs)
+    card = ModelCard(title="Ink 水墨 LoRA", base_model="Kwai-Kolors/Kolors-diffusers", trigger_words="水墨画",
+                     run_name="demo")
+    return build_bundle(out_dir, card=card, **inputs)
 
 
 def test_bundle_contents(tmp_path: Path):
@@ -105,8 +106,7 @@ def test_usage_snippet_is_valid_python(tmp_path: Path, tiny_kolors: Path):
     compile(snippet, "usage", "exec")
     assert 'variant="fp16"' in snippet
     local = make_inputs(tmp_path / "in2")
-    out = build_bundle(tmp_path / "c", base_model=str(tiny_kolors), title="t", trigger_words="",
-                       run_name="demo", **local)
+    out = build_bundle(tmp_path / "c", card=ModelCard("t", str(tiny_kolors), "", "demo"), **local)
     snippet = (out / "README.md").read_text(encoding="utf-8").split("```python\n")[1].split("```")[0]
     compile(snippet, "usage", "exec")
     # The local tiny Kolors is laid out as the real one: fp16 files only, so the stock loader needs the variant.

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -221,10 +222,8 @@ def _table_row(r: dict) -> str:
             f"{r['width']}x{r['height']} | {_md_cell(anchors)} | {_fmt_score(r['score'])} |")
 
 
-def _model_card(
-    title: str, base_model: str, trigger_words: str, run_name: str, records: list[dict],
-    mean: float, threshold: float, repo_id: str | None,
-) -> str:
+def _model_card(card: ModelCard, records: list[dict], mean: float, threshold: float) -> str:
+    title, base_model, trigger_words, run_name = card.title, card.base_model, card.trigger_words, card.run_name
     passes = mean >= threshold
     rows = [_table_row(r) for r in records]
     verdict = "passes" if passes else "does not pass"
@@ -245,7 +244,7 @@ def _model_card(
         "",
         "## Usage",
         "",
-        _usage_snippet(base_model, records, repo_id),
+        _usage_snippet(base_model, records, card.repo_id),
         "",
         "## Story",
         "",
@@ -273,6 +272,23 @@ def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
     tmp_dir.rename(out_dir)
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What the model card says about the run: config keys bundle.title, bundle.trigger_words,
+    models.kolors and upload.repo_id, and the run's name."""
+
+    title: str
+    base_model: str
+    trigger_words: str
+    run_name: str
+    repo_id: str | None = None  # goes into the usage snippet when known
+
+    @classmethod
+    def from_params(cls, bundle: dict, base_model: str, run_name: str, repo_id: str | None) -> "ModelCard":
+        """From the bundle rule's params (the variant's bundle section and the rest)."""
+        return cls(bundle["title"], base_model, bundle["trigger_words"], run_name, repo_id)
+
+
 def build_bundle(
     out_dir: Path,
     lora_file: Path,
@@ -280,17 +296,13 @@ def build_bundle(
     records: Sequence[CandidateRecord],
     scores: dict,
     story_image: Path,
-    base_model: str,
-    title: str,
-    trigger_words: str,
-    run_name: str,
-    repo_id: str | None = None,
+    card: ModelCard,
 ) -> Path:
     """Write the ModelScope model folder; an existing `out_dir` is replaced as a whole.
 
     `panels` are the scenes' panel images in story order, `records` their scene jobs' candidate
     records (candidates_file.read_record); `scores` is the scores.json summary (write_scores'
-    return). `repo_id`, when known, goes into the usage snippet.
+    return).
     """
     out_dir = Path(out_dir)
     _require_file(lora_file, "LoRA weights", "run the training step first")
@@ -307,12 +319,11 @@ def build_bundle(
         for panel, row in zip(panels, rows):
             _copy_png(Path(panel), tmp_dir / row["image"])
         _copy_png(Path(story_image), tmp_dir / "story.png")
-        prompts = {"title": title, "base_model": base_model, "trigger_words": trigger_words,
-                   "run": run_name, "mean_score": mean, "threshold": threshold,
+        prompts = {"title": card.title, "base_model": card.base_model, "trigger_words": card.trigger_words,
+                   "run": card.run_name, "mean_score": mean, "threshold": threshold,
                    "passes": mean >= threshold, "scenes": rows}
         write_json(prompts, tmp_dir / "prompts.json")
-        card = _model_card(title, base_model, trigger_words, run_name, rows, mean, threshold, repo_id)
-        (tmp_dir / "README.md").write_text(card, encoding="utf-8")
+        (tmp_dir / "README.md").write_text(_model_card(card, rows, mean, threshold), encoding="utf-8")
         _replace_dir(tmp_dir, out_dir)
     finally:
         if tmp_dir.exists():
