@@ -14,7 +14,9 @@ this class.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 import struct
 import tempfile
@@ -38,6 +40,7 @@ CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "vocab.txt")
 # Where downloads keep files in flight: ModelScope's temporary folder, huggingface_hub's local-dir cache.
 DOWNLOAD_TEMP_DIRS = ("._____temp", ".cache/huggingface")
+_EDGE = 1 << 20  # bytes of each end of a weight file in its fingerprint
 PARTIAL_SUFFIXES = (".incomplete", ".part", ".downloading")
 
 
@@ -196,10 +199,19 @@ class KolorsFolder:
         return variants.pop() if len(variants) == 1 else None
 
     def fingerprint(self, part: str) -> str:
-        """Identity of a part's files, the namespace of its cache entries."""
-        from kolors_story.models.tensor_cache import model_fingerprint
-
-        return model_fingerprint(self.path / part)
+        """Identity of a part's config and weight files (name, size, first and last MiB): the
+        namespace of its cache entries. Cheap, yet any re-save changes it."""
+        h = hashlib.sha256()
+        for path in sorted(p for p in (self.path / part).iterdir() if p.is_file()):
+            h.update(path.name.encode())
+            size = path.stat().st_size
+            h.update(str(size).encode())
+            with open(path, "rb") as f:
+                h.update(f.read(_EDGE))
+                if size > 2 * _EDGE:
+                    f.seek(-_EDGE, os.SEEK_END)
+                    h.update(f.read())
+        return h.hexdigest()[:16]
 
     def describe(self) -> dict:
         """Summary for the manifest: the layout found and hashes of the config files."""

@@ -24,24 +24,6 @@ from kolors_story.files import ensure_space
 
 log = logging.getLogger(__name__)
 
-_EDGE = 1 << 20  # bytes hashed at each end of a weight file: cheap, yet any re-save changes it
-
-
-def model_fingerprint(folder: Path) -> str:
-    """Identity of a model part from its config and weight files (name, size, first/last MiB)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
-        h.update(path.name.encode())
-        size = path.stat().st_size
-        h.update(str(size).encode())
-        with open(path, "rb") as f:
-            h.update(f.read(_EDGE))
-            if size > 2 * _EDGE:
-                f.seek(-_EDGE, os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
 _DIGEST = "data_sha256"
 
 

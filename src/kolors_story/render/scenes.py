@@ -100,12 +100,14 @@ def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dty
     return torch.float32 if device.type == "cpu" else devices.torch_dtype(settings.precision)
 
 
-def load_pipeline(model_dir: Path, settings: SamplerSettings, device: torch.device | None = None,
+def load_pipeline(model: Path | KolorsFolder, settings: SamplerSettings, device: torch.device | None = None,
                   text_encoder: bool = True):
     """The stock pipeline, on the CPU: the caller decides what goes to the device and when.
-    text_encoder=False skips ChatGLM and its tokenizer (prompt embeddings come from elsewhere)."""
+    text_encoder=False skips ChatGLM and its tokenizer (prompt embeddings come from elsewhere).
+    `model`: the Kolors folder's path, or the KolorsFolder the job already checked."""
     device = device or devices.pick_device()
-    pipe = KolorsFolder(model_dir).load_pipeline(pipeline_dtype(settings, device), text_encoder=text_encoder)
+    folder = model if isinstance(model, KolorsFolder) else KolorsFolder(model)
+    pipe = folder.load_pipeline(pipeline_dtype(settings, device), text_encoder=text_encoder)
     pipe.scheduler = make_scheduler(settings.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(desc="denoise", leave=False)
     # Best-of-N decodes its latents one at a time: 4 at 1024 px in the upcast fp32 VAE hold ~12 GiB
@@ -177,7 +179,7 @@ def pipeline_and_prompt_embeddings(model_dir: Path, settings: SamplerSettings, s
     source = (EmbeddingsFile(embeddings, folder, dtype, device) if embeddings is not None
               else PromptEmbeddings(folder, dtype, device, cache_dir))
     embeds = [source.for_pipeline(prompt, scene.negative_prompt) for prompt in scene.prompts]
-    return load_pipeline(model_dir, settings, device, text_encoder=False), embeds
+    return load_pipeline(folder, settings, device, text_encoder=False), embeds
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:
