@@ -103,6 +103,19 @@ def test_everything_filtered_names_the_op(demo_rows, tmp_path):
         filter_rows(demo_rows, ops, tmp_path)
 
 
+def test_everything_filtered_names_the_op_that_removed_the_most(demo_rows, tmp_path):
+    """The last op is not always the one to loosen: the message names the op that removed the most."""
+    subset = [r for r in demo_rows if r["id"] in {"img_026_wide", "img_027_wide", "img_000"}]
+    ops = [{"image_aspect_ratio_filter": {"min_ratio": 0.5, "max_ratio": 2.0}}, {"image_shape_filter": {"min_width": 4096}}]
+    with pytest.raises(UserError) as info:
+        filter_rows(subset, ops, tmp_path)
+    message = str(info.value)
+    assert "of 3 images, image_aspect_ratio_filter removed the most (2; e.g. img_026_wide: aspect_ratios=2.5" in message
+    assert "image_shape_filter removed the last 1 rows" in message
+    assert "Removed per op: integrity_check 0, image_aspect_ratio_filter 2, image_shape_filter 1" in message
+    assert message.endswith("To fix, loosen image_aspect_ratio_filter in filter.ops (config.yaml) or remove it.")
+
+
 def test_all_files_broken_names_the_integrity_check(demo_rows, tmp_path):
     broken = [r for r in demo_rows if r["id"] in {"ghost", "img_030_corrupt"}]
     with pytest.raises(UserError, match="integrity_check removed the last 2 rows"):

@@ -208,10 +208,35 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _zero_rows_error(op: str, rows_in: int, dropped: list[dict]) -> UserError:
-    examples = "; ".join(f"{d['id']}: {d['reason']}" for d in dropped[-3:])
-    where = "check the images in dataset.path (or the download)" if op == INTEGRITY else f"loosen the {op} settings in {OPS_KEY}"
-    return UserError(f"No images left: {op} removed the last {rows_in} rows (e.g. {examples}). To fix, {where}.")
+def _zero_rows_error(stats: dict) -> UserError:
+    """No image survived: name the op that removed the most (the one to loosen) and the last one."""
+    removed = [(o["op"], o["rows_in"] - o["rows_out"]) for o in stats["ops"]]
+    most, count = max(removed, key=lambda r: r[1])  # the first of equals, in op order
+    last, last_count = removed[-1]
+    shown = "; ".join([f"{d['id']}: {d['reason']}" for d in stats["dropped"] if d["op"] == most][:3])
+    per_op = ", ".join(f"{op} {n}" for op, n in removed)
+    where = ("check the images in dataset.path (or the download): they do not open" if most == INTEGRITY
+             else f"loosen {most} in {OPS_KEY} (config.yaml) or remove it")
+    return UserError(
+        f"No images left after filtering: of {stats['rows_in']} images, {most} removed the most ({count}; e.g. {shown}), "
+        f"and {last} removed the last {last_count} rows. Removed per op: {per_op}. To fix, {where}."
+    )
+
+
+def repeats_summary(rows: list[dict]) -> dict | None:
+    """Per folder with repeats (kohya `<repeats>_<name>/`): repeats, images kept and examples per
+    epoch, and the epoch's total; None when no row has repeats (stats stay as they were)."""
+    if not any("repeats" in row for row in rows):
+        return None
+    folders: dict[str, dict] = {}
+    for row in rows:
+        folder = (str(row.get("source", "")).rpartition("/")[0] or ".") + "/"
+        entry = folders.setdefault(folder, {"folder": folder, "repeats": row.get("repeats", 1), "images": 0})
+        entry["images"] += 1
+    for entry in folders.values():
+        entry["examples_per_epoch"] = entry["images"] * entry["repeats"]
+    return {"images": len(rows), "examples_per_epoch": sum(e["examples_per_epoch"] for e in folders.values()),
+            "folders": sorted(folders.values(), key=lambda e: e["folder"])}
 
 
 # ---------------------------------------------------------------- the stage
@@ -221,7 +246,8 @@ def filter_rows(rows: list[dict], ops: list[dict], work_dir: Path, num_proc: int
     """Integrity check, then the configured Data-Juicer ops in order; kept rows keep their order.
 
     `ops` is the `filter.ops` config list, e.g. `[{"image_shape_filter": {"min_width": 1024}}]`.
-    Raises UserError for an unknown op or argument, and when no row survives (naming the op).
+    Raises UserError for an unknown op or argument, and when no row survives (naming the op
+    that removed the most). With kohya repeats, `stats['repeats']` sums them up (repeats_summary).
     """
     parsed = parse_ops(ops)
     work_dir = Path(work_dir)
@@ -236,14 +262,18 @@ def filter_rows(rows: list[dict], ops: list[dict], work_dir: Path, num_proc: int
     stats["dropped"].extend(dropped)
     log.info("%s: %d -> %d rows", INTEGRITY, len(rows), len(alive))
     if not alive:
-        raise _zero_rows_error(INTEGRITY, len(rows), dropped)
+        raise _zero_rows_error(stats)
 
     if parsed:
         with _no_runtime_installs(), _quiet_datasets():
             alive = _run_ops(rows, alive, parsed, work_dir, num_proc, stats)
 
     stats["rows_out"] = len(alive)
-    return FilterResult(kept=[rows[i] for i in alive], stats=stats)
+    kept = [rows[i] for i in alive]
+    repeats = repeats_summary(kept)
+    if repeats:
+        stats["repeats"] = repeats
+    return FilterResult(kept=kept, stats=stats)
 
 
 def _run_ops(rows: list[dict], alive: list[int], parsed: list[tuple[str, dict]], work_dir: Path, num_proc: int, stats: dict) -> list[int]:
@@ -269,7 +299,7 @@ def _run_ops(rows: list[dict], alive: list[int], parsed: list[tuple[str, dict]],
         stats["dropped"].extend(dropped)
         log.info("%s: %d -> %d rows (%.1f s)", name, rows_in, len(dataset), time.monotonic() - started)
         if len(dataset) == 0:
-            raise _zero_rows_error(name, rows_in, dropped)
+            raise _zero_rows_error(stats)
     return sorted(dataset[ROW_COL])
 
 

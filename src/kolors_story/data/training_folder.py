@@ -1,4 +1,6 @@
-"""The training folder: `train/metadata.csv` (file_name,text) beside RGB JPEGs named by row id.
+"""The training folder: `train/metadata.csv` (file_name,text) beside RGB JPEGs named by row id;
+a `repeats` column is added only when some image repeats (kohya `<repeats>_<name>/` folders): our
+trainer reads it; a reader of file_name,text only (DiffSynth-Studio's) shows each image once.
 
 This is the layout DiffSynth-Studio 1.1.x's Kolors LoRA trainer reads with
 `--dataset_path out_dir` (diffsynth/data/simple_text_image.py: pandas.read_csv of
@@ -86,10 +88,25 @@ def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_caption
             _write_rgb_jpeg(Path(row["image"]), train / name)
         except (OSError, BadImage) as exc:
             raise UserError(f"row {row['id']!r}: cannot read image {row['image']} ({exc}); rerun the filter_dataset step.") from exc
-        records.append((name, text))
-    csv_path = train / "metadata.csv"
+        records.append((name, text, row_repeats(row)))
+    return _write_metadata(train / "metadata.csv", records)
+
+
+def row_repeats(row: dict) -> int:
+    """How many times a row's image is shown per epoch: its `repeats` (a kohya `<repeats>_<name>/`
+    folder), else 1."""
+    repeats = row.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError(f"row {row['id']!r} has repeats {repeats!r}; it must be a whole number >= 1 (rebuild the rows file).")
+    return repeats
+
+
+def _write_metadata(csv_path: Path, records: list[tuple[str, str, int]]) -> Path:
+    """metadata.csv: file_name,text; a third column `repeats` only when some image repeats, so a
+    dataset without repeats keeps the file DiffSynth-Studio reads, byte for byte."""
+    repeats = any(n != 1 for _, _, n in records)
     with csv_path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file_name", "text"])
-        writer.writerows(records)
+        writer.writerow(["file_name", "text", "repeats"] if repeats else ["file_name", "text"])
+        writer.writerows(records if repeats else [(name, text) for name, text, _ in records])
     return csv_path

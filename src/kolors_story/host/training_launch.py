@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kolors_story.errors import UserError
+from kolors_story.training.data import check_dataset_size, read_metadata
 from kolors_story.training.loop import TrainResult, train_lora
 from kolors_story.training.processes import exit_with_parent
 from kolors_story.training.settings import TrainSettings
@@ -82,6 +83,9 @@ def train(
 ) -> TrainResult:
     """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; each
     line the processes print goes to this process's log (the rule's log)."""
+    csv_path = Path(dataset_dir) / "train" / "metadata.csv"
+    if csv_path.is_file():  # refused here, before any process starts or model loads (train_lora checks too)
+        check_dataset_size(read_metadata(Path(dataset_dir)), settings, max(1, processes), csv_path)
     if processes <= 1:
         return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir,
                           embeddings=embeddings)

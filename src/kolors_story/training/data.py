@@ -20,6 +20,7 @@ from kolors_story.training.settings import TrainSettings
 class Example:
     image_path: Path
     caption: str
+    repeats: int = 1  # times shown per epoch (kohya's <repeats>_<name>/ folders)
     original_size: tuple[int, int] = (0, 0)  # (height, width), Kolors' SDXL-style conditioning
     target_size: tuple[int, int] = (0, 0)  # (height, width) of the crop the UNet sees
 
@@ -30,7 +31,8 @@ class Example:
 
 
 def read_metadata(dataset_dir: Path) -> list[Example]:
-    """Rows of <dataset_dir>/train/metadata.csv (file_name,text), DiffSynth-Studio's layout."""
+    """Rows of <dataset_dir>/train/metadata.csv (file_name,text), DiffSynth-Studio's layout, with
+    an optional `repeats` column (written only when some image repeats)."""
     csv_path = Path(dataset_dir) / "train" / "metadata.csv"
     if not csv_path.is_file():
         raise UserError(f"training data: {csv_path} not found (built by rule build_metadata).")
@@ -38,7 +40,37 @@ def read_metadata(dataset_dir: Path) -> list[Example]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise UserError(f"training data: {csv_path} has no rows; check filter settings.")
-    return [Example(csv_path.parent / r["file_name"], r["text"]) for r in rows]
+    return [Example(csv_path.parent / r["file_name"], r["text"], _repeats(r, csv_path, n))
+            for n, r in enumerate(rows, 1)]
+
+
+def _repeats(row: dict, csv_path: Path, n: int) -> int:
+    value = (row.get("repeats") or "1").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"training data: {csv_path} row {n} ({row.get('file_name')}) has repeats {value!r}, not a whole number >= 1; "
+                        "rerun rule build_metadata.")
+    return int(value)
+
+
+def examples_per_epoch(examples: list[Example]) -> int:
+    """Images times their repeats: what one pass over the data shows."""
+    return sum(ex.repeats for ex in examples)
+
+
+def check_dataset_size(examples: list[Example], settings: TrainSettings, processes: int, csv_path: Path) -> None:
+    """Refuse a dataset smaller than one optimizer step (batch_size x gradient_accumulation x
+    processes examples): every step would show images more than once."""
+    per_step = settings.batch_size * settings.gradient_accumulation * processes
+    per_epoch = examples_per_epoch(examples)
+    if per_epoch >= per_step:
+        return
+    with_repeats = f" ({per_epoch} examples per epoch with their repeats)" if per_epoch != len(examples) else ""
+    raise UserError(
+        f"training data: {csv_path} holds {len(examples)} image(s){with_repeats} after filtering, fewer than one "
+        f"optimizer step takes: train.batch_size {settings.batch_size} x train.gradient_accumulation "
+        f"{settings.gradient_accumulation} x train.processes {processes} = {per_step}. Lower those settings "
+        f"so that their product is at most {per_epoch}, or add images (or loosen filter.ops)."
+    )
 
 
 def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -110,16 +142,20 @@ def load_pixels(ex: Example, top_left: tuple[int, int], flip: bool) -> torch.Ten
 
 
 class BatchOrder:
-    """Seeded batch order: each epoch shuffles the examples, groups them by target size (a batch
-    never mixes sizes) and shuffles the batches. Its state is plain lists, so it checkpoints."""
+    """Seeded batch order: each epoch shuffles the examples (each as often as its repeats),
+    groups them by target size (a batch never mixes sizes) and shuffles the batches. Its state is
+    plain lists, so it checkpoints."""
 
     def __init__(self, examples: list[Example], batch_size: int):
         self.sizes = [ex.target_size for ex in examples]
+        # An example with repeats r takes r places in every epoch (kohya's repeats); with none,
+        # the places are the examples themselves, so the order is what it was without repeats.
+        self.places = [i for i, ex in enumerate(examples) for _ in range(ex.repeats)]
         self.batch_size = batch_size
         self.pending: list[list[int]] = []
 
     def _epoch(self, gen: torch.Generator) -> list[list[int]]:
-        order = torch.randperm(len(self.sizes), generator=gen).tolist()
+        order = [self.places[j] for j in torch.randperm(len(self.places), generator=gen).tolist()]
         groups: dict[tuple[int, int], list[int]] = {}
         for i in order:
             groups.setdefault(self.sizes[i], []).append(i)

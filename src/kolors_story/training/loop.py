@@ -20,7 +20,8 @@ from kolors_story.training import checkpoints as ckpt
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.prompt_embeddings import release
 from kolors_story.training.data import (
-    BatchOrder, Example, assign_sizes, crop_origin, load_pixels, read_metadata, size_conditioning,
+    BatchOrder, Example, assign_sizes, check_dataset_size, crop_origin, examples_per_epoch, load_pixels,
+    read_metadata, size_conditioning,
 )
 from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
@@ -126,7 +127,8 @@ def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: lis
     h = hashlib.sha256(settings.fingerprint().encode())
     h.update(folder.fingerprint("unet").encode())
     for ex in examples:
-        h.update(f"{ex.digest}\x1f{ex.caption}\x1e".encode())
+        repeats = f"\x1f{ex.repeats}" if ex.repeats != 1 else ""  # runs without repeats keep their fingerprint
+        h.update(f"{ex.digest}\x1f{ex.caption}{repeats}\x1e".encode())
     if processes > 1:
         h.update(f"processes={processes}".encode())
     return h.hexdigest()[:16]
@@ -151,18 +153,20 @@ def train_lora(
     device = procs.device
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    examples = read_metadata(Path(dataset_dir))
+    check_dataset_size(examples, settings, procs.world, Path(dataset_dir) / "train" / "metadata.csv")
     folder = KolorsFolder(model_dir)  # refuses a foreign or incomplete folder before any GPU work
     val = settings.validation
     if val.every and not (val.prompts and aesthetic_dir):
         raise UserError("train.validation.every > 0 needs train.validation.prompts and models.aesthetic.")
     dtype, autocast_dtype = precision_dtypes(settings.precision, device)
-    examples = read_metadata(Path(dataset_dir))
     assign_sizes(examples, settings)
     cache_root = Path(cache_dir or out_dir / "cache")
     ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, folder, examples, procs.world)
     if procs.is_main:
-        log.info("training on %d image(s), %d steps, %d process(es), device %s; checkpoints in %s",
-                 len(examples), settings.steps, procs.world, device, ckpt_root)
+        log.info("training on %d image(s) (%d examples per epoch with repeats), %d steps, %d process(es), "
+                 "device %s; checkpoints in %s", len(examples), examples_per_epoch(examples), settings.steps,
+                 procs.world, device, ckpt_root)
 
     noise_scheduler = folder.load_scheduler(DDPMScheduler)
     with procs.main_first():  # rank 0 fills the caches, the others read them
