@@ -1,4 +1,5 @@
-"""A dataset smaller than one optimizer step is refused before any process starts or model loads."""
+"""The training data: a dataset smaller than one optimizer step is refused before any process starts or
+model loads; kohya repeats train and key their own checkpoints."""
 
 from __future__ import annotations
 
@@ -58,3 +59,28 @@ def test_train_lora_refuses_before_the_model_folder_is_read(tmp_path):
     data = _dataset(tmp_path / "data", n=1)
     with pytest.raises(UserError, match=r"holds 1 image\(s\)"):
         train_lora(tmp_path / "no-model", data, tmp_path / "out", TrainSettings(batch_size=2))
+
+
+def _with_repeats(folder: Path, repeats: list[int]) -> None:
+    """Add the repeats column build_metadata writes for kohya folders."""
+    csv_path = folder / "train" / "metadata.csv"
+    lines = csv_path.read_text(encoding="utf-8").splitlines()
+    rows = [f"{line},{n}" for line, n in zip(lines[1:], repeats)]
+    csv_path.write_text("\n".join([lines[0] + ",repeats", *rows]) + "\n", encoding="utf-8")
+
+
+def test_repeats_train_and_key_their_own_checkpoints(tiny_kolors, tmp_path):
+    """Checkpoints of a run with other repeats are never resumed; all-1 repeats are the plain run."""
+    from kolors_story.models.kolors_folder import KolorsFolder
+    from kolors_story.training.loop import run_fingerprint
+    from kolors_fixtures import write_training_folder
+
+    settings = TrainSettings(steps=2, resolution=32, precision="fp32", rank=4, alpha=4, checkpoint_every=1)
+    folders = {name: write_training_folder(tmp_path / name, [(40, 40)] * 2, ["水墨画", "山水"]) for name in ("plain", "ones", "rep")}
+    _with_repeats(folders["ones"], [1, 1])
+    _with_repeats(folders["rep"], [3, 1])
+    kolors = KolorsFolder(tiny_kolors)
+    keys = {name: run_fingerprint(settings, kolors, read_metadata(f)) for name, f in folders.items()}
+    assert keys["plain"] == keys["ones"] != keys["rep"]
+    result = train_lora(tiny_kolors, folders["rep"], tmp_path / "out", settings, work_dir=tmp_path / "work")
+    assert len(result.losses) == 2 and (tmp_path / "work" / keys["rep"]).is_dir()
