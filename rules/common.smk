@@ -18,7 +18,7 @@ from kolors_story.plan.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
-from kolors_story.plan.job_plan import IMAGE_KEYS, plan_jobs
+from kolors_story.plan.job_plan import IMAGE_KEYS, data_key, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
 from kolors_story.plan.prompts import cut_texts
@@ -107,7 +107,8 @@ except WorkflowError:
     ALL_CORES = 1
 
 # Folders that rules of this workflow build (the demo's data and tiny models).
-BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic", "resources/tiny/qwen"}
+BUILT_DIRS = {"resources/demo/dataset", "resources/tiny/kolors", "resources/tiny/aesthetic", "resources/tiny/qwen",
+              "resources/tiny/blip"}
 ALL_SCENES = sorted({s for scenes in SCENES.values() for s in scenes} | OUTLINE_IDS)
 ALL_CHARACTERS = sorted({c for v in VARIANTS.values() for c in v["story"]["characters"]})  # anchors' names
 
@@ -164,6 +165,8 @@ def model_refs(config):
     refs = {f"models.{k}": v for k, v in config["models"].items() if k in MODEL_INPUT}
     if local_writer_model(config):
         refs["prompt_writer.model"] = local_writer_model(config)
+    if config["caption"]["backend"] == "data_juicer":
+        refs["caption.model"] = config["caption"]["model"]
     return refs
 
 
@@ -230,6 +233,8 @@ def variant_outputs(name):
         outputs.append(f"results/{name}/upload.json")
     if name in WRITER_KEYS:
         outputs += [f"results/{name}/prompts.yaml", f"results/{name}/{TRANSCRIPT_FILE}"]
+    if VARIANTS[name]["caption"]["backend"] != "none":
+        outputs += [f"results/{name}/data/{f}" for f in CAPTION_FILES.values()]
     return outputs
 
 
@@ -261,6 +266,49 @@ def dataset_input(wildcards):
 def filter_input(name):
     """A file of the download job the filter job reads from."""
     return lambda wc: f"{SHARED}/download/{PLAN.filters[wc.key]['download']}/{name}"
+
+
+# ---------------------------------------------------------------- of the captioner
+CAPTION_FILES = {"record": "captions.jsonl", "page": "captions.html"}  # under results/<run>/data/ too
+
+
+def caption_job(wildcards):
+    return PLAN.captions[wildcards.key]
+
+
+def caption_inputs(wildcards):
+    """The filter job's kept rows (and the download's images they point into), and with backend
+    data_juicer the captioning model's folder."""
+    job = caption_job(wildcards)
+    inputs = {"rows": f"{SHARED}/data/{job['filter']}/filtered.jsonl",
+              "images": f"{SHARED}/download/{PLAN.filters[job['filter']]['download']}/images"}
+    if job["caption"]["backend"] == "data_juicer":
+        inputs["model"] = model_folder(job["caption"]["model"], "caption.model")
+    return inputs
+
+
+def caption_params(wildcards):
+    """caption.* as the job's script reads it, keys sorted (Snakemake compares params as written):
+    the job's settings, what only reaches the server (the key's variable name, never the key) and,
+    with backend data_juicer, the model as its folder."""
+    job = caption_job(wildcards)
+    name = next(n for n, j in PLAN.variants.items() if j.captions == wildcards.key)
+    caption = dict(VARIANTS[name]["caption"])
+    if caption["backend"] == "data_juicer":
+        caption["model"] = model_folder(caption["model"], "caption.model")
+    return dict(sorted(caption.items()))
+
+
+def metadata_rows(wildcards):
+    """build_metadata's rows: the captioner's where the key is a caption job's, else the filter's."""
+    if wildcards.key in PLAN.captions:
+        return f"{SHARED}/captions/{wildcards.key}/captioned.jsonl"
+    return f"{SHARED}/data/{wildcards.key}/filtered.jsonl"
+
+
+def metadata_filter(key):
+    """The filter job behind a training folder's key."""
+    return PLAN.captions[key]["filter"] if key in PLAN.captions else key
 
 
 # ---------------------------------------------------------------- of the text encoder
@@ -364,7 +412,7 @@ def manifest_inputs(wildcards):
         "scores": f"{run_dir}/scores.json",
         "bundle": f"{run_dir}/bundle",
         "dataset": f"{SHARED}/data/{jobs.filter}/filtered.jsonl",
-        "training_data": f"{SHARED}/data/{jobs.filter}/dataset",
+        "training_data": f"{SHARED}/data/{data_key(jobs)}/dataset",
         "filter_stats": f"{run_dir}/data/filter_stats.json",
         "models": [model_check(n, variant_config(wildcards)["models"][n]) for n in ("kolors", "aesthetic")],
         "benchmarks": list(gpu_benchmarks(wildcards).values()),

@@ -55,13 +55,40 @@ rule filter_dataset:
         "../scripts/filter_dataset.py"
 
 
+rule caption_images:
+    """One caption per kept image (caption.backend data_juicer or openai; none: no such job, and
+    build_metadata reads the filter's rows). Keyed by the filter job and the caption settings
+    (kolors_story.plan.job_plan.caption_settings); each image's caption is cached under
+    CACHE/captions by its bytes and what makes a caption, not the template: a template edit or a
+    rerun captions nothing again, an added image captions that image only."""
+    input:
+        unpack(caption_inputs),
+    output:
+        rows=f"{SHARED}/captions/{{key}}/captioned.jsonl",
+        record=f"{SHARED}/captions/{{key}}/{CAPTION_FILES['record']}",
+        page=f"{SHARED}/captions/{{key}}/{CAPTION_FILES['page']}",
+    params:
+        caption=caption_params,  # the API key's variable name, never the key
+        trigger=lambda wc: caption_job(wc)["trigger"],
+        default_caption=lambda wc: caption_job(wc)["default_caption"],
+        cache_dir=f"{CACHE}/captions",
+    resources:
+        gpu=lambda wc: 1 if caption_job(wc)["caption"]["backend"] == "data_juicer" else 0,  # its own job: freed before training
+    log:
+        f"{SHARED}/logs/caption_images/{{key}}.log",
+    conda:
+        ENV
+    script:
+        "../scripts/caption_images.py"
+
+
 rule build_metadata:
     input:
-        rows=f"{SHARED}/data/{{key}}/filtered.jsonl",
+        rows=metadata_rows,
     output:
         directory(f"{SHARED}/data/{{key}}/dataset"),
     params:
-        truncate=lambda wc: PLAN.downloads[PLAN.filters[wc.key]["download"]]["dataset"].get("truncate_long_captions", False),
+        truncate=lambda wc: PLAN.downloads[PLAN.filters[metadata_filter(wc.key)]["download"]]["dataset"].get("truncate_long_captions", False),
     log:
         f"{SHARED}/logs/build_metadata/{{key}}.log",
     conda:
@@ -86,3 +113,20 @@ rule variant_data:
         ENV
     script:
         "../scripts/variant_data.py"
+
+
+rule variant_captions:
+    """The variant's captions: each kept image beside its training text and where it came from."""
+    input:
+        record=lambda wc: f"{SHARED}/captions/{variant_jobs(wc).captions}/{CAPTION_FILES['record']}",
+        page=lambda wc: f"{SHARED}/captions/{variant_jobs(wc).captions}/{CAPTION_FILES['page']}",
+    output:
+        record=f"{RUN_DIR}/data/{CAPTION_FILES['record']}",
+        page=report(f"{RUN_DIR}/data/{CAPTION_FILES['page']}", caption="../report/captions.rst",
+                    category="{run}", subcategory="Data"),
+    log:
+        f"{RUN_DIR}/logs/variant_captions.log",
+    conda:
+        ENV
+    script:
+        "../scripts/copy_outputs.py"

@@ -47,6 +47,20 @@ rule build_tiny_writer:
         "../scripts/build_tiny_writer.py"
 
 
+rule build_tiny_captioner:
+    """The demo's captioning model: a tiny random BLIP in Salesforce/blip-image-captioning-base's layout."""
+    output:
+        directory("resources/tiny/blip"),
+    params:
+        seed=0,
+    log:
+        "resources/logs/build_tiny_captioner.log",
+    conda:
+        ENV
+    script:
+        "../scripts/build_tiny_captioner.py"
+
+
 rule prepare_model:
     input:
         lambda wc: model_folder(MODEL_REFS[(wc.model_name, wc.key)], f"models.{wc.model_name}"),

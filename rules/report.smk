@@ -79,7 +79,7 @@ rule manifest:
         seeds=lambda wc: {"train": variant_config(wc)["train"]["seed"],
                           **{s: v["seed"] for s, v in SCENES[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
-        jobs=lambda wc: vars(variant_jobs(wc)),
+        jobs=lambda wc: {k: v for k, v in vars(variant_jobs(wc)).items() if k != "captions" or v},  # none: as before
         cut_texts=lambda wc: cut_texts(variant_config(wc)),  # story.truncate_long_prompts: what was cut
     log:
         f"{RUN_DIR}/logs/manifest.log",

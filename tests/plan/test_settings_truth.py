@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kolors_story.writing.llm_client import ChatSettings
+from kolors_story.writing.captions import CaptionSettings
 from kolors_story.render import character_sharing
 
 from kolors_story.plan import prompts
@@ -46,10 +47,13 @@ ONLY_IN_SCHEMA = {
         "seed": "the anchors' seed: the Scene.seed of each anchor job",
     },
 }
-# Dataclass fields that are not config keys, by schema path, with the reason (none today).
-ONLY_IN_DATACLASS: dict[str, dict[str, str]] = {}
+# Dataclass fields that are not config keys, by schema path, with the reason.
+ONLY_IN_DATACLASS: dict[str, dict[str, str]] = {
+    "prompt_writer": {"owner": "the config section its errors name: prompt_writer, or caption when the "
+                               "captioner uses the same client (CaptionSettings.chat_settings)"},
+}
 PAIRS = [(TrainSettings, "train"), (SamplerSettings, "generate"), (Consistency, "generate.consistency"),
-         (ChatSettings, "prompt_writer")]
+         (ChatSettings, "prompt_writer"), (CaptionSettings, "caption")]
 
 # Scene gathers each field from another key (config.scene_settings resolves them).
 SCENE_SOURCES = {

@@ -157,3 +157,48 @@ def test_one_text_encoder_precision_serves_training_and_generation(demo):
     assert job["precision"] == "fp16" and job["kolors"] == demo["models"]["kolors"]
     other = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", "models": {"text_encoder_precision": "bf16"}}]))
     assert len(other.encodings) == 2 and len(other.trainings) == 2  # one per model and precision
+
+
+# ---------------------------------------------------------------- captions (caption_images)
+CAPTIONED = {"caption": {"backend": "data_juicer", "model": "resources/tiny/blip"}}
+
+
+def test_without_a_captioner_no_caption_job_and_training_reads_the_filter(demo):
+    plan = plan_jobs(variants_of(demo, [{"name": "a"}]))
+    jobs = plan.variants["a"]
+    assert plan.captions == {} and jobs.captions is None
+    assert plan.trainings[jobs.lora]["filter"] == jobs.filter and plan.encodings[jobs.encoding]["filters"] == [jobs.filter]
+
+
+def test_a_captioned_variant_shares_the_filter_and_trains_on_its_captions(demo):
+    plan = plan_jobs(variants_of(demo, [{"name": "a"}, {"name": "b", **CAPTIONED}]))
+    a, b = plan.variants["a"], plan.variants["b"]
+    assert (len(plan.downloads), len(plan.filters), len(plan.captions), len(plan.trainings)) == (1, 1, 1, 2)
+    assert a.filter == b.filter and b.captions and plan.captions[b.captions]["filter"] == b.filter
+    assert plan.trainings[b.lora]["filter"] == b.captions  # the training folder's key
+    assert sorted(plan.encodings[b.encoding]["filters"]) == sorted([a.filter, b.captions])
+
+
+def test_a_template_edit_is_a_new_caption_job_and_reaching_the_server_is_none(demo):
+    template = {"caption": {**CAPTIONED["caption"], "template": "{caption}"}}
+    runtime = {"caption": {**CAPTIONED["caption"], "timeout_s": 5.0, "max_retries": 0, "api_key_env": None}}
+    plan = plan_jobs(variants_of(demo, [{"name": "a", **CAPTIONED}, {"name": "b", **template}, {"name": "c", **runtime}]))
+    a, b, c = (plan.variants[n] for n in "abc")
+    assert a.captions != b.captions and a.captions == c.captions and a.lora == c.lora
+    assert "timeout_s" not in plan.captions[a.captions]["caption"]
+    assert plan.captions[a.captions]["trigger"] == demo["bundle"]["trigger_words"]
+
+
+@pytest.mark.parametrize("caption, words", [
+    ({"backend": "openai"}, "config key 'caption.model': required when caption.backend is 'openai'"),
+    ({"backend": "data_juicer", "model": "m", "template": "{style}，{caption}"},
+     "config key 'caption.template': unknown field {style}"),
+    ({"backend": "none", "template": "{style}"}, None),  # not checked: nothing is captioned
+])
+def test_caption_settings_are_checked_at_parse_time_naming_the_key(demo, caption, words):
+    if words is None:
+        validate({**demo, "caption": caption})
+        return
+    with pytest.raises(UserError) as err:
+        validate({**demo, "caption": caption})
+    assert words in str(err.value)

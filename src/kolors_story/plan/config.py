@@ -18,6 +18,7 @@ import yaml
 from kolors_story.errors import UserError
 from kolors_story.render.panel_choice import needs_scorer  # noqa: F401 (the rules' and tests' name for it)
 from kolors_story.plan.prompts import assemble_prompt, check_prompt_template, check_text_lengths
+from kolors_story.writing.captions import check_template
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 CHARACTER_NAME = re.compile(r"\w[\w.-]*")  # a file name (anchors/<name>.safetensors); CJK is fine
@@ -193,6 +194,8 @@ def _check_templates(config: dict) -> list[str]:
     checks = ((check_caption_template, config["dataset"]["caption_template"]),
               (check_prompt_template, config["story"]["prompt_template"]),
               (parse_background, config["dataset"]["background"]))
+    if config["caption"]["backend"] != "none":
+        checks += ((check_template, config["caption"]["template"]),)
     for check, value in checks:
         try:
             check(value)
@@ -239,6 +242,11 @@ def _check_switches(config: dict) -> list[str]:
     if validation["every"] and not validation["prompts"]:
         problems.append("config key 'train.validation.prompts': give at least one prompt when "
                         "train.validation.every > 0 (or set every: 0).")
+    caption = config["caption"]
+    if caption["backend"] != "none" and not caption.get("model"):
+        example = "resources/tiny/blip or a BLIP-2 ModelScope id" if caption["backend"] == "data_juicer" else "qwen-vl-plus"
+        problems.append(f"config key 'caption.model': required when caption.backend is "
+                        f"'{caption['backend']}' (e.g. {example}).")
     upload = config["upload"]
     if upload["enabled"] and not upload.get("repo_id"):
         problems.append("config key 'upload.repo_id': required when upload.enabled is true.")

@@ -5,7 +5,8 @@ settings are exactly what its output depends on; the job's key hashes those sett
 with the keys of the jobs it reads from. Variants with equal settings get equal keys, so the
 workflow (which names shared outputs `results/shared/<stage>/<key>`) plans the job once: a
 generation-only sweep trains one LoRA, a rank sweep filters once. A setting that only names or
-describes a run (run, bundle title, captions, layout, upload) is in no key.
+describes a run (run, bundle title, panel captions, layout, upload) is in no key (the trigger words
+are, of a variant whose images are captioned: caption.template's {trigger}).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class VariantJobs:
     lora: str  # the key of the train or import job
     imported: bool
     encoding: str = ""  # the key of the encode_texts job (the model's text encoder, one precision)
+    captions: str | None = None  # the key of the caption_images job (None: caption.backend none)
     anchors: dict[str, str] = field(default_factory=dict)
     scenes: dict[str, str] = field(default_factory=dict)
 
@@ -42,6 +44,7 @@ class JobPlan:
     encodings: dict[str, dict] = field(default_factory=dict)  # + "texts" and "filters", filled as planned
     downloads: dict[str, dict] = field(default_factory=dict)
     filters: dict[str, dict] = field(default_factory=dict)
+    captions: dict[str, dict] = field(default_factory=dict)
     trainings: dict[str, dict] = field(default_factory=dict)
     imports: dict[str, dict] = field(default_factory=dict)
     anchors: dict[str, dict] = field(default_factory=dict)
@@ -68,6 +71,26 @@ def _dataset_settings(dataset: dict) -> dict:
     """The dataset settings that key the download job. truncate_long_captions came later: at its
     default it is left out, so the keys (and the trainings behind them) of earlier runs hold."""
     return {k: v for k, v in dataset.items() if k != "truncate_long_captions" or v}
+
+
+# caption.* that only say how to reach the captioner, not what it writes: in no key
+CAPTION_RUNTIME = ("api_key_env", "timeout_s", "max_retries")
+CAPTION_OPENAI_ONLY = ("base_url", "temperature")
+
+
+def caption_settings(config: dict) -> dict:
+    """What a variant's captions depend on (caption.* less how to reach the server, and less what
+    the other backend alone reads), with the trigger words and the fallback caption it fills in."""
+    caption = config["caption"]
+    drop = CAPTION_RUNTIME + (CAPTION_OPENAI_ONLY if caption["backend"] != "openai" else ())
+    return {"caption": {k: v for k, v in sorted(caption.items()) if k not in drop},
+            "trigger": config["bundle"]["trigger_words"], "default_caption": config["dataset"]["default_caption"]}
+
+
+def data_key(jobs: VariantJobs) -> str:
+    """The key of the variant's training folder (results/shared/data/<key>/dataset): its caption
+    job's where it captions, else its filter job's (as before captions existed)."""
+    return jobs.captions or jobs.filter
 
 
 def _add(table: dict[str, dict], settings: dict) -> str:
@@ -100,6 +123,7 @@ def _note_texts(plan: JobPlan, encoding: str, job: str, texts: list[str]) -> str
 
 
 def _lora_job(plan: JobPlan, config: dict, filter_key: str, encoding: str) -> tuple[str, bool]:
+    """The train or import job; `filter_key` is the training folder's key (data_key)."""
     models, train = config["models"], config["train"]
     if train["use_lora"]:
         settings = {"use_lora": train["use_lora"], "diffsynth_alpha": train["diffsynth_alpha"],
@@ -160,9 +184,12 @@ def plan_jobs(variants: dict[str, dict]) -> JobPlan:
         download = _add(plan.downloads, {"dataset": _dataset_settings(config["dataset"])})
         filter_key = _add(plan.filters, {"download": download, "ops": config["filter"]["ops"],
                                          "num_proc": config["filter"]["num_proc"]})
+        captions = None
+        if config["caption"]["backend"] != "none":
+            captions = _add(plan.captions, {"filter": filter_key, **caption_settings(config)})
         encoding = _encoding_job(plan, config)
-        lora, imported = _lora_job(plan, config, filter_key, encoding)
-        jobs = VariantJobs(name, download, filter_key, lora, imported, encoding)
+        lora, imported = _lora_job(plan, config, captions or filter_key, encoding)
+        jobs = VariantJobs(name, download, filter_key, lora, imported, encoding, captions=captions)
         scenes = scene_settings(config)  # once: it tokenizes every prompt
         _anchor_jobs(plan, config, scenes, jobs)
         _scene_jobs(plan, config, scenes, jobs)

@@ -118,7 +118,7 @@ class CaptionRecord:
     """One kept image's line of captions.jsonl: its final text and where it came from."""
 
     id: str
-    image: str
+    image: str  # the image as the user knows it: its file in dataset.path, else its file name
     text: str  # the training text
     source: str  # user | generated | fallback
     generated: str | None  # the captioner's caption (after any cut), None when not asked
@@ -175,8 +175,9 @@ class CaptionRun:
     def caption_row(self, row: dict) -> CaptionRecord:
         """The record of one row: its user's caption kept, or one generated (or its fallback)."""
         user, image = user_caption(row), Path(row["image"])
+        name = str(row.get("source") or image.name)  # in warnings and records: no absolute paths in results
         fallback = user or self.default_caption
-        record = CaptionRecord(id=str(row["id"]), image=str(row["image"]), text="", source="generated",
+        record = CaptionRecord(id=str(row["id"]), image=name, text="", source="generated",
                                generated=None, user_caption=user, model=self.settings.model, tokens=0)
         if user and self.settings.keep_existing:
             record.text, record.source, record.model = str(row["text"]), "user", None
@@ -185,12 +186,12 @@ class CaptionRun:
             record.generated = self._fit(record, caption.strip())
             if not record.generated:
                 record.source = "fallback"
-                record.warnings.append(f"empty caption for {image} from {self.settings.model}; using "
+                record.warnings.append(f"empty caption for {name} from {self.settings.model}; using "
                                        f"{'its own caption' if user else 'dataset.default_caption'} {fallback!r}")
             record.text = fill_template(self.settings.template, self.trigger, record.generated or fallback, user)
         if not record.text:
             record.text, record.source = self.default_caption, "fallback"
-            record.warnings.append(f"caption.template gave {image} an empty text; using dataset.default_caption")
+            record.warnings.append(f"caption.template gave {name} an empty text; using dataset.default_caption")
         record.tokens = count_tokens(record.text)
         return record
 
