@@ -671,3 +671,21 @@ def test_a_link_back_into_the_dataset_is_not_searched_twice(tmp_path):
     rows, report = scan_local_folder(tmp_path)
     assert [r["source"] for r in rows] == ["a.png", "sub/b.png"]
     assert {e["file"]: e.get("reason") for e in report.files}["sub/loop/"] == "a link to a folder already searched"
+
+
+def test_an_unreadable_subfolder_is_reported_not_fatal(tmp_path, monkeypatch):
+    """A folder without read permission (faked: the tests may run as root, who reads anything)."""
+    _image(tmp_path / "a.png")
+    (tmp_path / "locked").mkdir()
+    _image(tmp_path / "locked" / "b.png")
+    iterdir = Path.iterdir
+
+    def no_permission(self):
+        if self.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", no_permission)
+    rows, report = scan_local_folder(tmp_path)
+    assert [r["source"] for r in rows] == ["a.png"]
+    assert {e["file"]: e.get("reason") for e in report.files}["locked/"] == "cannot be listed (Permission denied)"

@@ -131,8 +131,11 @@ def _skip_folder(path: Path, name: str, seen: set[Path]) -> str | None:
         return "a link to a folder already searched"
     if folder_repeats(name + "/x") == 0:
         return "0 repeats (kohya's <repeats>_<name> folder form): not used, as kohya does"
-    if not any(path.iterdir()):
-        return "a folder with no files"
+    try:
+        if not any(path.iterdir()):
+            return "a folder with no files"
+    except OSError as exc:  # no permission, a link to nowhere
+        return f"cannot be listed ({exc.strerror or exc})"
     return None
 
 
