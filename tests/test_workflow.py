@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from challenge_reference import reference_evaluate
 from result_files import differing, result_files
 
@@ -27,7 +28,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]
 DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs
 SCENES = ["s1_class", "s2_sleepy", "s3_dream", "s4_prince", "s5_talk", "s6_ride", "s7_awake", "s8_study"]
-DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline")  # demo/sweep.yaml
+DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline", "demo-captions")  # demo/sweep.yaml
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -275,7 +276,7 @@ def test_resolved_config_reproduces_the_run_without_new_jobs(demo_run):
     """results/<run>/config.yaml of a sweep's variant, run in the sweep's folder: the one encode job
     encodes the texts of the variants of its call, so it runs again for this variant's alone (from
     its cache, without ChatGLM); nothing it feeds reruns (they take its file as ancient())."""
-    for run in ("demo", "demo-outline"):
+    for run in ("demo", "demo-outline", "demo-captions"):  # no writer, no captioner: their words are in results/
         proc = snakemake(demo_run, "-n", "--cores", "1", "--configfile", f"results/{run}/config.yaml")
         assert job_table(proc.stdout + proc.stderr) == {"encode_texts": 1}, run
 
@@ -422,9 +423,10 @@ def test_leaderboard_ranks_every_variant_by_its_scores(demo_run):
              for v in DEMO_VARIANTS}
     assert [r["variant"] for r in rows] == sorted(means, key=lambda v: -means[v])
     assert [float(r["mean_score"]) for r in rows] == sorted(means.values(), reverse=True)
-    assert [r["best"] for r in rows] == ["True", "False", "False"] and [r["rank"] for r in rows] == ["1", "2", "3"]
+    assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
     assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {"demo": "1.0", "demo-scale0.5": "0.5",
-                                                                       "demo-outline": "1.0"}
+                                                                       "demo-outline": "1.0", "demo-captions": "1.0"}
     assert all(r["passes"] == str(float(r["mean_score"]) >= 6.0) for r in rows)
     from PIL import Image
 
@@ -590,3 +592,55 @@ def test_an_outline_is_written_into_scenes_inside_the_dag_and_an_edited_line_ren
     jobs = planned_jobs(work, outline)
     assert jobs.get("generate_scene") == 1 and jobs.get("encode_texts") == 1
     assert not {"write_prompts", "train_lora", "render_anchor", "build_metadata"} & set(jobs)
+
+
+# ---------------------------------------------------------------- captions written in the DAG
+def caption_logs(work: Path) -> dict[str, str]:
+    return {p.stem: p.read_text(encoding="utf-8") for p in (work / "results/shared/logs/caption_images").glob("*.log")}
+
+
+def captions_variant(**changes) -> dict:
+    """demo/sweep.yaml's demo-captions variant, with `changes` merged into it."""
+    sweep = yaml.safe_load((ROOT / "demo/sweep.yaml").read_text(encoding="utf-8"))["sweep"]
+    variant = next(v for v in sweep if v["name"] == "demo-captions")
+    return {**variant, **{k: {**variant.get(k, {}), **v} for k, v in changes.items()}}
+
+
+def test_captions_land_in_metadata_and_only_what_changed_is_captioned_again(demo_run, tmp_path):
+    """demo-captions: the tiny BLIP through Data-Juicer's op in rule caption_images; the captions are
+    the training texts; a template edit rebuilds the training folder from the cache; a dataset with
+    one more image sends that one image."""
+    run = demo_run / "results/demo-captions"
+    records = [json.loads(line) for line in (run / "data/captions.jsonl").read_text(encoding="utf-8").splitlines()]
+    generated = [r for r in records if r["source"] != "user"]
+    assert generated and all(r["model"] == "resources/tiny/blip" and r["text"].startswith("ink style") for r in generated)
+    assert {r["source"] for r in records} <= {"user", "generated", "fallback"} and len(records) > len(generated)
+    page = (run / "data/captions.html").read_text(encoding="utf-8")
+    assert page.count("data:image/jpeg;base64,") == len(records) and generated[0]["image"] in page
+    jobs = json.loads((run / "manifest.json").read_text(encoding="utf-8"))["jobs"]
+    import csv
+
+    with open(demo_run / f"results/shared/data/{jobs['captions']}/dataset/train/metadata.csv", encoding="utf-8") as f:
+        assert {r["file_name"]: r["text"] for r in csv.DictReader(f)} == {f"{r['id']}.jpg": r["text"] for r in records}
+    assert "1 image(s) sent to the captioner" in caption_logs(demo_run)[jobs["captions"]]
+
+    work = tmp_path / "demo"
+    shutil.copytree(demo_run, work, symlinks=True)
+    # the template edited: a new caption job answered from the cache, the training folder rebuilt
+    edited = override(work, "template", {"sweep": [captions_variant(caption={"template": "{caption}，{trigger}"})]})
+    planned = planned_jobs(work, edited)
+    assert planned.get("caption_images") == 1 and planned.get("build_metadata") == 1 and planned.get("train_lora") == 1
+    assert not {"download_dataset", "filter_dataset", "build_tiny_captioner"} & set(planned)
+    before = set(caption_logs(work))
+    snakemake(work, "--cores", "2", "--configfile", "demo/config.yaml", edited, "--until", "build_metadata")
+    (new,) = set(caption_logs(work)) - before
+    assert "0 image(s) sent to the captioner" in caption_logs(work)[new]
+    # the same images in a folder of the user's, and one more: that one image is captioned
+    shutil.copytree(work / "resources/demo/dataset", work / "mine")
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(work / "mine/new.png")
+    mine = override(work, "mine", {"sweep": [captions_variant(dataset={"path": "mine"})]})
+    before = set(caption_logs(work))
+    snakemake(work, "--cores", "2", "--configfile", "demo/config.yaml", mine, "--until", "caption_images")
+    (new,) = set(caption_logs(work)) - before
+    assert "1 image(s) sent to the captioner" in caption_logs(work)[new]
+    assert planned_jobs(work, mine, "--until", "caption_images") == {}
