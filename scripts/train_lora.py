@@ -2,19 +2,17 @@ from pathlib import Path
 
 from kolors_story.models.lora_files import convert_lora
 from kolors_story.host.rule_runner import run_rule
-from kolors_story.training import TrainSettings, write_loss_log, write_validation_log
+from kolors_story.training import TrainJob, TrainSettings, write_loss_log, write_validation_log
 from kolors_story.host.training_launch import train
 from kolors_story.training.report import write_summary
 
 
 def main(snakemake):
     out, inp, params = snakemake.output, snakemake.input, snakemake.params
-    result = train(
-        Path(inp.model), Path(inp.dataset), Path(out.lora).parent, TrainSettings.from_dict(params.train),
-        cache_dir=Path(params.cache_dir), work_dir=Path(params.work_dir),
-        aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None,
-        processes=params.processes, threads=snakemake.threads, embeddings=Path(inp.embeddings),
-    )
+    job = TrainJob(Path(inp.model), Path(inp.dataset), Path(out.lora).parent, cache_dir=Path(params.cache_dir),
+                   work_dir=Path(params.work_dir), embeddings=Path(inp.embeddings),
+                   aesthetic_dir=Path(inp.aesthetic) if "aesthetic" in inp.keys() else None)
+    result = train(job, TrainSettings.from_dict(params.train), processes=params.processes, threads=snakemake.threads)
     write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
     write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))
     write_summary(result, Path(out.summary))

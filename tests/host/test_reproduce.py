@@ -23,7 +23,7 @@ from kolors_story.render.candidates_file import (
 from kolors_story.outputs.publishing import ModelCard, build_bundle
 from kolors_story.host.reproduce import main, rerender_panel
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 
 CPU = torch.device("cpu")
 
@@ -33,7 +33,7 @@ def published(tiny_kolors, training_folder, tmp_path_factory) -> tuple[Path, dic
     """A bundle of two panels, a plain one and one sharing attention with an anchor, each the
     best of a LoRA-scale sweep of batched candidates; then everything but the bundle is deleted."""
     work, root = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("published")
-    lora = train_lora(tiny_kolors, training_folder, work / "lora", TrainSettings(
+    lora = train_lora(TrainJob(tiny_kolors, training_folder, work / "lora"), TrainSettings(
         steps=1, resolution=32, precision="fp32", rank=2, alpha=2)).lora_file
     aesthetic = build_tiny_aesthetic_predictor(work / "aesthetic")
     settings = SamplerSettings(steps=2, candidates=3, lora_scale=(0.5, 1.0))

@@ -18,7 +18,7 @@ from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler
 from kolors_story.render.scenes import SamplerSettings, load_pipeline, make_scheduler
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.models.random_kolors import KOLORS_SCHEDULER
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 from kolors_story.training import loop
 from kolors_story.training.data import Example, assign_sizes, crop_origin, size_conditioning
 from kolors_fixtures import write_training_folder
@@ -73,8 +73,8 @@ def test_fp16_training_uses_a_fp32_vae_and_stays_finite(tiny_kolors, training_fo
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     validation = {"every": 2, "size": 32, "steps": 2, "prompts": [{"prompt": "水墨画", "seed": 0}]}
     settings = TrainSettings.from_dict({**BASE, "precision": "fp16", "crop": crop, "validation": validation})
-    result = train_lora(tiny_kolors, training_folder, tmp_path / "out", settings, cache_dir=tmp_path / "cache",
-                        aesthetic_dir=aesthetic, device=CPU)
+    result = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "out", cache_dir=tmp_path / "cache", aesthetic_dir=aesthetic),
+                        settings, device=CPU)
     assert gpu_precision == ["fp16"]
     encodes = [c for c in vae_calls if c[0] == "encode"]
     decodes = [c for c in vae_calls if c[0] == "decode"]
@@ -89,18 +89,18 @@ def test_latents_do_not_depend_on_the_precision(tiny_kolors, training_folder, tm
     """An fp32 run reuses the latents an fp16 run cached (same key: the VAE dtype is always fp32)."""
     with pytest.MonkeyPatch.context() as mp:  # its own: undoing it keeps the VAE spies
         mp.setattr(loop, "precision_dtypes", lambda precision, device: (torch.float16, torch.float16))
-        train_lora(tiny_kolors, training_folder, tmp_path / "a", TrainSettings.from_dict({**BASE, "precision": "fp16"}),
-                   cache_dir=tmp_path / "cache", device=CPU)
+        train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "a", cache_dir=tmp_path / "cache"),
+                   TrainSettings.from_dict({**BASE, "precision": "fp16"}), device=CPU)
     assert any(c[0] == "encode" for c in vae_calls)
     vae_calls.clear()
-    train_lora(tiny_kolors, training_folder, tmp_path / "b", TrainSettings.from_dict({**BASE, "precision": "fp32"}),
-               cache_dir=tmp_path / "cache", device=CPU)
+    train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "b", cache_dir=tmp_path / "cache"),
+               TrainSettings.from_dict({**BASE, "precision": "fp32"}), device=CPU)
     assert not [c for c in vae_calls if c[0] == "encode"]
 
 
 def test_real_fp16_precision_on_this_device_trains_finite(tiny_kolors, training_folder, tmp_path):
     """train.precision: fp16 as precision_dtypes really maps it here (bf16 autocast on CPU)."""
-    result = train_lora(tiny_kolors, training_folder, tmp_path / "out",
+    result = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "out"),
                         TrainSettings.from_dict({**BASE, "precision": "fp16"}), device=CPU)
     assert all(math.isfinite(r["loss"]) for r in result.losses)
     assert loop.LATENT_VAE_DTYPE == torch.float32
@@ -142,7 +142,8 @@ def unet_time_ids(monkeypatch) -> list[torch.Tensor]:
 def test_square_image_at_training_size_is_conditioned_as_at_inference(tiny_kolors, tmp_path, unet_time_ids):
     size = 32
     folder = write_training_folder(tmp_path / "data", [(size, size)] * 2, ["水墨画", "山水"])
-    train_lora(tiny_kolors, folder, tmp_path / "out", TrainSettings.from_dict({**BASE, "steps": 1}), device=CPU)
+    train_lora(TrainJob(tiny_kolors, folder, tmp_path / "out"),
+               TrainSettings.from_dict({**BASE, "steps": 1}), device=CPU)
     training = torch.cat(unet_time_ids)
     unet_time_ids.clear()
     pipe = load_pipeline(tiny_kolors, SamplerSettings(steps=1, precision="fp32"), CPU, text_encoder=False)

@@ -13,7 +13,7 @@ from kolors_story.render.candidates_file import read_record
 from kolors_story.models.aesthetic import AestheticScorer
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.models.random_kolors import KOLORS_SCHEDULER
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,8 @@ def pipe(tiny_kolors):
 @pytest.fixture(scope="module")
 def lora(tiny_kolors, training_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    return train_lora(tiny_kolors, training_folder, out, TrainSettings(steps=1, resolution=32, precision="fp32",
+    return train_lora(TrainJob(tiny_kolors, training_folder, out),
+                      TrainSettings(steps=1, resolution=32, precision="fp32",
                                                                       rank=2, alpha=2)).lora_file
 
 

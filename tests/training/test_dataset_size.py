@@ -9,7 +9,7 @@ import pytest
 
 from kolors_story.errors import UserError
 from kolors_story.host import training_launch as launch
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 from kolors_story.training.data import check_dataset_size, read_metadata
 
 
@@ -51,14 +51,15 @@ def test_launch_refuses_before_any_process_or_model(tmp_path, monkeypatch, proce
     data = _dataset(tmp_path / "data", n=2)
     expected = rf"holds 2 image\(s\).*batch_size 1 x train.gradient_accumulation 3 x train.processes {processes} = {3 * processes}"
     with pytest.raises(UserError, match=expected):
-        launch.train(tmp_path / "no-model", data, tmp_path / "out", TrainSettings(gradient_accumulation=3), processes=processes)
+        launch.train(TrainJob(tmp_path / "no-model", data, tmp_path / "out"),
+                     TrainSettings(gradient_accumulation=3), processes=processes)
 
 
 def test_train_lora_refuses_before_the_model_folder_is_read(tmp_path):
     """`python -m kolors_story.training` (and each rank) checks too, before KolorsFolder."""
     data = _dataset(tmp_path / "data", n=1)
     with pytest.raises(UserError, match=r"holds 1 image\(s\)"):
-        train_lora(tmp_path / "no-model", data, tmp_path / "out", TrainSettings(batch_size=2))
+        train_lora(TrainJob(tmp_path / "no-model", data, tmp_path / "out"), TrainSettings(batch_size=2))
 
 
 def _with_repeats(folder: Path, repeats: list[int]) -> None:
@@ -82,5 +83,6 @@ def test_repeats_train_and_key_their_own_checkpoints(tiny_kolors, tmp_path):
     kolors = KolorsFolder(tiny_kolors)
     keys = {name: run_fingerprint(settings, kolors, read_metadata(f)) for name, f in folders.items()}
     assert keys["plain"] == keys["ones"] != keys["rep"]
-    result = train_lora(tiny_kolors, folders["rep"], tmp_path / "out", settings, work_dir=tmp_path / "work")
+    result = train_lora(TrainJob(tiny_kolors, folders["rep"], tmp_path / "out", work_dir=tmp_path / "work"),
+                        settings)
     assert len(result.losses) == 2 and (tmp_path / "work" / keys["rep"]).is_dir()

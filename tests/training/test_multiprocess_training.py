@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from kolors_story.errors import UserError
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.host.training_launch import accelerate_command, check_process_count, train
 
@@ -25,8 +25,8 @@ BASE = dict(steps=3, resolution=32, precision="fp32", rank=4, alpha=4, learning_
 @pytest.fixture(scope="module")
 def two_processes(tiny_kolors, training_folder, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
-    result = train(tiny_kolors, training_folder, tmp / "out", TrainSettings(**BASE), cache_dir=tmp / "cache",
-                   work_dir=tmp / "work", processes=2, threads=2)
+    result = train(TrainJob(tiny_kolors, training_folder, tmp / "out", cache_dir=tmp / "cache", work_dir=tmp / "work"),
+                   TrainSettings(**BASE), processes=2, threads=2)
     return result, tmp
 
 
@@ -35,8 +35,8 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(two_pr
     """Each process takes its share of the same draws, so 2 processes x accumulation 1 follow one
     process x accumulation 2: the same LoRA up to float summation order."""
     result, _ = two_processes
-    one = train_lora(tiny_kolors, training_folder, tmp_path / "one",
-                     TrainSettings(**{**BASE, "gradient_accumulation": 2}), cache_dir=tmp_path / "cache")
+    one = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "one", cache_dir=tmp_path / "cache"),
+                     TrainSettings(**{**BASE, "gradient_accumulation": 2}))
     two_lora, one_lora = load_file(result.lora_file), load_file(one.lora_file)
     assert two_lora.keys() == one_lora.keys()
     for key in one_lora:
@@ -47,8 +47,8 @@ def test_two_processes_train_like_one_process_with_twice_the_accumulation(two_pr
 def test_the_second_process_trains_on_other_batches(two_processes, tiny_kolors, training_folder, tmp_path):
     """Had both processes used the same micro-batch, the run would equal a single process's run."""
     result, _ = two_processes
-    alone = train_lora(tiny_kolors, training_folder, tmp_path / "alone", TrainSettings(**BASE),
-                       cache_dir=tmp_path / "cache")
+    alone = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "alone", cache_dir=tmp_path / "cache"),
+                       TrainSettings(**BASE))
     two_lora, alone_lora = load_file(result.lora_file), load_file(alone.lora_file)
     assert any(not torch.allclose(two_lora[k], alone_lora[k]) for k in alone_lora)
 
@@ -70,7 +70,8 @@ def test_more_processes_than_gpus_is_refused_and_cpu_hosts_may_use_several():
 
 def test_a_failing_launch_is_a_clear_error(training_folder, tmp_path):
     with pytest.raises(UserError, match="2 training processes failed"):
-        train(tmp_path / "no-model", training_folder, tmp_path / "out", TrainSettings(**BASE), processes=2, threads=2)
+        train(TrainJob(tmp_path / "no-model", training_folder, tmp_path / "out"),
+              TrainSettings(**BASE), processes=2, threads=2)
 
 
 def test_killed_two_process_training_resumes_to_bitwise_the_uninterrupted_lora(tiny_kolors, training_folder, tmp_path):
@@ -93,10 +94,11 @@ def test_killed_two_process_training_resumes_to_bitwise_the_uninterrupted_lora(t
         time.sleep(0.05)
     assert not (out / "pytorch_lora_weights.safetensors").exists(), "finished before the kill"
 
-    resumed = train(tiny_kolors, training_folder, out, settings, cache_dir=tmp_path / "cache", processes=2, threads=2)
+    resumed = train(TrainJob(tiny_kolors, training_folder, out, cache_dir=tmp_path / "cache"),
+                    settings, processes=2, threads=2)
     assert 0 < resumed.resumed_from < 30
-    straight = train(tiny_kolors, training_folder, tmp_path / "straight", settings, cache_dir=tmp_path / "cache",
-                     processes=2, threads=2)
+    straight = train(TrainJob(tiny_kolors, training_folder, tmp_path / "straight", cache_dir=tmp_path / "cache"),
+                     settings, processes=2, threads=2)
     first, second = load_file(resumed.lora_file), load_file(straight.lora_file)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert [r["loss"] for r in resumed.losses] == [r["loss"] for r in straight.losses]

@@ -229,7 +229,7 @@ def test_train_launches_its_ranks_on_gpus_no_other_job_holds_and_frees_them(four
     from kolors_story.host import gpu_slots
     from kolors_story.errors import UserError
     from kolors_story.host import training_launch as launch
-    from kolors_story.training.settings import TrainSettings
+    from kolors_story.training.settings import TrainJob, TrainSettings
 
     lock_dir = gpu_slots.LOCK_DIR
     _, scene_job = claim_slots(four_fake_gpus, 1, lock_dir)  # another job holds gpu-a (SLURM's 4)
@@ -242,7 +242,7 @@ def test_train_launches_its_ranks_on_gpus_no_other_job_holds_and_frees_them(four
 
     monkeypatch.setattr(launch, "run_logged", fake_launch)
     with pytest.raises(UserError, match="2 training processes failed"):
-        launch.train(tmp_path, tmp_path, tmp_path / "out", TrainSettings(steps=1), processes=2)
+        launch.train(TrainJob(tmp_path, tmp_path, tmp_path / "out"), TrainSettings(steps=1), processes=2)
     assert seen["CUDA_VISIBLE_DEVICES"] == "5,6"  # the ranks see exactly the two it took
     assert seen["free_during"] == "gpu-d"  # ... held while they ran
     assert all(_is_free(lock_dir, n) for n in four_fake_gpus[1:])  # and freed after the launch

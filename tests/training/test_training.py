@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from kolors_story.errors import UserError
 from kolors_story.render.scenes import SamplerSettings, Scene, load_pipeline, load_style_lora, render
-from kolors_story.training import TrainSettings, train_lora, write_loss_log
+from kolors_story.training import TrainJob, TrainSettings, train_lora, write_loss_log
 
 FAST = dict(steps=6, resolution=32, precision="fp32", learning_rate=5e-3, rank=4, alpha=2,
             gradient_checkpointing=True, random_flip=True)
@@ -18,11 +18,11 @@ FAST = dict(steps=6, resolution=32, precision="fp32", learning_rate=5e-3, rank=4
 @pytest.fixture(scope="module")
 def trained(tiny_kolors, training_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    return train_lora(tiny_kolors, training_folder, out, TrainSettings(**FAST))
+    return train_lora(TrainJob(tiny_kolors, training_folder, out), TrainSettings(**FAST))
 
 
 def test_same_seed_gives_bitwise_the_same_lora(trained, tiny_kolors, training_folder, tmp_path):
-    again = train_lora(tiny_kolors, training_folder, tmp_path, TrainSettings(**FAST))
+    again = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), TrainSettings(**FAST))
     first, second = load_file(trained.lora_file), load_file(again.lora_file)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -30,7 +30,7 @@ def test_same_seed_gives_bitwise_the_same_lora(trained, tiny_kolors, training_fo
 
 
 def test_other_seed_gives_another_lora(trained, tiny_kolors, training_folder, tmp_path):
-    other = train_lora(tiny_kolors, training_folder, tmp_path, TrainSettings(**{**FAST, "seed": 1}))
+    other = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), TrainSettings(**{**FAST, "seed": 1}))
     first, second = load_file(trained.lora_file), load_file(other.lora_file)
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
@@ -60,7 +60,7 @@ def test_stock_pipeline_loads_lora_with_its_alpha_and_it_changes_the_image(train
 
 
 def test_random_crop_trains_through_the_vae_each_step(tiny_kolors, training_folder, tmp_path):
-    result = train_lora(tiny_kolors, training_folder, tmp_path,
+    result = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path),
                         TrainSettings(**{**FAST, "crop": "random", "steps": 2}))
     assert result.lora_file.is_file() and len(result.losses) == 2
 
@@ -76,7 +76,7 @@ def test_loss_log_csv_and_plot(trained, tmp_path):
 
 def test_missing_metadata_is_a_clear_error(tiny_kolors, tmp_path):
     with pytest.raises(UserError, match="metadata.csv not found"):
-        train_lora(tiny_kolors, tmp_path, tmp_path / "out", TrainSettings(**FAST))
+        train_lora(TrainJob(tiny_kolors, tmp_path, tmp_path / "out"), TrainSettings(**FAST))
 
 
 def test_unknown_setting_is_refused():

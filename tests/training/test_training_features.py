@@ -17,7 +17,7 @@ from kolors_fixtures import write_training_folder
 from safetensors.torch import load_file
 
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.training import TrainingDiverged, TrainSettings, train_lora
+from kolors_story.training import TrainingDiverged, TrainJob, TrainSettings, train_lora
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.training.data import BatchOrder, Example, assign_sizes, make_buckets
 from kolors_story.training.objective import diffusion_loss, snr
@@ -40,12 +40,12 @@ def test_changing_one_caption_reencodes_one_caption_and_no_image(tiny_kolors, tm
     data = write_training_folder(tmp_path / "data", [(40, 40)] * 4, captions)
     cache = tmp_path / "cache"
     settings = TrainSettings(steps=1, **BASE)
-    train_lora(tiny_kolors, data, tmp_path / "a", settings, cache_dir=cache)
+    train_lora(TrainJob(tiny_kolors, data, tmp_path / "a", cache_dir=cache), settings)
     texts, latents = cache_files(cache, "text"), cache_files(cache, "latents")
     assert len(texts) == 3 and len(latents) == 4
     captions[2] = "山水，月夜"
     write_training_folder(tmp_path / "data", [(40, 40)] * 4, captions)
-    train_lora(tiny_kolors, data, tmp_path / "b", settings, cache_dir=cache)
+    train_lora(TrainJob(tiny_kolors, data, tmp_path / "b", cache_dir=cache), settings)
     assert len(cache_files(cache, "text") - texts) == 1
     assert cache_files(cache, "latents") == latents
 
@@ -66,8 +66,10 @@ def test_text_cache_keeps_embeddings_of_each_encoder_dtype_apart(tiny_kolors, tm
 
 def test_cached_run_equals_uncached_run(tiny_kolors, training_folder, tmp_path):
     settings = TrainSettings(steps=3, random_flip=True, **BASE)
-    cold = train_lora(tiny_kolors, training_folder, tmp_path / "cold", settings, cache_dir=tmp_path / "c")
-    warm = train_lora(tiny_kolors, training_folder, tmp_path / "warm", settings, cache_dir=tmp_path / "c")
+    cold = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "cold", cache_dir=tmp_path / "c"),
+                      settings)
+    warm = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "warm", cache_dir=tmp_path / "c"),
+                      settings)
     assert same_lora(cold.lora_file, warm.lora_file)
 
 
@@ -92,7 +94,7 @@ def test_bucketing_groups_batches_by_size_and_trains(tiny_kolors, tmp_path):
     for _ in range(9):
         batch = order.next(gen)
         assert len({examples[i].target_size for i in batch}) == 1
-    result = train_lora(tiny_kolors, data, tmp_path / "out", settings)
+    result = train_lora(TrainJob(tiny_kolors, data, tmp_path / "out"), settings)
     assert len(result.losses) == 4
 
 
@@ -118,7 +120,7 @@ def test_min_snr_weighting_damps_low_noise_steps():
 def test_gradient_accumulation_noise_offset_and_min_snr_train(tiny_kolors, training_folder, tmp_path):
     settings = TrainSettings(steps=2, gradient_accumulation=2, noise_offset=0.05, min_snr_gamma=5.0,
                              lr_warmup_steps=2, **BASE)
-    result = train_lora(tiny_kolors, training_folder, tmp_path, settings)
+    result = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), settings)
     assert [r["lr"] for r in result.losses] == pytest.approx([2.5e-3, 5e-3])
 
 
@@ -150,14 +152,14 @@ def test_killed_training_resumes_to_bitwise_the_uninterrupted_lora(tiny_kolors, 
     assert resumed.returncode == 0, log
     assert "resuming from checkpoint" in log
 
-    straight = train_lora(tiny_kolors, training_folder, tmp_path / "straight",
-                          TrainSettings(**settings), cache_dir=tmp_path / "cache2")
+    straight = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "straight", cache_dir=tmp_path / "cache2"),
+                          TrainSettings(**settings))
     assert same_lora(interrupted / "pytorch_lora_weights.safetensors", straight.lora_file)
 
 
 def test_other_settings_never_resume_foreign_checkpoints(tiny_kolors, training_folder, tmp_path):
-    first = train_lora(tiny_kolors, training_folder, tmp_path, TrainSettings(steps=2, **BASE))
-    second = train_lora(tiny_kolors, training_folder, tmp_path, TrainSettings(steps=3, **BASE))
+    first = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), TrainSettings(steps=2, **BASE))
+    second = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), TrainSettings(steps=3, **BASE))
     assert first.resumed_from == 0 and second.resumed_from == 0
     assert len(list((tmp_path / "work").iterdir())) == 2
 
@@ -165,7 +167,7 @@ def test_other_settings_never_resume_foreign_checkpoints(tiny_kolors, training_f
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_kolors, training_folder, tmp_path):
     settings = TrainSettings(steps=10, checkpoint_every=1, **{**BASE, "learning_rate": 1e30}, max_grad_norm=1e30)
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step (\d+)") as err:
-        train_lora(tiny_kolors, training_folder, tmp_path, settings)
+        train_lora(TrainJob(tiny_kolors, training_folder, tmp_path), settings)
     step = int(str(err.value).split(" at step ")[1].split(";")[0])
     kept = ckpt.list_checkpoints(next((tmp_path / "work").iterdir()), resumable=False)
     assert kept and int(kept[-1].name.split("-")[1]) == step - 1
@@ -179,7 +181,8 @@ def test_validation_scores_each_checkpoint_and_picks_the_best(tiny_kolors, train
     validation = {"every": 2, "pick_best": True, "size": 32, "steps": 2,
                   "prompts": [{"prompt": "水墨画", "seed": 0}, {"prompt": "山水", "negative_prompt": "丑陋", "seed": 1}]}
     settings = TrainSettings.from_dict({**BASE, "steps": 6, "learning_rate": 5e-2, "validation": validation})
-    result = train_lora(tiny_kolors, training_folder, tmp_path / "out", settings, aesthetic_dir=aesthetic)
+    result = train_lora(TrainJob(tiny_kolors, training_folder, tmp_path / "out", aesthetic_dir=aesthetic),
+                        settings)
     assert [v["step"] for v in result.validations] == [2, 4, 6]
     best = max(result.validations, key=lambda v: v["mean"])
     assert result.picked_step == best["step"]

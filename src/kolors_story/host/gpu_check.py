@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.training.settings import TrainSettings
+from kolors_story.training.settings import TrainJob, TrainSettings
 
 log = logging.getLogger("kolors_story.host.gpu_check")
 # src/kolors_story/host/gpu_check.py -> the repository root
@@ -216,7 +216,8 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Pat
     del unet
     phases.release()
     with phases.measure("train") as record:
-        result = train_lora(kolors, dataset, args.work / "lora", settings, cache_dir=cache, embeddings=store)
+        result = train_lora(TrainJob(kolors, dataset, args.work / "lora", cache_dir=cache, embeddings=store),
+                            settings)
         elapsed = [row["seconds"] for row in result.losses]
         steps = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step also loads the UNet
         record.update(steps=len(result.losses), precision=settings.precision, final_loss=result.losses[-1]["loss"],

@@ -19,7 +19,7 @@ from kolors_story.errors import UserError
 from kolors_story.training.data import check_dataset_size, read_metadata
 from kolors_story.training.loop import TrainResult, train_lora
 from kolors_story.training.processes import exit_with_parent
-from kolors_story.training.settings import TrainSettings
+from kolors_story.training.settings import TrainJob, TrainSettings
 
 log = logging.getLogger(__name__)
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/")  # a tqdm bar: " 25%|##   | 1/4"
@@ -69,35 +69,18 @@ def check_process_count(processes: int, gpus: int) -> None:
         )
 
 
-def train(
-    model_dir: Path,
-    dataset_dir: Path,
-    out_dir: Path,
-    settings: TrainSettings,
-    cache_dir: Path | None = None,
-    work_dir: Path | None = None,
-    aesthetic_dir: Path | None = None,
-    processes: int = 1,
-    threads: int | None = None,
-    embeddings: Path | None = None,
-) -> TrainResult:
+def train(job: TrainJob, settings: TrainSettings, processes: int = 1, threads: int | None = None) -> TrainResult:
     """train_lora here (processes=1) or under `accelerate launch` with `processes` processes; each
     line the processes print goes to this process's log (the rule's log)."""
-    csv_path = Path(dataset_dir) / "train" / "metadata.csv"
+    csv_path = job.dataset_dir / "train" / "metadata.csv"
     if csv_path.is_file():  # refused here, before any process starts or model loads (train_lora checks too)
-        check_dataset_size(read_metadata(Path(dataset_dir)), settings, max(1, processes), csv_path)
+        check_dataset_size(read_metadata(job.dataset_dir), settings, max(1, processes), csv_path)
     if processes <= 1:
-        return train_lora(model_dir, dataset_dir, out_dir, settings, cache_dir, work_dir, aesthetic_dir,
-                          embeddings=embeddings)
+        return train_lora(job, settings)
     check_process_count(processes, visible_gpus())
     with tempfile.TemporaryDirectory(prefix="kolors-train-") as tmp:
         result_json = Path(tmp) / "result.json"
-        args = ["--model", str(model_dir), "--dataset", str(dataset_dir), "--out", str(out_dir),
-                "--settings", json.dumps(settings.to_dict()), "--result", str(result_json)]
-        for flag, value in (("--cache-dir", cache_dir), ("--work-dir", work_dir), ("--aesthetic", aesthetic_dir),
-                            ("--embeddings", embeddings)):
-            if value is not None:
-                args += [flag, str(value)]
+        args = [*job.cli_args(), "--settings", json.dumps(settings.to_dict()), "--result", str(result_json)]
         per_process = max(1, (threads or os.cpu_count() or 1) // processes)
         command = accelerate_command(processes, per_process, args, Path(tmp))
         log.info("launching %d training processes: %s", processes, " ".join(command))

@@ -14,7 +14,7 @@ from importlib import import_module
 _EXPORTS = {
     "encode_latents": "encoding", "LORA_WEIGHT_NAME": "lora_file", "add_lora": "lora_file",
     "save_lora": "lora_file", "TrainingDiverged": "loop", "TrainResult": "loop", "train_lora": "loop",
-    "write_loss_log": "report", "write_validation_log": "report", "TrainSettings": "settings",
+    "write_loss_log": "report", "write_validation_log": "report", "TrainSettings": "settings", "TrainJob": "settings",
     "ValidationSettings": "settings",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,20 +16,14 @@ import sys
 from pathlib import Path
 
 from kolors_story.errors import UserError
-from kolors_story.training import TrainSettings, train_lora
+from kolors_story.training import TrainJob, TrainSettings, train_lora
 from kolors_story.training.processes import exit_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kolors_story.training", description=__doc__)
-    parser.add_argument("--model", type=Path, required=True, help="Kolors diffusers folder")
-    parser.add_argument("--dataset", type=Path, required=True, help="folder with train/metadata.csv")
-    parser.add_argument("--out", type=Path, required=True, help="where the LoRA file goes")
+    TrainJob.add_cli_args(parser)  # --model, --dataset, --out, --cache-dir, ... (TrainJob's fields)
     parser.add_argument("--settings", default="{}", help="JSON of train settings (config key train)")
-    parser.add_argument("--cache-dir", type=Path)
-    parser.add_argument("--work-dir", type=Path)
-    parser.add_argument("--aesthetic", type=Path, help="aesthetic predictor folder (validation)")
-    parser.add_argument("--embeddings", type=Path, help="the encode_texts job's file (then ChatGLM is not loaded)")
     parser.add_argument("--result", type=Path, help="write the run's result (history, picked step) as JSON")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -41,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = TrainSettings.from_dict(json.loads(args.settings))
-        result = train_lora(args.model, args.dataset, args.out, settings, args.cache_dir,
-                            args.work_dir, args.aesthetic, embeddings=args.embeddings)
+        result = train_lora(TrainJob.from_cli(args), settings)
     except UserError as err:
         logging.error("%s", err)
         return 1

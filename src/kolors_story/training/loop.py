@@ -27,7 +27,7 @@ from kolors_story.training.encoding import cache_latents, encode_latents, encode
 from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
 from kolors_story.training.objective import diffusion_loss, sample_noise
 from kolors_story.training.processes import Processes
-from kolors_story.training.settings import TrainSettings
+from kolors_story.training.settings import TrainJob, TrainSettings
 from kolors_story.training.validation import Validator, best_step, validation_texts
 
 log = logging.getLogger(__name__)
@@ -134,35 +134,25 @@ def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: lis
     return h.hexdigest()[:16]
 
 
-def train_lora(
-    model_dir: Path,
-    dataset_dir: Path,
-    out_dir: Path,
-    settings: TrainSettings,
-    cache_dir: Path | None = None,
-    work_dir: Path | None = None,
-    aesthetic_dir: Path | None = None,
-    device: torch.device | None = None,
-    embeddings: Path | None = None,
-) -> TrainResult:
-    """Train (or resume) a LoRA; write <out_dir>/pytorch_lora_weights.safetensors. Under
+def train_lora(job: TrainJob, settings: TrainSettings, device: torch.device | None = None) -> TrainResult:
+    """Train (or resume) a LoRA; write <job.out_dir>/pytorch_lora_weights.safetensors. Under
     `accelerate launch` each process trains on its share of every step (see processes.py)."""
     from diffusers import DDPMScheduler, EulerDiscreteScheduler
 
     procs = Processes.start(device)
     device = procs.device
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir = job.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = read_metadata(Path(dataset_dir))
-    check_dataset_size(examples, settings, procs.world, Path(dataset_dir) / "train" / "metadata.csv")
-    folder = KolorsFolder(model_dir)  # refuses a foreign or incomplete folder before any GPU work
+    examples = read_metadata(job.dataset_dir)
+    check_dataset_size(examples, settings, procs.world, job.dataset_dir / "train" / "metadata.csv")
+    folder = KolorsFolder(job.model_dir)  # refuses a foreign or incomplete folder before any GPU work
     val = settings.validation
-    if val.every and not (val.prompts and aesthetic_dir):
+    if val.every and not (val.prompts and job.aesthetic_dir):
         raise UserError("train.validation.every > 0 needs train.validation.prompts and models.aesthetic.")
     dtype, autocast_dtype = precision_dtypes(settings.precision, device)
     assign_sizes(examples, settings)
-    cache_root = Path(cache_dir or out_dir / "cache")
-    ckpt_root = Path(work_dir or out_dir / "work") / run_fingerprint(settings, folder, examples, procs.world)
+    cache_root = job.cache_dir or out_dir / "cache"
+    ckpt_root = (job.work_dir or out_dir / "work") / run_fingerprint(settings, folder, examples, procs.world)
     if procs.is_main:
         log.info("training on %d image(s) (%d examples per epoch with repeats), %d steps, %d process(es), "
                  "device %s; checkpoints in %s", len(examples), examples_per_epoch(examples), settings.steps,
@@ -172,13 +162,13 @@ def train_lora(
     with procs.main_first():  # rank 0 fills the caches, the others read them
         batches = prepare_batches(folder, examples, settings, cache_root, device, dtype,
                                   noise_scheduler.config.num_train_timesteps,
-                                  validating=bool(val.every) and procs.is_main, embeddings=embeddings)
+                                  validating=bool(val.every) and procs.is_main, embeddings=job.embeddings)
 
     run = TrainState.create(folder, settings, examples, dtype, device)
     validator = None
     if val.every and procs.is_main:
         euler = folder.load_scheduler(EulerDiscreteScheduler)
-        validator = Validator(val, batches.vae, euler, aesthetic_dir, batches.texts, out_dir / "validation", device)
+        validator = Validator(val, batches.vae, euler, job.aesthetic_dir, batches.texts, out_dir / "validation", device)
     start_step = run.resume(ckpt_root)
     procs.barrier()  # every process has read the checkpoint before rank 0 writes the next one
 

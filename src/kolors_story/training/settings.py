@@ -1,10 +1,12 @@
-"""Training settings: one frozen dataclass, built from the `train` section of the config."""
+"""Training settings (TrainSettings, built from the `train` section of the config) and the paths
+one training reads and writes (TrainJob)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from kolors_story.errors import UserError
 
@@ -89,3 +91,43 @@ class TrainSettings:
         # convention are not resumed (add_time_ids follow Kolors' trainer since this marker).
         d["conventions"] = CONVENTIONS
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _path(flag: str, help: str, default: Path | None | object = MISSING):
+    """A TrainJob field with its command-line flag (python -m kolors_story.training) and help."""
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What one training reads and writes (its settings apart, in TrainSettings): the one list of
+    paths that train_lora, the multi-process launch and `python -m kolors_story.training` share."""
+
+    model_dir: Path = _path("--model", "the Kolors diffusers folder")
+    dataset_dir: Path = _path("--dataset", "the training folder: train/metadata.csv and its images")
+    out_dir: Path = _path("--out", "where pytorch_lora_weights.safetensors goes")
+    cache_dir: Path | None = _path("--cache-dir", "embeddings and latents (default: <out>/cache)", None)
+    work_dir: Path | None = _path("--work-dir", "checkpoints (default: <out>/work)", None)
+    aesthetic_dir: Path | None = _path("--aesthetic", "the aesthetic predictor folder (validation)", None)
+    embeddings: Path | None = _path("--embeddings", "the encode_texts job's file (then ChatGLM is not loaded)", None)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, f.name, Path(value))
+
+    def cli_args(self) -> list[str]:
+        """The flags of each path set: what from_cli reads back."""
+        return [arg for f in fields(self) if getattr(self, f.name) is not None
+                for arg in (f.metadata["flag"], str(getattr(self, f.name)))]
+
+    @classmethod
+    def add_cli_args(cls, parser) -> None:
+        for f in fields(cls):
+            parser.add_argument(f.metadata["flag"], dest=f.name, type=Path, required=f.default is MISSING,
+                                help=f.metadata["help"])
+
+    @classmethod
+    def from_cli(cls, namespace) -> "TrainJob":
+        return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
