@@ -368,7 +368,7 @@ def line(label: str, n: float, note: str = "") -> None:
     print(f"  {label:<44} {gib(n):7.2f} GiB {gb(n):7.2f} GB  {note}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
@@ -389,9 +389,11 @@ def main() -> None:
     if args.smoke:
         args.resolution, args.check_resolutions, args.self_check, args.candidates = 128, "", False, 2
         C.use_tiny_models()
-    start = time.perf_counter()
+    return args
 
-    # 1. parameter counts on the meta device
+
+def parameter_counts(args: argparse.Namespace) -> dict:
+    """1. Parameter counts on the meta device and the static sizes they give: the report's start."""
     _, unet_n, lora_n = meta_unet(args.rank)
     glm = meta_chatglm()
     glm_n = sum(p.numel() for p in glm.parameters())
@@ -402,25 +404,24 @@ def main() -> None:
     known = "tiny (--smoke)" if args.smoke else "matches" if unet_n == C.KOLORS_UNET_PARAMS else "DIFFERS from"
     print(f"parameters (built on the meta device): Kolors UNet {unet_n:,} ({known} FACTS.md), "
           f"LoRA r={args.rank} {lora_n:,}, ChatGLM3-6B {glm_n:,} ({glm_layer_n:,} per layer), SDXL VAE {vae_n:,}")
-    report: dict = {"settings": vars(args) | {"out": str(args.out)},
-                    "params": {"unet": unet_n, "lora": lora_n, "chatglm3_6b": glm_n,
-                               "chatglm_layer": glm_layer_n, "vae": vae_n}}
     analytic = {
         "unet_weights_bf16": 2 * unet_n, "lora_params_fp32": 4 * lora_n, "lora_grads_fp32": 4 * lora_n,
         "adamw_states_fp32": 8 * lora_n, "chatglm_weights_bf16": 2 * glm_n, "vae_weights_bf16": 2 * vae_n,
     }
-    report["analytic_bytes"] = analytic
     print("\nstatic sizes")
     line("UNet weights (bf16)", analytic["unet_weights_bf16"])
     line(f"LoRA r={args.rank} params + grads + AdamW (16 B/param)", 16 * lora_n)
     line("ChatGLM3-6B weights (bf16)", analytic["chatglm_weights_bf16"], "not resident while training")
     line("SDXL VAE weights (bf16)", analytic["vae_weights_bf16"], "not resident while training")
-    if args.no_trace:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-        return
+    return {"settings": vars(args) | {"out": str(args.out)},
+            "params": {"unet": unet_n, "lora": lora_n, "chatglm3_6b": glm_n, "chatglm_layer": glm_layer_n,
+                       "vae": vae_n},
+            "analytic_bytes": analytic}
 
-    # 2. traces
+
+def trace_phases(args: argparse.Namespace, report: dict) -> tuple[dict, dict, dict, list[dict]]:
+    """2. The traces: a UNet LoRA step, ChatGLM encoding, VAE encoding, and smaller UNet steps for
+    the cross-check; stored in the report."""
     print("\ntracing (FakeTensorMode, no arithmetic; ~40 s per UNet step traced on 2 CPU cores, ~2.5 min in all)...", flush=True)
     unet = trace_unet_step(args.resolution, args.rank, args.batch)
     print(f"  UNet step at {args.resolution} px traced in {unet['trace_s']} s", flush=True)
@@ -431,8 +432,11 @@ def main() -> None:
         checks.append(trace_unet_step(r, args.rank, args.batch))
         print(f"  UNet step at {r} px traced in {checks[-1]['trace_s']} s", flush=True)
     report["traces"] = {"unet_step": unet, "text_encoding": text, "vae_encode": vae_t, "unet_checks": checks}
+    return unet, text, vae_t, checks
 
-    margin = lambda peak: peak * args.fragmentation + args.context_gib * C.GIB  # noqa: E731
+
+def training_phases(args: argparse.Namespace, unet: dict, text: dict, vae_t: dict, margin) -> dict:
+    """The trainer's phases with margins (text encoding, VAE encoding, the LoRA step), printed."""
     print(f"\nphase 3, UNet LoRA training step at {args.resolution} px (batch {args.batch}, rank {args.rank}, "
           "gradient checkpointing, bf16 autocast) - traced")
     line("UNet weights (bf16)", unet["unet_weights"])
@@ -452,17 +456,13 @@ def main() -> None:
          f"(weights {gib(text['weights']):.2f} GiB + {gib(text['transient']):.2f} GiB)")
     line(f"2. SDXL VAE encoding {args.resolution} px: tensor peak", vae_t["peak"],
          f"(weights {gib(vae_t['weights']):.2f} GiB + {gib(vae_t['transient']):.2f} GiB)")
-    phases = {"text_encoding": text["peak"] + margin(text["peak"]),
-              "vae_encoding": vae_t["peak"] + margin(vae_t["peak"]), "training": train_total}
-    worst = max(phases, key=phases.get)
-    line(f"trainer peak = max over its phases ({worst}), with margins", phases[worst])
-    generation, generation_peaks = generation_phases(args.resolution, args.candidates, margin)
-    report["traces"]["generation"] = generation
-    print(f"\ngeneration phases at {args.resolution} px, fp16 UNet, upcast fp32 VAE - traced")
-    for name, value in generation_peaks.items():
-        line(f"{name}: with margins", value)
+    return {"text_encoding": text["peak"] + margin(text["peak"]),
+            "vae_encoding": vae_t["peak"] + margin(vae_t["peak"]), "training": train_total}
 
-    # DiffSynth-style: ChatGLM and VAE resident during the UNet step (encodes run before its forward)
+
+def baseline_layout(unet: dict, text: dict, vae_t: dict, margin) -> tuple[float, float]:
+    """DiffSynth-style: ChatGLM and VAE resident during the UNet step (encodes run before its
+    forward): (tensor peak, with margins), printed."""
     resident = text["weights"] + vae_t["weights"]
     base_peak = max(resident + unet["peak"],
                     resident + unet["unet_weights"] + unet["lora_params"] + unet["adamw_states"]
@@ -471,8 +471,11 @@ def main() -> None:
     print("\nbaseline layout (DiffSynth-Studio 1.1: ChatGLM + VAE + UNet resident), same step")
     line("tensor peak", base_peak)
     line("with margins", base_total, f"(reported for the challenge baseline: ~{BASELINE_REPORTED_GB:.0f} GB)")
+    return base_peak, base_total
 
-    # 3. area-scaling cross-check: transient = a + b * latent area, fitted on the small traces
+
+def area_cross_check(args: argparse.Namespace, unet: dict, checks: list[dict], report: dict) -> None:
+    """3. Transient memory = a + b * latent area, fitted on the small traces, against the direct one."""
     print("\ncross-check: transient memory (peak - persistent) extrapolated by latent area")
     for c in checks:
         area = (args.resolution / c["resolution"]) ** 2
@@ -493,6 +496,34 @@ def main() -> None:
         print(f"\ntracker self-check (tiny Kolors UNet LoRA step, same code on real vs fake tensors): "
               f"real {real / 2**20:.2f} MiB, fake {fake / 2**20:.2f} MiB peak")
 
+
+def write_report(args: argparse.Namespace, report: dict, start: float) -> None:
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out} ({report['total_s']:.0f} s)")
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    report = parameter_counts(args)
+    if args.no_trace:
+        write_report(args, report, start)
+        return
+    unet, text, vae_t, checks = trace_phases(args, report)
+    margin = lambda peak: peak * args.fragmentation + args.context_gib * C.GIB  # noqa: E731
+    phases = training_phases(args, unet, text, vae_t, margin)
+    worst = max(phases, key=phases.get)
+    line(f"trainer peak = max over its phases ({worst}), with margins", phases[worst])
+    generation, generation_peaks = generation_phases(args.resolution, args.candidates, margin)
+    report["traces"]["generation"] = generation
+    print(f"\ngeneration phases at {args.resolution} px, fp16 UNet, upcast fp32 VAE - traced")
+    for name, value in generation_peaks.items():
+        line(f"{name}: with margins", value)
+    base_peak, base_total = baseline_layout(unet, text, vae_t, margin)
+    area_cross_check(args, unet, checks, report)
+
     verdict = "UNDER" if gb(phases[worst]) < GOAL_GB else "OVER"
     print(f"\nestimate: {gb(phases[worst]):.1f} GB ({gib(phases[worst]):.1f} GiB) peak for the project's trainer "
           f"-> {verdict} the {GOAL_GB:.0f} GB goal; baseline layout {gb(base_total):.1f} GB "
@@ -504,10 +535,7 @@ def main() -> None:
                           "baseline_layout_peak": base_peak, "baseline_layout_with_margins": base_total,
                           "goal_gb": GOAL_GB, "under_goal": verdict == "UNDER",
                           "margins": {"context_gib": args.context_gib, "fragmentation": args.fragmentation}}
-    report["total_s"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out} ({report['total_s']:.0f} s)")
+    write_report(args, report, start)
 
 
 if __name__ == "__main__":
