@@ -623,6 +623,9 @@ def test_captions_land_in_metadata_and_only_what_changed_is_captioned_again(demo
     with open(demo_run / f"results/shared/data/{jobs['captions']}/dataset/train/metadata.csv", encoding="utf-8") as f:
         assert {r["file_name"]: r["text"] for r in csv.DictReader(f)} == {f"{r['id']}.jpg": r["text"] for r in records}
     assert "1 image(s) sent to the captioner" in caption_logs(demo_run)[jobs["captions"]]
+    report = tmp_path / "report.html"  # the captions page is in the run's report
+    snakemake(demo_run, "--report", str(report), "--configfile", *DEMO_SWEEP)
+    assert "captions.html" in report.read_text(encoding="utf-8", errors="replace")
 
     work = tmp_path / "demo"
     shutil.copytree(demo_run, work, symlinks=True)
