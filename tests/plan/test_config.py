@@ -261,3 +261,25 @@ def test_truncation_opted_in_accepts_every_long_text_at_parse_time(caplog):
     cuts = cut_texts(config)
     assert [c["where"] for c in cuts] == [LONG_TEXTS[i][1] for i in (0, 2, 1, 3, 4)]  # the config's order
     assert all(c["dropped"] and c["dropped"].replace(" ", "") in LONG + "{caption}" for c in cuts)
+
+
+def rule_block(out: str, rule: str) -> str:
+    """The dry run's description of rule `rule`'s first job ("" when none is planned)."""
+    match = re.search(rf"^(?:local)?rule {rule}:\n((?:\s+.*\n)+)", out, re.M)
+    return match.group(1) if match else ""
+
+
+def test_the_rules_plan_a_captioner_only_where_asked_with_its_model_and_gpu(tmp_path):
+    plain = dry_run(tmp_path, {})
+    assert plain.returncode == 0 and not rule_block(plain.stdout, "caption_images")
+    hub = dry_run(tmp_path, {"caption": {"backend": "data_juicer", "model": "Salesforce/blip-image-captioning-base"}})
+    assert hub.returncode == 0, hub.stderr[-3000:]
+    job = rule_block(hub.stdout, "caption_images")
+    assert "resources/modelscope/Salesforce/blip-image-captioning-base" in job and "gpu=1" in job
+    assert "output: resources/modelscope/Salesforce/blip-image-captioning-base" in rule_block(hub.stdout, "download_model")
+    assert "results/shared/captions/" in rule_block(hub.stdout, "build_metadata")
+    api = dry_run(tmp_path, {"caption": {"backend": "openai", "model": "qwen-vl-plus"}})
+    job = rule_block(api.stdout, "caption_images")
+    assert api.returncode == 0 and job and "gpu=1" not in job and "modelscope" not in job
+    missing = dry_run(tmp_path, {"caption": {"backend": "data_juicer", "model": "resources/nope"}})
+    assert missing.returncode != 0 and "caption.model: local folder 'resources/nope' does not exist" in missing.stdout + missing.stderr
