@@ -180,3 +180,22 @@ def test_a_missing_key_names_the_variable_and_the_caption_section(api, monkeypat
     monkeypatch.delenv("KOLORS_TEST_CAPTION_KEY")
     with pytest.raises(LLMError, match="caption: the environment variable KOLORS_TEST_CAPTION_KEY is not set"):
         api_run(api, tmp_path / "cache").caption_rows(images(tmp_path / "img", 1))
+
+
+def test_a_run_s_captions_record_seeds_an_empty_cache_so_nothing_is_asked_again(blips, tmp_path, capsys):
+    """Reproducing in a fresh folder: results/<run>/data/captions.jsonl fills the cache (the command
+    python -m kolors_story.host.captions_cache), and the job then asks the captioner nothing."""
+    from kolors_story.host.captions_cache import main
+
+    rows = images(tmp_path / "img", 2)
+    rows[0].update(caption="桥", caption_from="a.txt", text="桥")
+    _, records = run(blips["talks"], tmp_path / "cache").caption_rows(rows)
+    record_file = tmp_path / "run/data/captions.jsonl"
+    record_file.parent.mkdir(parents=True)
+    record_file.write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert main([str(tmp_path / "run"), "--cache", str(tmp_path / "fresh")]) == 0
+    assert "1 caption(s)" in capsys.readouterr().out
+    again = run(blips["talks"], tmp_path / "fresh")
+    _, records2 = again.caption_rows(rows)
+    assert again.asked == 0 and [r.text for r in records2] == [r.text for r in records]
+    assert main([str(tmp_path / "nowhere")]) == 1 and "no captions record" in capsys.readouterr().err

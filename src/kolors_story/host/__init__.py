@@ -2,7 +2,8 @@
 GPU slots shared by the jobs of one host, the multi-process training launcher, the GPU check and
 the wheelhouse for an offline GPU host, the Snakemake planning fix, and `reproduce` (a panel again
 from its record), slurm_fit (SLURM requests against sinfo, jobs PENDING for ever) and
-write_prompts (scene prompts from the outline, by a language model).
+write_prompts (scene prompts from the outline, by a language model) and captions_cache (a run's
+captions put back into the cache, for reproducing it elsewhere).
 
 May import every package.
 """

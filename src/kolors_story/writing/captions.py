@@ -127,6 +127,7 @@ class CaptionRecord:
     tokens: int  # ChatGLM tokens of `text`
     cached: bool = False
     warnings: list[str] = field(default_factory=list)
+    request: dict[str, Any] | None = None  # its cache key (the image's sha256 and what made the caption)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,19 +151,20 @@ class CaptionRun:
         """An image's cache key: its bytes' digest and what makes its caption."""
         return {"image_sha256": image_sha256, **self.settings.identity()}
 
-    def generated(self, image: Path) -> tuple[str, bool]:
-        """(caption, from the cache) of one image; the captioner asked, and its answer cached, on a miss."""
+    def generated(self, image: Path) -> tuple[str, bool, dict[str, Any]]:
+        """(caption, from the cache, cache key) of one image; the captioner asked, and its answer
+        cached, on a miss."""
         digest = sha256_file(image)
         request = self.request(digest)
         cached = self.cache.get(request)
         if cached is not None:
-            return cached, True
+            return cached, True, request
         if self._captioner is None:
             self._captioner = self._make()
         caption = self._captioner.caption(image, image_seed(self.settings.seed, digest))  # raises: nothing cached
         self.asked += 1
         self.cache.put(request, caption)
-        return caption, False
+        return caption, False, request
 
     def _fit(self, record: CaptionRecord, caption: str) -> str:
         n = count_tokens(caption)
@@ -182,7 +184,7 @@ class CaptionRun:
         if user and self.settings.keep_existing:
             record.text, record.source, record.model = str(row["text"]), "user", None
         else:
-            caption, record.cached = self.generated(image)
+            caption, record.cached, record.request = self.generated(image)
             record.generated = self._fit(record, caption.strip())
             if not record.generated:
                 record.source = "fallback"
@@ -222,3 +224,16 @@ def captioner_for(settings: CaptionSettings) -> Callable[[], Captioner]:
     if settings.backend == "data_juicer":
         return lambda: DataJuicerCaptioner(str(settings.model), settings.effective_prompt())
     return lambda: OpenAICaptioner(settings.chat_settings(), str(settings.effective_prompt()))
+
+
+def seed_cache(records: list[dict[str, Any]], cache: ReplyCache) -> int:
+    """Put each generated caption of a captions.jsonl (results/<run>/data/) into the cache, so that
+    a run reproduced in another folder captions nothing; returns how many entries were added. An
+    entry is keyed as the job keys it, so a caption only ever answers the same image and settings."""
+    added = 0
+    for record in records:
+        request, caption = record.get("request"), record.get("generated")
+        if request and caption is not None and cache.get(request) is None:
+            cache.put(request, caption)
+            added += 1
+    return added
