@@ -46,11 +46,12 @@ localrules:
     manifest,
     upload,
     compare_runs,
-    variant_data,
-    variant_lora,
-    variant_training,
-    variant_scene,
-    variant_prompts,
+    copy_data_stats,
+    copy_captions,
+    copy_lora,
+    copy_training_curves,
+    copy_scene,
+    copy_prompts,
 
 
 # Under the slurm executor (profiles/slurm): before anything is submitted, every job's request is

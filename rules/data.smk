@@ -97,7 +97,7 @@ rule build_metadata:
         "../scripts/build_metadata.py"
 
 
-rule variant_data:
+rule copy_data_stats:
     """The variant's filter statistics and dropped images, for its report and manifest."""
     input:
         stats=lambda wc: f"{SHARED}/data/{variant_jobs(wc).filter}/filter_stats.json",
@@ -108,14 +108,14 @@ rule variant_data:
         dropped=report(f"{RUN_DIR}/data/dropped.png", caption="../report/dropped.rst",
                        category="{run}", subcategory="Data"),
     log:
-        f"{RUN_DIR}/logs/variant_data.log",
+        f"{RUN_DIR}/logs/copy_data_stats.log",
     conda:
         ENV
     script:
-        "../scripts/variant_data.py"
+        "../scripts/copy_data_stats.py"
 
 
-rule variant_captions:
+rule copy_captions:
     """The variant's captions: each kept image beside its training text and where it came from."""
     input:
         record=lambda wc: f"{SHARED}/captions/{variant_jobs(wc).captions}/{CAPTION_FILES['record']}",
@@ -125,7 +125,7 @@ rule variant_captions:
         page=report(f"{RUN_DIR}/data/{CAPTION_FILES['page']}", caption="../report/captions.rst",
                     category="{run}", subcategory="Data"),
     log:
-        f"{RUN_DIR}/logs/variant_captions.log",
+        f"{RUN_DIR}/logs/copy_captions.log",
     conda:
         ENV
     script:

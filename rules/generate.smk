@@ -54,7 +54,7 @@ rule generate_scene:
         "../scripts/generate_scene.py"
 
 
-rule variant_scene:
+rule copy_scene:
     """The variant's panel and its candidates, copied from the scene job that rendered them."""
     input:
         panel=lambda wc: f"{scene_job_dir(wc)}/panel.png",
@@ -66,7 +66,7 @@ rule variant_scene:
     params:
         scene=lambda wc: {k: SCENES[wc.run][wc.scene][k] for k in IMAGE_KEYS},  # for the report's caption
     log:
-        f"{RUN_DIR}/logs/variant_scene/{{scene}}.log",
+        f"{RUN_DIR}/logs/copy_scene/{{scene}}.log",
     conda:
         ENV
     script:

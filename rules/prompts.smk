@@ -27,7 +27,7 @@ checkpoint write_prompts:
         "../scripts/write_prompts.py"
 
 
-rule variant_prompts:
+rule copy_prompts:
     """The variant's written scenes (they paste into story.scenes) and the writer's transcript."""
     input:
         prompts=lambda wc: f"{SHARED}/prompts/{WRITER_KEYS[wc.run]}/{WRITTEN_FILE}",
@@ -37,7 +37,7 @@ rule variant_prompts:
                        subcategory="Config"),
         transcript=f"{RUN_DIR}/{TRANSCRIPT_FILE}",
     log:
-        f"{RUN_DIR}/logs/variant_prompts.log",
+        f"{RUN_DIR}/logs/copy_prompts.log",
     conda:
         ENV
     script:

@@ -45,21 +45,21 @@ rule train_lora:
         "../scripts/train_lora.py"
 
 
-rule variant_lora:
+rule copy_lora:
     """The variant's LoRA in both formats, copied from its training (or import) job."""
     input:
         **{name: variant_lora_source(name) for name in IMPORTED_FILES},
     output:
         **{name: f"{RUN_DIR}/lora/{file}" for name, file in IMPORTED_FILES.items()},
     log:
-        f"{RUN_DIR}/logs/variant_lora.log",
+        f"{RUN_DIR}/logs/copy_lora.log",
     conda:
         ENV
     script:
         "../scripts/copy_outputs.py"
 
 
-rule variant_training:
+rule copy_training_curves:
     """The training curves and summary of a trained variant's LoRA."""
     input:
         **{name: variant_lora_source(name) for name in CURVES},
@@ -72,7 +72,7 @@ rule variant_training:
                               category="{run}", subcategory="Training"),
         summary=f"{RUN_DIR}/lora/{CURVES['summary']}",
     log:
-        f"{RUN_DIR}/logs/variant_training.log",
+        f"{RUN_DIR}/logs/copy_training_curves.log",
     conda:
         ENV
     script:

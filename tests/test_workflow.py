@@ -515,7 +515,7 @@ def test_a_damaged_artifact_stops_its_consumer_naming_the_file_and_the_remake(de
     (work / lora).write_bytes(good[: len(good) // 2])
     out = damaged_rerun(work, "results/demo/bundle")
     assert f"{lora}: truncated: {len(good) // 2} of {len(good)} bytes" in out
-    assert f"remake it (made by rule variant_lora): snakemake -R {lora}" in out
+    assert f"remake it (made by rule copy_lora): snakemake -R {lora}" in out
     assert not (work / "results/demo/bundle").exists()
     snakemake(work, "results/demo/bundle", "-R", lora, "--cores", "2", "--configfile", *DEMO_SWEEP)
     assert (work / "results/demo/bundle/pytorch_lora_weights.safetensors").read_bytes() == good

@@ -155,13 +155,14 @@ def test_the_demo_through_slurm_gives_the_local_outputs_byte_for_byte(slurm_demo
     ids = re.findall(r"has been submitted with SLURM jobid (\d+)", (slurm_demo / "slurm.out").read_text())
     assert ids, "no job went through SLURM"
     gres = accounted_gpus(ids)
-    gpu_rules = {"encode_texts", "train_lora", "generate_scene", "render_anchor", "write_prompts"}  # the demo's writer is local
+    gpu_rules = {"encode_texts", "train_lora", "generate_scene", "render_anchor", "write_prompts",  # the demo's writer is local
+                 "caption_images"}  # and its captioner a Data-Juicer model
     for job_id, (rule, gpus) in gres.items():
         assert gpus == (1 if rule in gpu_rules else 0), f"SLURM job {job_id} ({rule}) got {gpus} GPUs"
     rules = {rule for rule, _ in gres.values()}
     report(f"{len(ids)} SLURM jobs, rules {sorted(rules)}; one GPU each for {sorted(gpu_rules)}")
     assert rules >= gpu_rules | {"score_images", "filter_dataset"}
-    assert not {"compose_story", "bundle", "manifest", "compare_runs", "variant_scene"} & rules, \
+    assert not {"compose_story", "bundle", "manifest", "compare_runs", "copy_scene"} & rules, \
         "a localrule went to SLURM"
 
     result = compare(slurm_demo / "results", local / "results")
