@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from kolors_story.data.rows import read_rows, write_rows
+from kolors_story.host.captions_cache import RECORDS, seed_from_results
 from kolors_story.host.rule_runner import run_rule
 from kolors_story.outputs.captions_page import write_captions_page
 from kolors_story.writing.captions import CaptionRun, CaptionSettings, captioner_for
@@ -16,7 +17,13 @@ def main(snakemake):
     params, out = snakemake.params, snakemake.output
     settings = CaptionSettings(**params.caption)
     rows = read_rows(Path(snakemake.input.rows))
-    run = CaptionRun(settings, captioner_for(settings), ReplyCache(Path(params.cache_dir)),
+    cache = ReplyCache(Path(params.cache_dir))
+    # results/shared/captions/<key>/captioned.jsonl -> results/: a run reproduced in a fresh folder
+    # with its results/<run>/ finds its captions there and asks no captioner
+    seeded = seed_from_results(Path(out.rows).parents[3], cache)
+    if seeded:
+        logging.info("%d caption(s) put into the cache from results/*/%s", seeded, RECORDS)
+    run = CaptionRun(settings, captioner_for(settings), cache,
                      trigger=params.trigger, default_caption=params.default_caption)
     captioned, records = run.caption_rows(rows)
     write_rows(captioned, Path(out.rows))

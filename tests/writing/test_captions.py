@@ -199,3 +199,23 @@ def test_a_run_s_captions_record_seeds_an_empty_cache_so_nothing_is_asked_again(
     _, records2 = again.caption_rows(rows)
     assert again.asked == 0 and [r.text for r in records2] == [r.text for r in records]
     assert main([str(tmp_path / "nowhere")]) == 1 and "no captions record" in capsys.readouterr().err
+
+
+def test_the_caption_job_seeds_its_cache_from_every_run_under_results(blips, tmp_path):
+    """What scripts/caption_images.py does first: a fresh folder holding results/<run>/ asks no
+    captioner; an unreadable record is skipped (its images are captioned again)."""
+    from kolors_story.host.captions_cache import RECORDS, seed_from_results
+    from kolors_story.writing.reply_cache import ReplyCache
+
+    rows = images(tmp_path / "img", 2)
+    _, records = run(blips["talks"], tmp_path / "cache").caption_rows(rows)
+    results = tmp_path / "results"
+    (results / "demo" / RECORDS).parent.mkdir(parents=True)
+    (results / "demo" / RECORDS).write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records),
+                                            encoding="utf-8")
+    (results / "broken" / RECORDS).parent.mkdir(parents=True)
+    (results / "broken" / RECORDS).write_text("{not json\n", encoding="utf-8")
+    assert seed_from_results(results, ReplyCache(tmp_path / "fresh")) == 2
+    again = run(blips["talks"], tmp_path / "fresh")
+    _, records2 = again.caption_rows(rows)
+    assert again.asked == 0 and [r.text for r in records2] == [r.text for r in records]

@@ -1,5 +1,7 @@
-"""Seed the captions cache from a run's results, so that reproducing the run in a fresh folder
-never calls a captioner (its captions are in results/<run>/data/captions.jsonl):
+"""Seed the captions cache from runs' results, so that reproducing a run in a fresh folder never
+calls a captioner (its captions are in results/<run>/data/captions.jsonl). The caption_images job
+does it itself for every run under results/ (seed_from_results) before it captions anything; by
+hand, for a record kept elsewhere:
 
     python -m kolors_story.host.captions_cache results/<run> [--cache resources/cache/captions]
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from kolors_story.writing.reply_cache import ReplyCache
 
 CACHE = Path("resources/cache/captions")  # rules/common.smk: CACHE/captions
 RECORDS = Path("data/captions.jsonl")
+log = logging.getLogger(__name__)
 
 
 def records_file(where: Path) -> Path:
@@ -28,6 +32,22 @@ def records_file(where: Path) -> Path:
     return path
 
 
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def seed_from_results(results: Path, cache: ReplyCache) -> int:
+    """Every results/<run>/data/captions.jsonl into the cache (entries it lacks only); returns how
+    many were added. A record that cannot be read is skipped with a warning: it only saves calls."""
+    added = 0
+    for path in sorted(Path(results).glob(f"*/{RECORDS}")):
+        try:
+            added += seed_cache(read_records(path), cache)
+        except (OSError, ValueError) as err:
+            log.warning("captions record %s not read (%s); its images are captioned again", path, err)
+    return added
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="results/<run> (or its data/captions.jsonl)")
@@ -35,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = records_file(args.run)
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_records(path)
     except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
