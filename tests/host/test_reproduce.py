@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kolors_story.render.scenes import Consistency, SamplerSettings, Scene, candidate_seeds, render_anchor, render_scene
+from kolors_story.render.scenes import (
+    Consistency, RenderInputs, SamplerSettings, Scene, candidate_seeds, render_anchor, render_scene,
+)
 from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import (
     RECORD_FILE, AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, PanelRecipe, read_record, write_record,
@@ -38,13 +40,14 @@ def published(tiny_kolors, training_folder, tmp_path_factory) -> tuple[Path, dic
     aesthetic = build_tiny_aesthetic_predictor(work / "aesthetic")
     settings = SamplerSettings(steps=2, candidates=3, lora_scale=(0.5, 1.0))
     option = Consistency(strength=4.0, steps_fraction=1.0, max_tokens=64, selection_weight=2.0)
-    anchor = render_anchor(tiny_kolors, lora, Scene("girl", "水墨画，少女", "丑陋", 0, 32, 32), settings, option,
-                           work / "anchors/girl.safetensors", device=CPU)
+    anchor = render_anchor(RenderInputs(tiny_kolors, lora), Scene("girl", "水墨画，少女", "丑陋", 0, 32, 32), settings,
+                           option, work / "anchors/girl.safetensors", device=CPU)
     scenes = {"s1": (Scene("s1", "水墨画，山水", "", 3, 32, 48), []),  # empty negative: the pipeline's default
               "s2": (Scene("s2", "水墨画，少女，读书", "丑陋", 7, 32, 32), [anchor])}
     for name, (scene, anchors) in scenes.items():
-        render_scene(tiny_kolors, lora, scene, settings, work / f"scenes/{name}.png", work / f"candidates/{name}",
-                     aesthetic, CPU, anchors=anchors, consistency=option if anchors else None)
+        render_scene(RenderInputs(tiny_kolors, lora, aesthetic_dir=aesthetic), scene, settings,
+                     work / f"scenes/{name}.png", candidates_dir=work / f"candidates/{name}", device=CPU,
+                     anchors=anchors, consistency=option if anchors else None)
     records = {name: read_record(work / f"candidates/{name}") for name in scenes}
     Image.new("RGB", (64, 64)).save(work / "story.png")
     bundle = build_bundle(root / "bundle", lora, [work / f"scenes/{n}.png" for n in scenes], list(records.values()),

@@ -200,11 +200,12 @@ def test_needs_scorer_counts_every_image_a_scene_job_renders(candidates, lora_sc
 
 
 def test_render_scene_refuses_a_sweep_without_the_predictor_before_loading_anything(tmp_path):
-    from kolors_story.render.scenes import SamplerSettings, Scene, render_scene
+    from kolors_story.render.scenes import RenderInputs, SamplerSettings, Scene, render_scene
 
     settings = SamplerSettings(lora_scale=(0.5, 1.0))  # no model folder: it must fail before loading
     with pytest.raises(ValueError, match="generate.lora_scale.*models.aesthetic"):
-        render_scene(tmp_path / "none", tmp_path / "none.safetensors", Scene("a", "p"), settings, tmp_path / "a.png")
+        render_scene(RenderInputs(tmp_path / "none", tmp_path / "none.safetensors"), Scene("a", "p"), settings,
+                     tmp_path / "a.png")
 
 
 def dry_run(tmp_path: Path, overrides: dict) -> subprocess.CompletedProcess:

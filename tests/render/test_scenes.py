@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from kolors_story.render.scenes import (
-    SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
+    RenderInputs, SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
     load_style_lora, render, render_scene,
 )
 from kolors_story.render.candidates_file import read_record
@@ -94,8 +94,9 @@ def test_training_and_scene_jobs_share_one_prompt_cache(tiny_kolors, training_fo
 
 
 def test_render_scene_writes_the_panel(tiny_kolors, lora, tmp_path):
-    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=1, width=32, height=32),
-                          SamplerSettings(sampler="ddim", steps=2, lora_scale=0.5), tmp_path / "s1.png", device=CPU)
+    record = render_scene(RenderInputs(tiny_kolors, lora), Scene("s1", "水墨画", seed=1, width=32, height=32),
+                          SamplerSettings(sampler="ddim", steps=2, lora_scale=0.5), tmp_path / "s1.png",
+                          device=CPU)
     assert (tmp_path / "s1.png").read_bytes()[:4] == b"\x89PNG" and record.seed == 1
     assert record.recipe().sampler == "ddim" and record.lora_scale == 0.5 and record.recipe().batch_seeds == (1,)
 
@@ -103,8 +104,9 @@ def test_render_scene_writes_the_panel(tiny_kolors, lora, tmp_path):
 def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_path):
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     settings = SamplerSettings(steps=2, candidates=4)
-    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画，山水", seed=3, width=32, height=32), settings,
-                          tmp_path / "s1.png", candidates_dir=tmp_path / "cands", aesthetic_dir=aesthetic, device=CPU)
+    record = render_scene(RenderInputs(tiny_kolors, lora, aesthetic_dir=aesthetic),
+                          Scene("s1", "水墨画，山水", seed=3, width=32, height=32), settings, tmp_path / "s1.png",
+                          candidates_dir=tmp_path / "cands", device=CPU)
     files = [tmp_path / "cands" / f for f in record.files]
     separately = AestheticScorer(aesthetic).score_files(files)
     scores = [separately[f.name] for f in files]
@@ -120,8 +122,9 @@ def test_best_of_n_keeps_the_highest_scoring_candidate(tiny_kolors, lora, tmp_pa
 def test_lora_scale_sweep_competes_scales_and_records_the_winner(tiny_kolors, lora, tmp_path):
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     settings = SamplerSettings(steps=2, candidates=2, lora_scale=(0.0, 1.0))
-    record = render_scene(tiny_kolors, lora, Scene("s1", "水墨画", seed=2, width=32, height=32), settings,
-                          tmp_path / "s1.png", candidates_dir=tmp_path / "c", aesthetic_dir=aesthetic, device=CPU)
+    record = render_scene(RenderInputs(tiny_kolors, lora, aesthetic_dir=aesthetic),
+                          Scene("s1", "水墨画", seed=2, width=32, height=32), settings, tmp_path / "s1.png",
+                          candidates_dir=tmp_path / "c", device=CPU)
     assert [c.lora_scale for c in record.candidates] == [0.0, 0.0, 1.0, 1.0]
     assert [c.seed for c in record.candidates] == candidate_seeds(2, 2) * 2
     assert record.lora_scale == record.candidates[record.chosen].lora_scale == record.recipe().lora_scale
@@ -137,8 +140,8 @@ def test_alternative_prompts_compete_with_every_seed_and_the_winner_renders_agai
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     settings = SamplerSettings(steps=2, candidates=2)
     scene = Scene("s1", "水墨画，山水", seed=4, width=32, height=32, alternatives=("水墨画，小桥流水", "古风，竹林"))
-    record = render_scene(tiny_kolors, lora, scene, settings, tmp_path / "s1.png", candidates_dir=tmp_path / "c",
-                          aesthetic_dir=aesthetic, device=CPU)
+    record = render_scene(RenderInputs(tiny_kolors, lora, aesthetic_dir=aesthetic), scene, settings,
+                          tmp_path / "s1.png", candidates_dir=tmp_path / "c", device=CPU)
     assert [c.prompt for c in record.candidates] == [None, None, "水墨画，小桥流水", "水墨画，小桥流水", "古风，竹林", "古风，竹林"]
     assert [c.seed for c in record.candidates] == candidate_seeds(4, 2) * 3
     assert record.chosen == int(np.argmax(record.scores)) and read_record(tmp_path / "c") == record
@@ -160,14 +163,15 @@ def test_consistency_anchors_change_the_scene_deterministically_and_weigh_the_pi
     aesthetic = build_tiny_aesthetic_predictor(tmp_path / "aesthetic")
     settings = SamplerSettings(steps=3, candidates=2, batch_candidates=False)  # one call per seed, as compare
     option = Consistency(strength=4.0, steps_fraction=1.0, max_tokens=64, selection_weight=2.0, compare=True)
-    anchor = render_anchor(tiny_kolors, lora, Scene("girl", "水墨画，少女", seed=0, width=32, height=32),
+    anchor = render_anchor(RenderInputs(tiny_kolors, lora), Scene("girl", "水墨画，少女", seed=0, width=32, height=32),
                            settings, option, tmp_path / "anchors/girl.safetensors", device=CPU)
     assert anchor.with_suffix(".png").is_file()
     scene = Scene("s1", "水墨画，少女，读书", seed=7, width=32, height=32)
 
     def run(name, anchors):
-        return render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", tmp_path / name,
-                            aesthetic, CPU, anchors=anchors, consistency=option)
+        return render_scene(RenderInputs(tiny_kolors, lora, aesthetic_dir=aesthetic), scene, settings,
+                            tmp_path / f"{name}.png", candidates_dir=tmp_path / name, device=CPU, anchors=anchors,
+                            consistency=option)
 
     plain, shared = run("plain", []), run("shared", [anchor])
     run("again", [anchor])  # its candidate files are compared below
@@ -198,7 +202,8 @@ def test_prompt_embeddings_are_cached_and_a_cached_panel_is_bitwise_the_same(tin
 
     def run(name, scene=scene, cache_dir=cache):
         caplog.clear()
-        render_scene(tiny_kolors, lora, scene, settings, tmp_path / f"{name}.png", device=CPU, cache_dir=cache_dir)
+        render_scene(RenderInputs(tiny_kolors, lora, cache_dir=cache_dir), scene, settings,
+                     tmp_path / f"{name}.png", device=CPU)
         return np.asarray(Image.open(tmp_path / f"{name}.png"))
 
     with caplog.at_level("INFO", logger="kolors_story.models.prompt_embeddings"):
@@ -233,19 +238,22 @@ def test_the_embeddings_file_gives_bitwise_the_cache_and_the_scene_never_loads_c
     stored = EmbeddingsFile(store, folder, torch.float32, CPU).for_pipeline(scene.prompt, scene.negative_prompt)
     assert direct.keys() == stored.keys() and all(torch.equal(direct[k], stored[k]) for k in direct)
     option = Consistency(strength=1.0, steps_fraction=1.0, max_tokens=16)
-    render_scene(tiny_kolors, lora, scene, settings, tmp_path / "encoded.png", device=CPU)
-    render_anchor(tiny_kolors, lora, girl, settings, option, tmp_path / "encoded/girl.safetensors", device=CPU)
+    render_scene(RenderInputs(tiny_kolors, lora), scene, settings, tmp_path / "encoded.png", device=CPU)
+    render_anchor(RenderInputs(tiny_kolors, lora), girl, settings, option, tmp_path / "encoded/girl.safetensors",
+                  device=CPU)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a scene job with an embeddings file loaded ChatGLM")
 
     monkeypatch.setattr(KolorsFolder, "load_text_encoder", refuse)
-    render_scene(tiny_kolors, lora, scene, settings, tmp_path / "stored.png", device=CPU, embeddings=store)
+    render_scene(RenderInputs(tiny_kolors, lora, embeddings=store), scene, settings, tmp_path / "stored.png",
+                 device=CPU)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "encoded.png")), np.asarray(Image.open(tmp_path / "stored.png")))
-    render_anchor(tiny_kolors, lora, girl, settings, option, tmp_path / "stored/girl.safetensors", device=CPU,
-                  embeddings=store)
+    render_anchor(RenderInputs(tiny_kolors, lora, embeddings=store), girl, settings, option,
+                  tmp_path / "stored/girl.safetensors", device=CPU)
     encoded, read = load_file(tmp_path / "encoded/girl.safetensors"), load_file(tmp_path / "stored/girl.safetensors")
     assert encoded.keys() == read.keys() and all(torch.equal(encoded[k], read[k]) for k in encoded)
     with pytest.raises(UserError, match="snakemake -R encode_texts"):
-        render_scene(tiny_kolors, lora, Scene("s2", "另一个提示", "丑陋", seed=1, width=32, height=32), settings,
-                     tmp_path / "missing.png", device=CPU, embeddings=store)
+        render_scene(RenderInputs(tiny_kolors, lora, embeddings=store),
+                     Scene("s2", "另一个提示", "丑陋", seed=1, width=32, height=32), settings, tmp_path / "missing.png",
+                     device=CPU)

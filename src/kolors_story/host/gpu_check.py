@@ -390,7 +390,7 @@ def compare_round_trip(pipe, scene, settings, embeds, reloaded: torch.Tensor, tr
 
 def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Path) -> None:
     """An anchor as render_anchor records it, then a scene sharing attention with it."""
-    from kolors_story.render.scenes import Consistency, SamplerSettings, Scene, render_anchor, render_scene
+    from kolors_story.render.scenes import Consistency, RenderInputs, SamplerSettings, Scene, render_anchor, render_scene
 
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
                                precision=args.precision, candidates=1, compile=args.compile)
@@ -398,14 +398,16 @@ def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Pat
     size = dict(width=args.resolution, height=args.resolution)
     anchor = args.work / "anchors" / "girl.safetensors"
     with phases.measure("anchor_job") as record:
-        render_anchor(kolors, lora, Scene("girl", CHARACTER, NEGATIVE, seed=7, **size), settings, consistency,
-                      anchor, phases.device, embeddings=store)
+        render_anchor(RenderInputs(kolors, lora, embeddings=store),
+                      Scene("girl", CHARACTER, NEGATIVE, seed=7, **size), settings, consistency, anchor,
+                      device=phases.device)
         record["anchor_mib"] = round(anchor.stat().st_size / 2**20, 1)
     phases.release()
     with phases.measure("consistency_scene_job"):
-        render_scene(kolors, lora, Scene("with_girl", PROMPT, NEGATIVE, seed=1, **size), settings,
+        render_scene(RenderInputs(kolors, lora, embeddings=store),
+                     Scene("with_girl", PROMPT, NEGATIVE, seed=1, **size), settings,
                      args.work / "consistency_panel.png", device=phases.device, anchors=[anchor],
-                     consistency=consistency, embeddings=store)
+                     consistency=consistency)
     phases.release()
 
 

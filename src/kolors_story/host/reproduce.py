@@ -26,7 +26,7 @@ from kolors_story import seals
 from kolors_story.models import devices
 from kolors_story.errors import UserError
 from kolors_story.render.scenes import (
-    Consistency, SamplerSettings, Scene, load_style_lora, move_to_device, pipeline_and_embeddings,
+    Consistency, RenderInputs, SamplerSettings, Scene, load_style_lora, move_to_device, pipeline_and_embeddings,
     pipeline_dtype, render, render_anchor,
 )
 from kolors_story.models.lora_files import LORA_WEIGHT_NAME
@@ -58,8 +58,8 @@ def _record_anchors(model_dir: Path, lora: Path, recipe: PanelRecipe, device: to
     for a in recipe.consistency.anchors:
         scene = Scene(a.id, a.prompt, a.negative_prompt, a.seed, a.width, a.height)
         option = Consistency(steps_fraction=a.steps_fraction, max_tokens=a.max_tokens)
-        paths.append(render_anchor(model_dir, lora, scene, _settings(a, recipe.precision), option,
-                                   folder / f"{a.id}.safetensors", device))
+        paths.append(render_anchor(RenderInputs(model_dir, lora), scene, _settings(a, recipe.precision), option,
+                                   folder / f"{a.id}.safetensors", device=device))
     return paths
 
 

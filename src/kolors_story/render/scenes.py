@@ -211,33 +211,44 @@ def candidate_batches(settings: SamplerSettings, seeds: list[int]) -> list[list[
     return [list(seeds)] if settings.batch_candidates and len(seeds) > 1 else [[s] for s in seeds]
 
 
+@dataclass(frozen=True)
+class RenderInputs:
+    """What a scene or anchor job reads besides its scene and settings: the Kolors folder, the
+    style LoRA, the prompt embeddings (the encode_texts job's file, else a cache ChatGLM fills),
+    and the aesthetic predictor that picks best-of-N."""
+
+    model_dir: Path
+    lora_file: Path
+    aesthetic_dir: Path | None = None
+    cache_dir: Path | None = None
+    embeddings: Path | None = None
+
+
 def render_scene(
-    model_dir: Path,
-    lora_file: Path,
+    inputs: RenderInputs,
     scene: Scene,
     settings: SamplerSettings,
     out_path: Path,
     candidates_dir: Path | None = None,
-    aesthetic_dir: Path | None = None,
     device: torch.device | None = None,
     anchors: list[Path] = (),
     consistency: Consistency | None = None,
-    cache_dir: Path | None = None,
-    embeddings: Path | None = None,
 ) -> CandidateRecord:
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
     candidates (written to candidates_dir/candidates.json when given). With anchors (one per
     character the scene shows), self-attention is shared with them for consistent characters."""
     scored = needs_scorer(settings.candidates, settings.lora_scale, len(scene.prompts))
+    aesthetic_dir = inputs.aesthetic_dir
     if scored and aesthetic_dir is None:  # refused before any GPU work, not after rendering
         raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or devices.pick_device()
-    pipe, embeds = pipeline_and_prompt_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
+    pipe, embeds = pipeline_and_prompt_embeddings(inputs.model_dir, settings, scene, device, inputs.cache_dir,
+                                                  inputs.embeddings)
     move_to_device(pipe, device, settings)
     scales = lora_scales(settings)
     fused = len(scales) == 1
-    load_style_lora(pipe, lora_file, scales[0], fuse=fused)
+    load_style_lora(pipe, inputs.lora_file, scales[0], fuse=fused)
     consistency = (consistency or Consistency()) if anchors else None
     sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
     if settings.compile:
@@ -352,18 +363,18 @@ def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: 
     return WITHOUT_CONSISTENCY
 
 
-def render_anchor(model_dir: Path, lora_file: Path, scene: Scene, settings: SamplerSettings,
-                  consistency: Consistency, out_path: Path, device: torch.device | None = None,
-                  cache_dir: Path | None = None, embeddings: Path | None = None) -> Path:
+def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings, consistency: Consistency,
+                  out_path: Path, device: torch.device | None = None) -> Path:
     """Render a character's anchor with the scenes' sampler and LoRA, recording the
     self-attention features the scene jobs will share (out_path: .safetensors, image beside)."""
     from kolors_story.render.character_sharing import record_anchor, save_anchor
 
     device = device or devices.pick_device()
-    pipe, embeds = pipeline_and_embeddings(model_dir, settings, scene, device, cache_dir, embeddings)
+    pipe, embeds = pipeline_and_embeddings(inputs.model_dir, settings, scene, device, inputs.cache_dir,
+                                           inputs.embeddings)
     move_to_device(pipe, device, settings)
     scale = lora_scales(settings)[0]
-    load_style_lora(pipe, lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
+    load_style_lora(pipe, inputs.lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
     image, features, meta = record_anchor(
         pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
         max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
