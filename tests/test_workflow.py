@@ -403,12 +403,17 @@ def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_ru
 
 # ---------------------------------------------------------------- sweeps
 def test_the_demo_sweep_shares_one_data_chain_and_one_training(demo_run):
+    """demo, demo-scale0.5 and demo-outline differ after training: one filter, one LoRA. The
+    captioned variant shares the filter and trains on its own captions."""
     manifests = {v: json.loads((demo_run / f"results/{v}/manifest.json").read_text(encoding="utf-8"))
-                 for v in ("demo", "demo-scale0.5")}
+                 for v in DEMO_VARIANTS}
     jobs = {v: m["jobs"] for v, m in manifests.items()}
-    assert jobs["demo"]["filter"] == jobs["demo-scale0.5"]["filter"] and jobs["demo"]["lora"] == jobs["demo-scale0.5"]["lora"]
+    assert len({j["filter"] for j in jobs.values()}) == 1
+    assert len({jobs[v]["lora"] for v in ("demo", "demo-scale0.5", "demo-outline")}) == 1
+    assert jobs["demo-captions"]["lora"] != jobs["demo"]["lora"] and jobs["demo-captions"]["captions"]
+    assert "captions" not in jobs["demo"]  # caption.backend none: the job plan of before
     assert set(jobs["demo"]["scenes"].values()).isdisjoint(jobs["demo-scale0.5"]["scenes"].values())
-    assert len(list((demo_run / "results/shared/lora").iterdir())) == 1
+    assert len(list((demo_run / "results/shared/lora").iterdir())) == 2
     assert (demo_run / "results/demo/lora/pytorch_lora_weights.safetensors").read_bytes() == \
         (demo_run / "results/demo-scale0.5/lora/pytorch_lora_weights.safetensors").read_bytes()
     assert manifests["demo-scale0.5"]["config"]["generate"]["lora_scale"] == 0.5
