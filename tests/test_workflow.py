@@ -76,7 +76,9 @@ def demo_run(tmp_path_factory) -> Path:
 
 def override(workdir: Path, name: str, values: dict) -> str:
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+    # in the order given, as a user edits one value: the resolved config (the manifest's param)
+    # keeps the order the user wrote, so reordering the keys of a variant reruns its manifest
+    path.write_text(yaml.safe_dump(values, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return path.name
 
 
