@@ -117,7 +117,7 @@ def median_runs(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(runs), runs
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=256)
@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         C.use_tiny_models()
         args.size, args.steps, args.candidates, args.repeats, args.dtype = 64, 2, 2, 1, "fp32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     global DTYPE
     DTYPE = VAE_DTYPES[args.dtype]
     warnings.filterwarnings("ignore", message=".*invalid value encountered in cast.*")

@@ -400,61 +400,66 @@ def report(args, results: dict) -> dict:
     print(f"{'':<10} " + " ".join(f"{c:^19}" for c in cols))
     print(f"{'mode':<10} " + " ".join(f"{'measured':>9} {'scaled':>9}" for _ in cols))
 
-    def row(name, values):
-        print(f"{name:<10} " + " ".join(f"{fmt(v):>9}" for v in values))
-
     for mode, r in results.items():
         s = r["scaled_to_28_layers"]
-        row(mode, [r["step_s"], s["step_s"], r["step_cpu_s"], s["step_cpu_s"], r["peak_rss_gib"],
-                   s["peak_rss_gib"], r["phases"]["train_steps"]["peak_rss_gib"], s["train_phase_peak_rss_gib"]])
-    summary = {}
+        _row(mode, [r["step_s"], s["step_s"], r["step_cpu_s"], s["step_cpu_s"], r["peak_rss_gib"],
+                    s["peak_rss_gib"], r["phases"]["train_steps"]["peak_rss_gib"], s["train_phase_peak_rss_gib"]])
     if {"cached", "recompute"} <= set(results):
-        c, r = results["cached"], results["recompute"]
-        cs, rs = c["scaled_to_28_layers"], r["scaled_to_28_layers"]
+        return compare_modes(args, results["cached"], results["recompute"], elem)
+    return {}
 
-        def ratio(a, b):
-            return None if a is None or b is None else a / b
 
-        summary = {
-            "time_ratio_measured": ratio(r["step_s"], c["step_s"]),
-            "time_ratio_scaled": ratio(rs["step_s"], cs["step_s"]),
-            "cpu_time_ratio_measured": ratio(r["step_cpu_s"], c["step_cpu_s"]),
-            "cpu_time_ratio_scaled": ratio(rs["step_cpu_s"], cs["step_cpu_s"]),
-            "peak_rss_ratio_measured": ratio(r["peak_rss_gib"], c["peak_rss_gib"]),
-            "peak_rss_ratio_scaled": ratio(rs["peak_rss_gib"], cs["peak_rss_gib"]),
-            "train_loop_rss_ratio_measured": ratio(r["phases"]["train_steps"]["peak_rss_gib"],
-                                                   c["phases"]["train_steps"]["peak_rss_gib"]),
-            "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
-        }
-        row("ratio r/c", list(summary.values()))
-        # Per-part estimate, insensitive to load changes between the two subprocesses: the cached
-        # step plus what recompute adds (image load, ChatGLM, VAE), timed inside the same run.
-        p = r["parts_median_s"]
-        added = p["load_image"] + p["text_encoder"] + p["vae"]
-        summary["time_ratio_parts_measured"] = (c["step_s"] + added) / c["step_s"]
-        summary["time_ratio_parts_scaled"] = (c["step_s"] + added + rs["extra_s_per_text_encoding"]) / c["step_s"]
-        print(f"per-part time ratio (cached step + recompute's image/ChatGLM/VAE time) / cached step: "
-              f"{summary['time_ratio_parts_measured']:.2f} measured, {summary['time_ratio_parts_scaled']:.2f} scaled")
-        print("(scaled = ChatGLM deepened to 28 layers from the measured per-layer time and weights; "
-              "wall time is noisy when other processes share the CPU, CPU time less so)")
-        print()
-        p = r["parts_median_s"]
-        print(f"recompute step parts (median s): image {p['load_image']:.2f}, ChatGLM {p['text_encoder']:.2f} "
-              f"({args.te_layers} layers; {p['text_encoder'] + rs['extra_s_per_text_encoding']:.2f} scaled), "
-              f"VAE encode {p['vae']:.2f}, UNet step {p['unet']:.2f}")
-        print(f"ChatGLM block: {r['layer_s']:.3f} s wall / {r['layer_cpu_s']:.3f} s CPU (median, recompute run), "
-              f"{c['layer_s']:.3f} s / {c['layer_cpu_s']:.3f} s (cached run); "
-              f"weights {r['text_encoder']['layer_param_bytes'] / C.GIB:.3f} GiB/layer {args.dtype}")
-        print(f"cached one-off text encoding: {c['encode_per_caption_s']:.2f} s/caption measured, "
-              f"{cs['encode_per_caption_s']:.2f} s scaled; its phase peak is in 'peak RSS' "
-              f"(scaled: the 28-layer ChatGLM alone is {C.CHATGLM3_6B_PARAMS * elem / C.GIB:.1f} GiB "
-              f"in {args.dtype})")
-        if not (c["peak_rss_hwm_reset_works"] and r["peak_rss_hwm_reset_works"]):
-            print("note: /proc/self/clear_refs not writable; per-phase peaks unavailable")
+def _row(name, values):
+    print(f"{name:<10} " + " ".join(f"{fmt(v):>9}" for v in values))
+
+
+def compare_modes(args, c: dict, r: dict, elem: int) -> dict:
+    """Cached vs recompute: the ratios (printed as a table row) and the per-part breakdown."""
+    cs, rs = c["scaled_to_28_layers"], r["scaled_to_28_layers"]
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    summary = {
+        "time_ratio_measured": ratio(r["step_s"], c["step_s"]),
+        "time_ratio_scaled": ratio(rs["step_s"], cs["step_s"]),
+        "cpu_time_ratio_measured": ratio(r["step_cpu_s"], c["step_cpu_s"]),
+        "cpu_time_ratio_scaled": ratio(rs["step_cpu_s"], cs["step_cpu_s"]),
+        "peak_rss_ratio_measured": ratio(r["peak_rss_gib"], c["peak_rss_gib"]),
+        "peak_rss_ratio_scaled": ratio(rs["peak_rss_gib"], cs["peak_rss_gib"]),
+        "train_loop_rss_ratio_measured": ratio(r["phases"]["train_steps"]["peak_rss_gib"],
+                                               c["phases"]["train_steps"]["peak_rss_gib"]),
+        "train_loop_rss_ratio_scaled": ratio(rs["train_phase_peak_rss_gib"], cs["train_phase_peak_rss_gib"]),
+    }
+    _row("ratio r/c", list(summary.values()))
+    # Per-part estimate, insensitive to load changes between the two subprocesses: the cached
+    # step plus what recompute adds (image load, ChatGLM, VAE), timed inside the same run.
+    p = r["parts_median_s"]
+    added = p["load_image"] + p["text_encoder"] + p["vae"]
+    summary["time_ratio_parts_measured"] = (c["step_s"] + added) / c["step_s"]
+    summary["time_ratio_parts_scaled"] = (c["step_s"] + added + rs["extra_s_per_text_encoding"]) / c["step_s"]
+    print(f"per-part time ratio (cached step + recompute's image/ChatGLM/VAE time) / cached step: "
+          f"{summary['time_ratio_parts_measured']:.2f} measured, {summary['time_ratio_parts_scaled']:.2f} scaled")
+    print("(scaled = ChatGLM deepened to 28 layers from the measured per-layer time and weights; "
+          "wall time is noisy when other processes share the CPU, CPU time less so)")
+    print()
+    p = r["parts_median_s"]
+    print(f"recompute step parts (median s): image {p['load_image']:.2f}, ChatGLM {p['text_encoder']:.2f} "
+          f"({args.te_layers} layers; {p['text_encoder'] + rs['extra_s_per_text_encoding']:.2f} scaled), "
+          f"VAE encode {p['vae']:.2f}, UNet step {p['unet']:.2f}")
+    print(f"ChatGLM block: {r['layer_s']:.3f} s wall / {r['layer_cpu_s']:.3f} s CPU (median, recompute run), "
+          f"{c['layer_s']:.3f} s / {c['layer_cpu_s']:.3f} s (cached run); "
+          f"weights {r['text_encoder']['layer_param_bytes'] / C.GIB:.3f} GiB/layer {args.dtype}")
+    print(f"cached one-off text encoding: {c['encode_per_caption_s']:.2f} s/caption measured, "
+          f"{cs['encode_per_caption_s']:.2f} s scaled; its phase peak is in 'peak RSS' "
+          f"(scaled: the 28-layer ChatGLM alone is {C.CHATGLM3_6B_PARAMS * elem / C.GIB:.1f} GiB "
+          f"in {args.dtype})")
+    if not (c["peak_rss_hwm_reset_works"] and r["peak_rss_hwm_reset_works"]):
+        print("note: /proc/self/clear_refs not writable; per-phase peaks unavailable")
     return summary
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="measured steps per mode (after 1 warm-up)")
     parser.add_argument("--resolution", type=int, default=256)
@@ -480,23 +485,15 @@ def main() -> None:
         C.use_tiny_models()
         args.resolution, args.steps, args.dtype = 64, 1, "fp32"
 
-    if args.report:
-        saved = json.loads(args.report.read_text())
-        for key in ("resolution", "rank", "te_layers", "device", "dtype"):
-            setattr(args, key, saved["settings"][key])
-        saved["summary"] = report(args, saved["results"])
-        args.report.write_text(json.dumps(saved, indent=1, ensure_ascii=False))
-        return
-    if args.child:
-        result = run_mode(args)
-        args.child_out.write_text(json.dumps(result, indent=1))
-        return
+    return args
 
+
+def run_modes(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """Each mode in a subprocess of its own (its memory peak is its own): {mode: its results}."""
     dtype_reason = None
     if args.dtype == "auto":
         args.dtype, dtype_reason = C.pick_dtype(args.device)
         print(f"dtype: {args.dtype} ({dtype_reason})")
-    start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
@@ -511,6 +508,25 @@ def main() -> None:
             results[mode] = json.loads(child_out.read_text())
             results[mode]["subprocess_wall_s"] = round(time.perf_counter() - t0, 1)
 
+    return results, dtype_reason
+
+
+def main() -> None:
+    args = parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        for key in ("resolution", "rank", "te_layers", "device", "dtype"):
+            setattr(args, key, saved["settings"][key])
+        saved["summary"] = report(args, saved["results"])
+        args.report.write_text(json.dumps(saved, indent=1, ensure_ascii=False))
+        return
+    if args.child:
+        result = run_mode(args)
+        args.child_out.write_text(json.dumps(result, indent=1))
+        return
+
+    start = time.perf_counter()
+    results, dtype_reason = run_modes(args)
     summary = report(args, results)
     payload = {
         "benchmark": "train_caching",
