@@ -291,7 +291,6 @@ def caption_params(wildcards):
     """caption.* as the job's script reads it, keys sorted (Snakemake compares params as written):
     the job's settings, what only reaches the server (the key's variable name, never the key) and,
     with backend data_juicer, the model as its folder."""
-    job = caption_job(wildcards)
     name = next(n for n, j in PLAN.variants.items() if j.captions == wildcards.key)
     caption = dict(VARIANTS[name]["caption"])
     if caption["backend"] == "data_juicer":

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
+from kolors_story.data.rows import images_per_folder
 from kolors_story.data.images import (
     image_problem,  # the integrity check: missing, undecodable, truncated, too large
 )
@@ -228,15 +229,10 @@ def repeats_summary(rows: list[dict]) -> dict | None:
     epoch, and the epoch's total; None when no row has repeats (stats stay as they were)."""
     if not any("repeats" in row for row in rows):
         return None
-    folders: dict[str, dict] = {}
-    for row in rows:
-        folder = (str(row.get("source", "")).rpartition("/")[0] or ".") + "/"
-        entry = folders.setdefault(folder, {"folder": folder, "repeats": row.get("repeats", 1), "images": 0})
-        entry["images"] += 1
-    for entry in folders.values():
-        entry["examples_per_epoch"] = entry["images"] * entry["repeats"]
-    return {"images": len(rows), "examples_per_epoch": sum(e["examples_per_epoch"] for e in folders.values()),
-            "folders": sorted(folders.values(), key=lambda e: e["folder"])}
+    folders = sorted(({"folder": (name or ".") + "/", **counts} for name, counts in images_per_folder(rows).items()),
+                     key=lambda e: e["folder"])
+    return {"images": len(rows), "examples_per_epoch": sum(e["examples_per_epoch"] for e in folders),
+            "folders": folders}
 
 
 # ---------------------------------------------------------------- the stage

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
-from kolors_story.data.rows import DEFAULT_CAPTION_KEY, SourceReport, json_lines
+from kolors_story.data.rows import DEFAULT_CAPTION_KEY, SourceReport, images_per_folder, json_lines
 from kolors_story.data.text_files import apply_template, check_caption_template, read_text_file
 from kolors_story.data.images import (
     RGB,
@@ -113,14 +113,19 @@ REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's <repeats>_<name
 MANY_REPEATS = 100  # a folder named like a year ("2024_trip") is likely no repeats count: warned
 
 
-def folder_repeats(name: str) -> int | None:
-    """Repeats of the images at relative path `name`: from the innermost `<repeats>_<name>` folder
-    it is in (kohya's convention), None when it is in none."""
-    for part in reversed(posixpath.dirname(name).split("/")):
+def dir_repeats(folder: str) -> int | None:
+    """Repeats of the images in the relative folder `folder` ("" for dataset.path itself): from the
+    innermost `<repeats>_<name>` folder on its path (kohya's convention), None when there is none."""
+    for part in reversed(folder.split("/")):
         match = REPEATS_FOLDER.fullmatch(part)
         if match:
             return int(match.group(1))
     return None
+
+
+def folder_repeats(name: str) -> int | None:
+    """Repeats of the image at relative path `name` (dir_repeats of its folder)."""
+    return dir_repeats(posixpath.dirname(name))
 
 
 def _skip_folder(path: Path, name: str, seen: set[Path]) -> str | None:
@@ -129,7 +134,7 @@ def _skip_folder(path: Path, name: str, seen: set[Path]) -> str | None:
         return "hidden (its name starts with '.'): not searched"
     if path.resolve() in seen:
         return "a link to a folder already searched"
-    if folder_repeats(name + "/x") == 0:
+    if dir_repeats(name) == 0:
         return "0 repeats (kohya's <repeats>_<name> folder form): not used, as kohya does"
     try:
         if not any(path.iterdir()):
@@ -154,7 +159,7 @@ def _walk(folder: Path, report: SourceReport) -> list[str]:
                     continue
                 seen.add(path.resolve())
                 pending.append(path)
-                repeats = folder_repeats(name + "/x")
+                repeats = dir_repeats(name)
                 if repeats is not None and repeats > MANY_REPEATS:
                     log.warning("folder %s/ repeats its images %d times per epoch (kohya's <repeats>_<name> form); "
                                 "rename it if that is not meant", name, repeats)
@@ -225,14 +230,9 @@ def _image_row(folder: Path, name: str, caption: str, where: str, row_id: str, t
 
 def _account_folders(rows: list[dict], report: SourceReport) -> None:
     """One `folder` entry per subfolder that gave rows: its repeats, images and examples per epoch."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        sub = posixpath.dirname(row["source"])
+    for sub, counts in images_per_folder(rows).items():
         if sub:
-            counts[sub] = counts.get(sub, 0) + 1
-    for sub, images in sorted(counts.items()):
-        repeats = folder_repeats(sub + "/x") or 1
-        report.file(f"{sub}/", "folder", repeats=repeats, images=images, examples_per_epoch=images * repeats)
+            report.file(f"{sub}/", "folder", **counts)
 
 
 def scan_local_folder(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -110,3 +111,16 @@ class SourceReport:
             "files": sorted(self.files, key=lambda e: e["file"]),
             "dropped": self.dropped,
         }
+
+
+def images_per_folder(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Per folder of the rows' `source` ("" for dataset.path itself), sorted: its `repeats` (kohya's
+    `<repeats>_<name>/`, else 1), its `images` and its `examples_per_epoch` (images x repeats)."""
+    folders: dict[str, dict[str, int]] = {}
+    for row in rows:
+        entry = folders.setdefault(posixpath.dirname(str(row.get("source", ""))),
+                                   {"repeats": row.get("repeats", 1), "images": 0})
+        entry["images"] += 1
+    for entry in folders.values():
+        entry["examples_per_epoch"] = entry["images"] * entry["repeats"]
+    return dict(sorted(folders.items()))

@@ -16,7 +16,6 @@ special_tokens_map.json) and model.safetensors; AutoProcessor reloads it as a Bl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -33,11 +32,7 @@ TINY_SIZE = 32  # pixels: the image processor's size and the vision tower's imag
 
 
 def tiny_vocab() -> list[str]:
-    seen: list[str] = []
-    for char in CHARACTERS:
-        if char not in seen:
-            seen.append(char)
-    return [*SPECIAL, *seen, DEC]
+    return [*SPECIAL, *dict.fromkeys(CHARACTERS), DEC]  # each character once, in order
 
 
 def _tokenizer(folder: Path, vocab: list[str]):
@@ -85,5 +80,4 @@ def build_tiny_blip(out_dir: Path, seed: int = 0, mute: bool = False) -> Path:
         "Tiny random-weight BLIP in the layout of Salesforce/blip-image-captioning-base "
         f"(kolors_story.models.random_blip, seed {seed}{', mute' if mute else ''}). It captions nonsense.\n",
         encoding="utf-8")
-    json.loads((out_dir / "config.json").read_text(encoding="utf-8"))  # written whole
     return out_dir

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from kolors_story.plan.config import needs_scorer, scene_settings
 from kolors_story.plan.sweep import job_key
+from kolors_story.writing.captions import CaptionSettings
 
 IMAGE_KEYS = ("id", "prompt", "negative_prompt", "seed", "width", "height")  # what a panel depends on
 # generate.* keys that are not sampler settings: per-scene values and the consistency switch
@@ -73,17 +74,12 @@ def _dataset_settings(dataset: dict) -> dict:
     return {k: v for k, v in dataset.items() if k != "truncate_long_captions" or v}
 
 
-# caption.* that only say how to reach the captioner, not what it writes: in no key
-CAPTION_RUNTIME = ("api_key_env", "timeout_s", "max_retries")
-CAPTION_OPENAI_ONLY = ("base_url", "temperature")
-
-
 def caption_settings(config: dict) -> dict:
-    """What a variant's captions depend on (caption.* less how to reach the server, and less what
-    the other backend alone reads), with the trigger words and the fallback caption it fills in."""
-    caption = config["caption"]
-    drop = CAPTION_RUNTIME + (CAPTION_OPENAI_ONLY if caption["backend"] != "openai" else ())
-    return {"caption": {k: v for k, v in sorted(caption.items()) if k not in drop},
+    """What a variant's captions depend on: what makes each image's caption (CaptionSettings.identity:
+    not how the server is reached), how the template joins them, with the trigger words and the
+    fallback caption it fills in."""
+    caption = CaptionSettings(**config["caption"])
+    return {"caption": {**caption.identity(), "template": caption.template, "keep_existing": caption.keep_existing},
             "trigger": config["bundle"]["trigger_words"], "default_caption": config["dataset"]["default_caption"]}
 
 

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("none", "data_juicer", "openai")
 TEMPLATE_FIELDS = ("trigger", "caption", "user_caption")
-DEFAULT_CAPTION_FROM = "dataset.default_caption"  # a row's caption_from when it has no caption of its own
 END_SEPARATORS = " \t,，、;；:：|"
 
 
@@ -107,9 +106,8 @@ def image_seed(seed: int, image_sha256: str) -> int:
 
 
 def user_caption(row: dict) -> str:
-    """The caption the user gave the row ("" for none; a row read before rows carried `caption`: none)."""
-    if row.get("caption_from") == DEFAULT_CAPTION_FROM:
-        return ""
+    """The caption the user gave the row: its `caption`, "" when dataset.default_caption made its
+    text (data/rows.py) or for a row read before rows carried one."""
     return str(row.get("caption") or "").strip()
 
 
