@@ -302,9 +302,11 @@ def accumulate_gradients(run: TrainState, batches: Batches, procs: Processes, no
         lat, embeds, pooled, time_ids = batches.make(draw)
         noise, t = draw.noise.to(device), draw.timesteps.to(device)
         noisy = noise_scheduler.add_noise(lat, noise, t)
+        # time_ids stay fp32: bf16 rounds sizes above 256 (1489 -> 1488, a crop at 341 -> 340), and
+        # the UNet's add_time_proj computes its sinusoids in fp32 whatever dtype it is given.
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             pred = run.unet(noisy.to(dtype), t, encoder_hidden_states=embeds.to(dtype),
-                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}).sample
+                            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids}).sample
         micro = diffusion_loss(pred, noise, t, noise_scheduler.alphas_cumprod, settings.min_snr_gamma)
         micro = micro / settings.gradient_accumulation
         run.scaler.scale(micro).backward()
