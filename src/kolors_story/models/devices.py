@@ -1,8 +1,26 @@
-"""Precisions and devices: the one mapping from a config precision to a torch dtype."""
+"""Precisions and devices: the one mapping from a config precision to the torch dtype a model runs
+in on a given device.
+
+On a GPU every precision is honored. On a CPU bf16 is honored only where the CPU computes bf16
+natively (AVX512-BF16 or AMX, as torch's own CPU capability checks report): elsewhere bf16 matmuls
+are emulated and 100-700x slower than fp32 (a 512x4096x4096 matmul on an AVX2-only EPYC: 0.18
+GFLOP/s in bf16, 133 in fp32), so fp32 runs instead. fp16
+on a CPU always runs as fp32 (torch's CPU fp16 kernels are slow or missing). Each decision is
+logged once per process, saying which dtype runs and why.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+
 import torch
+
+log = logging.getLogger(__name__)
+
+# "1" runs bf16 on any CPU (slow without native bf16: a rehearsal's own choice), "0" never.
+CPU_BF16_ENV = "KOLORS_CPU_BF16"
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -11,3 +29,35 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as torch checks it;
+    KOLORS_CPU_BF16=1/0 overrides the check."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def runtime_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype a model runs in for a config precision (fp32 | bf16 | fp16) on `device`."""
+    device = torch.device(device)
+    wanted = torch_dtype(precision)
+    if device.type != "cpu" or wanted == torch.float32:
+        return wanted
+    if wanted == torch.bfloat16 and cpu_has_native_bf16():
+        _say_once(precision, "bf16 on the CPU: it computes bf16 natively (AVX512-BF16 or AMX)")
+        return wanted
+    why = ("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would run 100x slower or more"
+           if wanted == torch.bfloat16 else "fp16 kernels on a CPU are slow or missing")
+    _say_once(precision, f"fp32 on the CPU instead of {precision}: {why}")
+    return torch.float32
+
+
+@functools.cache
+def _say_once(precision: str, message: str) -> None:
+    log.info("precision %s: %s", precision, message)
+

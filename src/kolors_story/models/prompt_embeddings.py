@@ -74,11 +74,11 @@ def release(device: torch.device) -> None:
 
 
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The text encoder's dtype for `models.text_encoder_precision`: the CPU always runs float32
-    (as every model here does on the CPU: scenes.pipeline_dtype, training.precision_dtypes)."""
-    from kolors_story.models.devices import torch_dtype
+    """The text encoder's dtype for `models.text_encoder_precision` on `device` (as every model
+    here: models.devices.runtime_dtype; bf16 on a CPU only where it is native)."""
+    from kolors_story.models.devices import runtime_dtype
 
-    return torch.float32 if torch.device(device).type == "cpu" else torch_dtype(precision)
+    return runtime_dtype(precision, device)
 
 
 def log_cuts(folder: KolorsFolder, texts: list[str]) -> int:

@@ -97,7 +97,9 @@ def make_scheduler(name: str, base_config: dict):
 
 
 def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "cpu" else devices.torch_dtype(settings.precision)
+    """generate.precision as this device runs it (models.devices.runtime_dtype: bf16 on a CPU only
+    where it is native, fp16 on a CPU as fp32)."""
+    return devices.runtime_dtype(settings.precision, device)
 
 
 def load_pipeline(model: Path | KolorsFolder, settings: SamplerSettings, device: torch.device | None = None,

@@ -113,13 +113,16 @@ class Batches:
 
 
 def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """Weight dtype of the frozen models and the autocast dtype (None: no autocast). On CPU the
-    frozen weights stay fp32 (half kernels are slow or missing) and fp16 autocast becomes bf16."""
+    """Weight dtype of the frozen models and the autocast dtype (None: no autocast). On a CPU with
+    native bf16, bf16 is honored as on a GPU; on any other CPU the frozen weights stay fp32 (half
+    kernels are slow or missing: models.devices.runtime_dtype says so in the log) and the autocast
+    is bf16, as it always was there."""
     if precision == "fp32":
         return torch.float32, None
-    if device.type == "cpu":
+    weights = devices.runtime_dtype(precision, device)
+    if device.type == "cpu" and weights == torch.float32:
         return torch.float32, torch.bfloat16
-    return devices.torch_dtype(precision), devices.torch_dtype(precision)
+    return weights, weights
 
 
 def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: list[Example], processes: int = 1) -> str:
