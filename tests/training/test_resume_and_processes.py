@@ -1,6 +1,6 @@
 """Resume anywhere and multi-GPU on a shared host: checkpoints load whatever device wrote them, the
-fp16 loss scaler resumes where it was, ranks wait for rank 0's caches as long as it takes, and a
-multi-process training gets GPUs of its own, held while its ranks run."""
+fp16 loss scaler resumes where it was, and ranks wait for rank 0's caches as long as it takes (the
+GPUs a multi-process training holds while its ranks run: tests/host/test_gpu_slots.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kolors_story.host.gpu_slots import claim_slots, visible_devices
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.training.processes import DEFAULT_BARRIER_TIMEOUT, barrier_timeout
 
@@ -129,37 +128,6 @@ def test_the_default_timeout_outlasts_filling_the_caches():
     assert rank0.returncode == rank1.returncode == 0, rank0.stdout[-2000:] + rank1.stdout[-2000:]
 
 
-def test_a_multi_gpu_training_claims_gpus_no_other_job_holds(tmp_path):
-    names = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
-    one_gpu, one_lock = claim_slots(names, 1, tmp_path)  # a scene job holds one
-    two, two_locks = claim_slots(names, 2, tmp_path)  # a 2-process training takes two others
-    assert len(set(two)) == 2 and not set(one_gpu) & set(two)
-    rest, rest_locks = claim_slots(names, 1, tmp_path)
-    assert not set(rest) & (set(one_gpu) | set(two))
-    for handle in one_lock + two_locks + rest_locks:
-        handle.close()
-
-
-def test_a_claim_waits_until_enough_gpus_are_free_at_once(tmp_path):
-    import threading
-
-    names = ["gpu-a", "gpu-b"]
-    _, held = claim_slots(names, 1, tmp_path)
-    threading.Timer(0.3, held[0].close).start()
-    started = time.monotonic()
-    both, locks = claim_slots(names, 2, tmp_path, poll_s=0.05)
-    assert sorted(both) == [0, 1] and time.monotonic() - started >= 0.25
-    for handle in locks:
-        handle.close()
-
-
-def test_the_ranks_see_exactly_the_claimed_gpus(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # e.g. what SLURM gave the job
-    assert [visible_devices(4)[i] for i in (1, 3)] == ["5", "7"]
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert visible_devices(3) == ["0", "1", "2"]
-
-
 def test_a_run_resumes_on_the_cpu_from_a_checkpoint_its_gpu_run_wrote(tiny_kolors, tmp_path):
     """The whole resume path, not just the file: AdamW moments written on cuda:1 go on on the CPU."""
     from kolors_story.models.kolors_folder import KolorsFolder
@@ -192,81 +160,3 @@ def test_a_bad_barrier_timeout_is_refused_with_the_variable_named(monkeypatch, v
         barrier_timeout()
     monkeypatch.setenv("KOLORS_STORY_BARRIER_TIMEOUT_S", "90")
     assert barrier_timeout() == timedelta(seconds=90)
-
-
-@pytest.fixture
-def four_fake_gpus(monkeypatch, tmp_path):
-    """Four CUDA GPUs with UUIDs a..d, shown to this job as SLURM's 4,5,6,7; locks in a temp folder."""
-    from types import SimpleNamespace
-
-    from kolors_story.host import gpu_slots
-
-    names = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=names[i][4:]))
-    monkeypatch.setattr(gpu_slots, "LOCK_DIR", tmp_path / "locks")
-    monkeypatch.setattr(gpu_slots, "_HELD", {})
-    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    yield names
-    for handle in gpu_slots._HELD.values():
-        handle.close()
-
-
-def _is_free(lock_dir: Path, name: str) -> bool:
-    import fcntl
-
-    with open(lock_dir / f"{name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-
-def test_train_launches_its_ranks_on_gpus_no_other_job_holds_and_frees_them(four_fake_gpus, tmp_path, monkeypatch):
-    from kolors_story.host import gpu_slots
-    from kolors_story.errors import UserError
-    from kolors_story.host import training_launch as launch
-    from kolors_story.training.settings import TrainJob, TrainSettings
-
-    lock_dir = gpu_slots.LOCK_DIR
-    _, scene_job = claim_slots(four_fake_gpus, 1, lock_dir)  # another job holds gpu-a (SLURM's 4)
-    seen: dict[str, str] = {}
-
-    def fake_launch(command: list[str], env: dict[str, str] | None = None) -> int:
-        seen.update(env or {})
-        seen["free_during"] = ",".join(n for n in four_fake_gpus if _is_free(lock_dir, n))
-        return 1
-
-    monkeypatch.setattr(launch, "run_logged", fake_launch)
-    with pytest.raises(UserError, match="2 training processes failed"):
-        launch.train(TrainJob(tmp_path, tmp_path, tmp_path / "out"), TrainSettings(steps=1), processes=2)
-    assert seen["CUDA_VISIBLE_DEVICES"] == "5,6"  # the ranks see exactly the two it took
-    assert seen["free_during"] == "gpu-d"  # ... held while they ran
-    assert all(_is_free(lock_dir, n) for n in four_fake_gpus[1:])  # and freed after the launch
-    scene_job[0].close()
-
-
-def test_a_training_in_a_one_gpu_job_counts_the_gpu_it_already_holds(four_fake_gpus):
-    """With `--resources gpu=1` Snakemake caps a 2-process training's gpu=2 at 1, so rule_runner
-    claims a GPU for the job before the launcher asks for two: that one must be one of them."""
-    import threading
-
-    from kolors_story.host import gpu_slots
-    from kolors_story.host.training_launch import ranks_env
-
-    own = gpu_slots.use_free_gpu()  # what rule_runner does for a gpu=1 job
-    got: list[str] = []
-
-    def launch() -> None:
-        with ranks_env(2) as env:
-            got.append(env["CUDA_VISIBLE_DEVICES"])
-
-    thread = threading.Thread(target=launch, daemon=True)
-    thread.start()
-    thread.join(timeout=10)
-    assert got == ["4,5"], "the launcher waited for the GPU its own job holds"
-    assert own == 0 and not _is_free(gpu_slots.LOCK_DIR, "gpu-a")  # the job's own claim stays
-    assert _is_free(gpu_slots.LOCK_DIR, "gpu-b")

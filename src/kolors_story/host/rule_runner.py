@@ -47,7 +47,8 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
     job). A UserError ends the job with its message, not a traceback; a full disk or a Ctrl-C with
     one line; any other exception writes its full traceback to the rule's log and one line naming
     the rule, the error and the log to the console. A job that declares `resources: gpu=1` takes a
-    GPU no other job holds (hosts with several)."""
+    GPU no other job holds, any user's (waiting while all are held), and sees only that one
+    (host.gpu_slots.use_free_gpu), before anything starts CUDA."""
     log_path = snakemake.log[0] if snakemake.log else None
     setup_logging(log_path)
     log = logging.getLogger(snakemake.rule)

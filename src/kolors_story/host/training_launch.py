@@ -55,6 +55,12 @@ def accelerate_command(processes: int, threads_per_process: int, cli_args: list[
 
 
 def visible_gpus() -> int:
+    """The GPUs this job was given: all of them, also after rule_runner narrowed a gpu=1 job (a
+    training whose gpu=N Snakemake capped at --resources gpu=1) to the one it holds."""
+    from kolors_story.host.gpu_slots import job_gpus
+
+    if gpus := job_gpus():
+        return len(gpus)
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
