@@ -61,3 +61,18 @@ def runtime_dtype(precision: str, device: torch.device | str) -> torch.dtype:
 def _say_once(precision: str, message: str) -> None:
     log.info("precision %s: %s", precision, message)
 
+
+def enable_tf32(device: torch.device | str) -> None:
+    """TF32 for fp32 matmuls and convolutions on a CUDA device (the upcast VAE, the scorer, fp32
+    training): tensor-core speed at a 10-bit mantissa. Nothing on any other device. Through torch
+    2.9+'s fp32_precision settings: once they are used, torch raises on the legacy getters
+    (`matmul.allow_tf32`, `torch.get_float32_matmul_precision()`), so this code reads neither."""
+    if torch.device(device).type != "cuda":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:  # torch before 2.9 (a GPU host's own torch)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log.info("TF32 on for fp32 matmuls and convolutions on %s", device)

@@ -125,8 +125,7 @@ def move_to_device(pipe, device: torch.device, settings: SamplerSettings) -> Non
     pipe.to(device)
     if device.type != "cuda":
         return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    devices.enable_tf32(device)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     if settings.compile:

@@ -144,6 +144,7 @@ def train_lora(job: TrainJob, settings: TrainSettings, device: torch.device | No
 
     procs = Processes.start(device)
     device = procs.device
+    devices.enable_tf32(device)
     out_dir = job.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = read_metadata(job.dataset_dir)
