@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test browser test-slurm lint check-config clean-demo env gpu-check wheelhouse
+.PHONY: demo test browser test-slurm lint check-config clean-demo env gpu-check wheelhouse rehearsal
 
 env: $(STAMP)
 
@@ -80,6 +80,13 @@ gpu-check:
 	elif [ -x $(BIN)/python ]; then PYBIN=$(BIN)/python; \
 	else echo "gpu-check: run 'make env' (online) or copy a wheelhouse/ from 'make wheelhouse PY=3.x' first" >&2; exit 2; fi; \
 	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $$PYBIN -m kolors_story.host.gpu_check $(GPU_CHECK_ARGS)
+
+# The real DAG (snakemake itself) on full-size random Kolors weights at 256 px on this CPU: each
+# job's time and peak memory beside the weights it holds (bench/rehearsal.py; docs/gpu-host.md).
+# Not in CI (~45 min, 24 GB); its tiny twin runs in make test. REHEARSAL_ARGS="--precision bf16" etc.
+REHEARSAL_ARGS ?=
+rehearsal: $(STAMP)
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(BIN)/python bench/rehearsal.py $(REHEARSAL_ARGS)
 
 # Wheels (torch excluded) + the Kolors tokenizer for an offline GPU host whose Python is $(PY).
 PY ?= 3.12

@@ -27,6 +27,8 @@ rule download_dataset:
         dataset=download_settings,
     log:
         f"{SHARED}/logs/download_dataset/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/download_dataset/{{key}}.tsv"
     retries: NETWORK_RETRIES if any(c["dataset"]["source"] == "modelscope" for c in VARIANTS.values()) else 0
     conda:
         ENV
@@ -49,6 +51,8 @@ rule filter_dataset:
         work_dir=f"{SHARED}/data/{{key}}/data_juicer",
     log:
         f"{SHARED}/logs/filter_dataset/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/filter_dataset/{{key}}.tsv"
     conda:
         ENV
     script:
@@ -76,6 +80,8 @@ rule caption_images:
         gpu=lambda wc: 1 if caption_job(wc)["caption"]["backend"] == "data_juicer" else 0,  # its own job: freed before training
     log:
         f"{SHARED}/logs/caption_images/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/caption_images/{{key}}.tsv"
     conda:
         ENV
     script:
@@ -91,6 +97,8 @@ rule build_metadata:
         truncate=lambda wc: PLAN.downloads[PLAN.filters[metadata_filter(wc.key)]["download"]]["dataset"].get("truncate_long_captions", False),
     log:
         f"{SHARED}/logs/build_metadata/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/build_metadata/{{key}}.tsv"
     conda:
         ENV
     script:

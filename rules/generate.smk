@@ -88,6 +88,8 @@ rule compose_story:
         captions=lambda wc: [SCENES[wc.run][s]["caption"] for s in variant_scenes(wc)],
     log:
         f"{RUN_DIR}/logs/compose_story.log",
+    benchmark:
+        f"{RUN_DIR}/benchmarks/compose_story.tsv"
     conda:
         ENV
     script:

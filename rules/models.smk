@@ -71,6 +71,8 @@ rule prepare_model:
         config_key=lambda wc: f"models.{wc.model_name}",
     log:
         f"{SHARED}/logs/prepare_model/{{model_name}}/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/prepare_model/{{model_name}}/{{key}}.tsv"
     conda:
         ENV
     script:

@@ -17,6 +17,8 @@ rule score_images:
         compare=lambda wc: variant_config(wc)["generate"]["consistency"]["enabled"] and variant_config(wc)["generate"]["consistency"]["compare"],
     log:
         f"{RUN_DIR}/logs/score_images.log",
+    benchmark:
+        f"{RUN_DIR}/benchmarks/score_images.tsv"
     conda:
         ENV
     script:
@@ -40,6 +42,8 @@ rule bundle:
         repo_id=lambda wc: variant_config(wc)["upload"]["repo_id"],
     log:
         f"{RUN_DIR}/logs/bundle.log",
+    benchmark:
+        f"{RUN_DIR}/benchmarks/bundle.tsv"
     conda:
         ENV
     script:
@@ -83,6 +87,8 @@ rule manifest:
         cut_texts=lambda wc: cut_texts(variant_config(wc)),  # story.truncate_long_prompts: what was cut
     log:
         f"{RUN_DIR}/logs/manifest.log",
+    benchmark:
+        f"{RUN_DIR}/benchmarks/manifest.tsv"
     conda:
         ENV
     script:

@@ -16,6 +16,8 @@ rule import_lora:
         diffsynth_alpha=lambda wc: PLAN.imports[wc.key]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
     log:
         f"{SHARED}/logs/import_lora/{{key}}.log",
+    benchmark:
+        f"{SHARED}/benchmarks/import_lora/{{key}}.tsv"
     conda:
         ENV
     script:

@@ -63,6 +63,7 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
         if seal_outputs:
             for path in snakemake.output:
                 seals.seal(Path(path), snakemake.rule)
+        log_peak_memory(log)
     except UserError as err:
         log.error("%s", err)
         sys.exit(1)
@@ -79,6 +80,19 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
     except Exception as err:  # noqa: BLE001 (every failure must reach the log, whatever its type)
         _report_crash(snakemake.rule, err, log_path)
         sys.exit(1)
+
+
+PEAK_RSS = "peak RSS"  # the log line bench/rehearsal.py reads (Snakemake's benchmark polls: it can miss a peak)
+
+
+def log_peak_memory(log: logging.Logger) -> None:
+    """The job's exact peak resident memory (the kernel's high-water mark), and that of its
+    largest child process (a multi-process training's ranks)."""
+    import resource
+
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    log.info("%s %.3f GiB (largest child process %.3f GiB)", PEAK_RSS, mine, child)
 
 
 def _verify_inputs(inputs: Any, log: logging.Logger) -> None:
