@@ -13,6 +13,7 @@ from safetensors import safe_open
 from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.prompt_embeddings import EmbeddingsFile, PromptEmbeddings, encoder_dtype, write_embeddings
+from kolors_story.models.text_names import text_name
 
 CPU = torch.device("cpu")
 PROMPT, NEGATIVE = "水墨画，山水", "丑陋"
@@ -144,3 +145,82 @@ def test_a_text_cut_at_256_tokens_is_warned_once_with_the_words_it_loses(tiny_ko
         write_embeddings(KolorsFolder(tiny_kolors), [long, "短", long], tmp_path / "e.safetensors", torch.float32, CPU)
     warnings = [r.getMessage() for r in caplog.records if "text cut" in r.getMessage()]
     assert len(warnings) == 1 and "结尾的小船'" in warnings[0] and "(306 tokens)" in warnings[0] and "text cut at ChatGLM's 256 tokens" in warnings[0]
+
+
+def live_embeddings(width: int) -> int:
+    """Prompt-embedding tensors ([256, width], any dtype or device) alive in this process."""
+    import gc
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and tuple(o.shape) == (256, width))
+
+
+def test_the_encode_job_holds_one_text_at_a_time(tiny_kolors, tmp_path, monkeypatch):
+    """Each embedding leaves the encoder as it is made and goes into the file; from the cache too:
+    a captioned dataset's thousands of texts never sit in memory at once (fp32 or any dtype)."""
+    from kolors_story.models import prompt_embeddings as P
+    from kolors_story.models.tensor_cache import TensorCache
+
+    folder, texts = KolorsFolder(tiny_kolors), [f"文本 {i}" for i in range(8)]
+    width = folder.config("text_encoder")["hidden_size"]
+    alive: list[int] = []
+    encode, get = P.encode_prompts, TensorCache.get
+
+    def counting_encode(*args, **kwargs):
+        alive.append(live_embeddings(width))
+        return encode(*args, **kwargs)
+
+    def counting_get(self, key):
+        alive.append(live_embeddings(width))
+        return get(self, key)
+
+    monkeypatch.setattr(P, "encode_prompts", counting_encode)
+    monkeypatch.setattr(TensorCache, "get", counting_get)
+    encoded = write_embeddings(folder, texts, tmp_path / "e.safetensors", torch.bfloat16, CPU, tmp_path / "cache")
+    assert len(alive) == 2 * len(texts) and max(alive) <= 2, alive  # 8 cache misses, 8 encodings
+    alive.clear()
+    cached = write_embeddings(folder, texts, tmp_path / "again.safetensors", torch.bfloat16, CPU, tmp_path / "cache")
+    assert len(alive) == len(texts) and max(alive) <= 2, alive
+    assert encoded.read_bytes() == cached.read_bytes()
+
+
+def test_the_file_has_save_files_bytes_for_any_text(tiny_kolors, tmp_path):
+    """Written text by text, the file is byte for byte what safetensors' save_file makes of the
+    same tensors and metadata (quotes, control characters, non-ASCII in the texts)."""
+    from safetensors.torch import load_file, save_file
+
+    texts = ["水墨画", 'a "quoted"\nline\twith\x1f\\', "", "é\u2028\x7f"]
+    store = write_embeddings(KolorsFolder(tiny_kolors), texts, tmp_path / "e.safetensors", torch.bfloat16, CPU)
+    with safe_open(str(store), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(store), tmp_path / "save_file.safetensors", metadata=metadata)
+    assert store.read_bytes() == (tmp_path / "save_file.safetensors").read_bytes()
+
+
+def test_float32_cache_entries_of_older_runs_give_the_same_file(tiny_kolors, tmp_path):
+    from kolors_story.models.tensor_cache import TensorCache
+
+    folder, texts = KolorsFolder(tiny_kolors), [PROMPT, NEGATIVE, ""]
+    fresh = write_embeddings(folder, texts, tmp_path / "fresh.safetensors", torch.bfloat16, CPU, tmp_path / "cache")
+    source = PromptEmbeddings(folder, torch.bfloat16, CPU, tmp_path / "cache")
+    for text, (embeds, pooled) in source.get(texts).items():  # float32, as the cache held them before
+        source.cache.put(TensorCache.key(torch.bfloat16, text), {"embeds": embeds, "pooled": pooled})
+    assert source.cache.get(TensorCache.key(torch.bfloat16, PROMPT))["embeds"].dtype == torch.float32
+    again = write_embeddings(folder, texts, tmp_path / "again.safetensors", torch.bfloat16, CPU, tmp_path / "cache")
+    assert fresh.read_bytes() == again.read_bytes()
+
+
+def test_training_reads_embeddings_per_batch_and_holds_none(tiny_kolors, tmp_path):
+    """A training process gets its captions' embeddings as it builds a batch, read from the
+    memory-mapped file and cast then: it holds no float32 copy of every caption."""
+    from kolors_story.training.encoding import encode_texts
+
+    folder, texts = KolorsFolder(tiny_kolors), [f"标题 {i}" for i in range(6)]
+    width = folder.config("text_encoder")["hidden_size"]
+    store = write_embeddings(folder, texts, tmp_path / "e.safetensors", torch.bfloat16, CPU)
+    before = live_embeddings(width)
+    found = encode_texts(folder, texts, tmp_path / "cache", CPU, torch.bfloat16, store)
+    assert live_embeddings(width) == before and len(found) == len(texts)
+    embeds, pooled = found[texts[0]]
+    assert embeds.dtype == pooled.dtype == torch.float32 and embeds.shape == (256, width)
+    with safe_open(str(store), framework="pt") as f:
+        assert torch.equal(embeds, f.get_tensor(f"{text_name(texts[0])}.embeds").float())

@@ -16,9 +16,10 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ MAX_SEQUENCE_LENGTH = 256  # Kolors' ChatGLM context for prompts
 REMAKE = "Remake it: snakemake -R encode_texts (add your --configfile)"
 METADATA_KEY = "kolors_story.embeddings"  # the embeddings file's one metadata entry (JSON)
 
-Embedding = tuple[torch.Tensor, torch.Tensor]  # (prompt_embeds [256, W], pooled [W]), float32
+Embedding = tuple[torch.Tensor, torch.Tensor]  # (prompt_embeds [256, W], pooled [W])
 
 
 @torch.no_grad()
@@ -98,39 +99,97 @@ def write_embeddings(folder: KolorsFolder, texts: list[str], out_file: Path, dty
                      device: torch.device, cache_root: Path | None = None) -> Path:
     """Every distinct text's (prompt_embeds, pooled) in one safetensors file, in the encoder's dtype
     (lossless: that is what ChatGLM computed), the texts in its metadata; written atomically.
-    Through the content-keyed cache: ChatGLM is loaded once, and only if some text is missing."""
-    from safetensors.torch import save_file
-
+    Through the content-keyed cache: ChatGLM is loaded once, and only if some text is missing.
+    Each text goes into the file as it comes from the cache or the encoder: the job holds one
+    text's tensors at a time, not a copy of every text (a captioned dataset has thousands)."""
     log_cuts(folder, texts)
-    got = PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
-    tensors, names = {}, {}
-    for text, (embeds, pooled) in got.items():
-        name = text_name(text)
-        names[name] = text
-        tensors[f"{name}.embeds"] = embeds.to(dtype).contiguous()
-        tensors[f"{name}.pooled"] = pooled.to(dtype).contiguous()
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    names = {text_name(text): text for text in set(texts)}
+    order = sorted(names)  # the file's order: one dtype, so by tensor name, as save_file lays it out
+    width = int(folder.config("text_encoder")["hidden_size"])
+    layout = [(f"{name}.{part}", shape) for name in order
+              for part, shape in (("embeds", (MAX_SEQUENCE_LENGTH, width)), ("pooled", (width,)))]
+    made = PromptEmbeddings(folder, dtype, device, cache_root).native([names[name] for name in order])
     # One metadata entry: safetensors writes several in hash order, and the file must be the same
     # bytes on every run (results are compared byte for byte).
     about = {"dtype": str(dtype).removeprefix("torch."), "texts": names}
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(about, ensure_ascii=False, sort_keys=True)})
+    metadata = {METADATA_KEY: json.dumps(about, ensure_ascii=False, sort_keys=True)}
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    try:
+        _write_safetensors(tmp, dtype, layout, (t for pair in made for t in pair), metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out_file)
     log.info("embeddings: %d text(s) in %s (%s)", len(names), out_file, dtype)
     return out_file
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _write_safetensors(path: Path, dtype: torch.dtype, layout: list[tuple[str, tuple[int, ...]]],
+                       tensors: Iterable[torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file of CPU tensors of one dtype, written as they come, one held at a time.
+    `layout` names each tensor and its shape in name order: for one dtype that is the order
+    safetensors' save_file lays out, and the header is its compact JSON padded to 8 bytes, so the
+    bytes are save_file's (tests compare them)."""
+    if [name for name, _ in layout] != sorted(name for name, _ in layout):
+        raise ValueError("the layout must be in name order")
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset, itemsize = 0, torch.empty((), dtype=dtype).element_size()
+    for name, shape in layout:
+        end = offset + math.prod(shape) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for (name, shape), tensor in zip(layout, tensors, strict=True):
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise ValueError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")
+            f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+class Embeddings(Mapping[str, Embedding]):
+    """(prompt_embeds, pooled) per text, float32 CPU tensors made at each lookup from the stored
+    ones (the encoder's dtype, memory-mapped from the file or held): a holder keeps the texts it
+    uses (a training batch's captions), never a float32 copy of every text."""
+
+    def __init__(self, texts: Iterable[str], read: Callable[[str], Embedding]):
+        self._texts, self._read = sorted(set(texts)), read
+        self._known = set(self._texts)
+
+    def __getitem__(self, text: str) -> Embedding:
+        if text not in self._known:
+            raise KeyError(text)
+        embeds, pooled = self._read(text)
+        return embeds.float(), pooled.float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._texts)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
 class _ForPipeline:
-    """The pipeline's four embedding arguments from `get` (float32 CPU tensors per text), cast to
-    the caller's dtype and device: one code path for encoded and stored embeddings."""
+    """The pipeline's four embedding arguments from `lookup` (float32 CPU tensors per text), cast
+    to the caller's dtype and device: one code path for encoded and stored embeddings."""
 
     folder: KolorsFolder
     dtype: torch.dtype
     device: torch.device
 
-    def get(self, texts: list[str]) -> dict[str, Embedding]:
+    def lookup(self, texts: list[str]) -> Embeddings:
         raise NotImplementedError
+
+    def get(self, texts: list[str]) -> dict[str, Embedding]:
+        """Float32 CPU (prompt_embeds, pooled) per distinct text, all at once (a pipeline's prompts)."""
+        found = self.lookup(texts)
+        return {text: found[text] for text in found}
 
     def for_pipeline(self, prompt: str, negative_prompt: str = "") -> dict[str, torch.Tensor]:
         """The four embedding arguments of KolorsPipeline.__call__ with classifier-free guidance,
@@ -157,38 +216,61 @@ class EmbeddingsFile(_ForPipeline):
 
     def about(self) -> dict:
         """What write_embeddings recorded: {"dtype": "float16", "texts": {tensor name: text}}."""
-        return json.loads(self._open(lambda f: f.metadata()[METADATA_KEY]))
+        return json.loads(self._read(lambda f: f.metadata()[METADATA_KEY]))
 
     def texts(self) -> list[str]:
         """The texts the file holds, sorted."""
         return sorted(self.about()["texts"].values())
 
-    def _open(self, read: Callable[[Any], Any]) -> Any:
+    def _read(self, read: Callable[[Any], Any]) -> Any:
+        """`read(handle)` of the file opened memory-mapped (safe_open); the handle lives as long as
+        what `read` returns keeps it."""
         from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(str(self.path), framework="pt") as f:
-                return read(f)
+            return read(safe_open(str(self.path), framework="pt"))
         except UserError:
             raise
         except (OSError, SafetensorError, KeyError, TypeError, ValueError) as err:  # missing, truncated, foreign
             raise UserError(f"the embeddings file {self.path} cannot be read ({err}). {REMAKE}.") from err
 
-    def get(self, texts: list[str]) -> dict[str, Embedding]:
-        """Float32 CPU (prompt_embeds, pooled) per distinct text."""
-        def read(f) -> dict[str, Embedding]:
-            out, names = {}, set(f.keys())
+    def lookup(self, texts: list[str]) -> Embeddings:
+        """Every text checked present at once; each lookup then reads that text's tensors from the
+        memory-mapped file (a training process holds one batch's, whatever the file holds)."""
+        def open_lookup(f) -> Embeddings:
+            names = set(f.keys())
             for text in sorted(set(texts)):
                 name = text_name(text)
                 if f"{name}.embeds" not in names or f"{name}.pooled" not in names:
                     raise UserError(f"the text {text!r} is not in the embeddings file {self.path}: it was "
                                     f"written for other prompts. {REMAKE}.")
-                out[text] = (f.get_tensor(f"{name}.embeds").float(), f.get_tensor(f"{name}.pooled").float())
-            return out
+            return Embeddings(texts, lambda text: (f.get_tensor(f"{text_name(text)}.embeds"),
+                                                   f.get_tensor(f"{text_name(text)}.pooled")))
 
-        got = self._open(read)
-        log.info("prompt embeddings: %d distinct, read from %s", len(got), self.path)
-        return got
+        found = self._read(open_lookup)
+        log.info("prompt embeddings: %d distinct, read from %s", len(found), self.path)
+        return found
+
+
+class _Encoder:
+    """ChatGLM on `device`, loaded at the first text to encode; each embedding leaves the device as
+    it is made, in the encoder's dtype, so the device holds the model and one text."""
+
+    def __init__(self, folder: KolorsFolder, dtype: torch.dtype, device: torch.device):
+        self.folder, self.dtype, self.device = folder, dtype, device
+        self.tokenizer = self.model = None
+
+    def encode(self, text: str) -> dict[str, torch.Tensor]:
+        if self.model is None:
+            self.tokenizer = self.folder.load_tokenizer()
+            self.model = self.folder.load_text_encoder(self.dtype, self.device)
+        embeds, pooled = encode_prompts(self.tokenizer, self.model, [text], self.device)
+        return {"embeds": embeds[0].cpu(), "pooled": pooled[0].cpu()}
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model = None
+            release(self.device)
 
 
 class PromptEmbeddings(_ForPipeline):
@@ -206,28 +288,29 @@ class PromptEmbeddings(_ForPipeline):
         # The dtype is part of the key: embeddings of a bf16 encoder are not those of an fp32 one.
         return TensorCache.key(self.dtype, text)
 
-    def get(self, texts: list[str]) -> dict[str, Embedding]:
-        """Float32 CPU (prompt_embeds, pooled) per distinct text."""
+    def lookup(self, texts: list[str]) -> Embeddings:
+        """Every distinct text, encoder-dtype tensors held on the CPU (a file, with `store`)."""
         if self.store is not None:
-            return EmbeddingsFile(self.store, self.folder, self.dtype, self.device).get(texts)
+            return EmbeddingsFile(self.store, self.folder, self.dtype, self.device).lookup(texts)
         distinct = sorted(set(texts))
-        found = {t: self.cache.get(self._key(t)) if self.cache else None for t in distinct}
-        missing = [t for t, v in found.items() if v is None]
-        log.info("prompt embeddings: %d distinct, %d cached, %d to encode", len(distinct),
-                 len(distinct) - len(missing), len(missing))
-        if missing:
-            found.update(self._encode(missing))
-        return {t: (v["embeds"].cpu(), v["pooled"].cpu()) for t, v in found.items()}
+        held = dict(zip(distinct, self.native(distinct)))
+        return Embeddings(distinct, held.__getitem__)
 
-    def _encode(self, texts: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        tokenizer = self.folder.load_tokenizer()
-        encoder = self.folder.load_text_encoder(self.dtype, self.device)
-        out = {}
-        for text in tqdm(texts, desc="encode prompts", leave=False):
-            embeds, pooled = encode_prompts(tokenizer, encoder, [text], self.device)
-            out[text] = {"embeds": embeds[0].float(), "pooled": pooled[0].float()}
-            if self.cache:
-                self.cache.put(self._key(text), out[text])
-        del encoder
-        release(self.device)
-        return out
+    def native(self, texts: list[str]) -> Iterator[Embedding]:
+        """Each of the distinct `texts`' (prompt_embeds, pooled), on the CPU in the encoder's dtype,
+        in their order: from the cache, or encoded as it comes (ChatGLM loaded at the first text the
+        cache lacks, once, and released after the last). Cache entries of older runs hold float32
+        (the same values: the key has the dtype)."""
+        cached = sum(1 for text in texts if self.cache and self.cache.has(self._key(text)))
+        log.info("prompt embeddings: %d distinct, %d cached, %d to encode", len(texts), cached, len(texts) - cached)
+        encoder = _Encoder(self.folder, self.dtype, self.device)
+        try:
+            for text in tqdm(texts, desc="prompt embeddings", leave=False):
+                found = self.cache.get(self._key(text)) if self.cache else None
+                if found is None:
+                    found = encoder.encode(text)
+                    if self.cache:
+                        self.cache.put(self._key(text), found)
+                yield found["embeds"].to(self.dtype), found["pooled"].to(self.dtype)
+        finally:
+            encoder.close()

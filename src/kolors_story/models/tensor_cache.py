@@ -62,6 +62,10 @@ class TensorCache:
     def key(*parts: object) -> str:
         return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
 
+    def has(self, key: str) -> bool:
+        """Whether an entry exists (unread: `get` may still find it damaged)."""
+        return self._path(key).is_file()
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
         path = self._path(key)
         if path.is_file():

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.models.prompt_embeddings import EmbeddingsFile, PromptEmbeddings
+from kolors_story.models.prompt_embeddings import Embeddings, EmbeddingsFile, PromptEmbeddings
 from kolors_story.models.tensor_cache import TensorCache
 from kolors_story.training.data import Example, crop_origin, load_pixels
 
@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 def encode_texts(
     folder: KolorsFolder, texts: list[str], cache_root: Path, device: torch.device, dtype: torch.dtype,
     store: Path | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Float32 CPU (prompt_embeds, pooled) per distinct text: from the encode_texts job's file when
-    given (ChatGLM never loaded; the file's dtype is models.text_encoder_precision's, the caller
-    casts to its own), else encoded in `dtype` through the prompt-embedding cache, ChatGLM loaded
-    only if some text is not cached yet and released before returning: never beside the UNet."""
+) -> Embeddings:
+    """Float32 CPU (prompt_embeds, pooled) per distinct text, made at each lookup: from the
+    encode_texts job's file when given (memory-mapped, read per batch; ChatGLM never loaded; the
+    file's dtype is models.text_encoder_precision's, the caller casts to its own), else encoded
+    in `dtype` through the prompt-embedding cache and held in that dtype, ChatGLM loaded only if
+    some text is not cached yet and released before returning: never beside the UNet."""
     if store is not None:
-        return EmbeddingsFile(store, folder, dtype, device).get(texts)
-    return PromptEmbeddings(folder, dtype, device, cache_root).get(texts)
+        return EmbeddingsFile(store, folder, dtype, device).lookup(texts)
+    return PromptEmbeddings(folder, dtype, device, cache_root).lookup(texts)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from kolors_story.models import devices
 from kolors_story.errors import UserError
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.models.prompt_embeddings import release
+from kolors_story.models.prompt_embeddings import Embedding, release
 from kolors_story.training.data import (
     BatchOrder, Example, assign_sizes, check_dataset_size, crop_origin, examples_per_epoch, load_pixels,
     read_metadata, size_conditioning,
@@ -75,7 +76,7 @@ class Batches:
     """What the loop needs to build a batch: examples, cached tensors, the VAE when required."""
 
     examples: list[Example]
-    texts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    texts: Mapping[str, Embedding]  # read per batch (the encode_texts job's file, memory-mapped)
     latents: dict[tuple[int, bool], torch.Tensor] | None
     vae: object | None
     settings: TrainSettings
@@ -106,8 +107,9 @@ class Batches:
             else:
                 latents.append(self.latents[(i, flip)].to(self.device))
             time_ids.append(size_conditioning(ex, origin))  # Kolors' trainer's convention (data.py)
-        embeds = torch.stack([self.texts[self.examples[i].caption][0] for i in draw.idx]).to(self.device)
-        pooled = torch.stack([self.texts[self.examples[i].caption][1] for i in draw.idx]).to(self.device)
+        texts = [self.texts[self.examples[i].caption] for i in draw.idx]
+        embeds = torch.stack([embeds for embeds, _ in texts]).to(self.device)
+        pooled = torch.stack([pooled for _, pooled in texts]).to(self.device)
         ids = torch.tensor(time_ids, dtype=torch.float32, device=self.device)
         return torch.stack(latents), embeds, pooled, ids
 

@@ -4,6 +4,7 @@ challenge's aesthetic predictor, save a grid per checkpoint, and remember the sc
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ class Validator:
     """Owns the VAE-decoding pipeline (no text encoder: prompts come pre-encoded) and the scorer."""
 
     def __init__(self, settings: ValidationSettings, vae, scheduler, aesthetic_dir: Path,
-                 embeds: dict[str, Embeds], out_dir: Path, device: torch.device):
+                 embeds: Mapping[str, Embeds], out_dir: Path, device: torch.device):
         self.settings, self.embeds, self.device = settings, embeds, device
         self.out_dir = Path(out_dir)
         self.vae, self.scheduler = vae, scheduler
