@@ -204,9 +204,8 @@ def save_kolors_folder(out_dir: Path, unet, vae, text_encoder) -> Path:
     unet.half().save_pretrained(out_dir / "unet", variant="fp16")
     vae.half().save_pretrained(out_dir / "vae", variant="fp16")
     text_encoder.half()
-    size = sum(p.numel() * p.element_size() for p in text_encoder.state_dict().values())
     text_encoder.save_pretrained(out_dir / "text_encoder", variant="fp16",
-                                 max_shard_size=max(1, size // TEXT_ENCODER_SHARDS + 1))
+                                 max_shard_size=shard_size(text_encoder.state_dict(), TEXT_ENCODER_SHARDS))
     (out_dir / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(kolors_tokenizer_dir() / name, out_dir / "tokenizer" / name)
@@ -214,6 +213,31 @@ def save_kolors_folder(out_dir: Path, unet, vae, text_encoder) -> Path:
     write_json(SCHEDULER_CONFIG, out_dir / "scheduler" / "scheduler_config.json", sort_keys=True)
     write_json(MODEL_INDEX, out_dir / "model_index.json", sort_keys=True)
     return out_dir
+
+
+def _shard_count(state_dict: dict[str, torch.Tensor], max_shard_size: int) -> int:
+    from huggingface_hub import split_torch_state_dict_into_shards  # what save_pretrained splits with
+
+    return len(split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size).filename_to_tensors)
+
+
+def shard_size(state_dict: dict[str, torch.Tensor], shards: int) -> int:
+    """The smallest max_shard_size, no smaller than the largest tensor, at which save_pretrained
+    writes `state_dict` in exactly `shards` files. Its split is greedy in key order (a shard is
+    closed when the next tensor would overflow it), so total // shards + 1 can leave a fourth
+    shard (the full ChatGLM3: 4.09 + 4.08 + 3.78 + 0.53 GB); no tensor is bigger than the size
+    found, so each shard holds consecutive tensors as in the real repos. Works on meta tensors."""
+    sizes = [t.untyped_storage().nbytes() for t in state_dict.values()]
+    low, high = max(sizes), sum(sizes)  # the greedy count only falls as the size grows
+    while low < high:
+        mid = (low + high) // 2
+        if _shard_count(state_dict, mid) <= shards:
+            high = mid
+        else:
+            low = mid + 1
+    if _shard_count(state_dict, low) != shards:
+        raise ValueError(f"no max_shard_size splits these {len(sizes)} tensors into exactly {shards} shards")
+    return low
 
 
 @contextlib.contextmanager
