@@ -229,6 +229,19 @@ def markdown(report: dict) -> str:
     return head + rows
 
 
+def check_memory(params: dict[str, int], precision: str) -> None:
+    """Refuse before the DAG starts where the largest job's weights cannot fit in RAM + swap (fp32
+    ChatGLM alone is 25 GB: a 24 GB machine without native bf16 needs swap for encode_texts)."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total = (int(meminfo["MemTotal"].split()[0]) + int(meminfo["SwapTotal"].split()[0])) / 2**20
+    largest = max(JOB_WEIGHTS, key=lambda rule: weights_gib(rule, params, precision))
+    need = weights_gib(largest, params, precision) + 1.0
+    if need > total:
+        raise SystemExit(f"rehearsal: {largest} holds {need - 1:.1f} GiB of weights in {precision}, more than this "
+                         f"machine's RAM + swap ({total:.1f} GiB). Add swap (as root: fallocate -l 16G /swapfile; "
+                         "chmod 600 /swapfile; mkswap /swapfile; swapon /swapfile) or run on a CPU with native bf16.")
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
         if line.startswith("model name"):
@@ -248,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if precision == "bf16":
         env["KOLORS_CPU_BF16"] = "1"  # honored even without native bf16 when asked for
+    params = model_bytes(kolors, aesthetic)
+    check_memory(params, precision)
     flow = args.work / "flow"
     seconds = run_workflow(flow, rehearsal_config(kolors, aesthetic, style, precision, size), args.cores, env)
-    jobs = read_jobs(flow / "results", model_bytes(kolors, aesthetic), precision)
+    jobs = read_jobs(flow / "results", params, precision)
     report = {"size": "tiny" if args.smoke else "full", "precision": precision, "precision_reason": reason,
               "cpu": cpu_name(), "cores": args.cores, "resolution": size, "models_reused": reused,
               "workflow_seconds": round(seconds, 1), "headroom_gib": HEADROOM_GIB,
