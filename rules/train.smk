@@ -24,6 +24,18 @@ rule import_lora:
         "../scripts/import_lora.py"
 
 
+# Host memory a training job asks a scheduler for (SLURM's --mem; local runs ignore it): each
+# process holds torch and CUDA's host side, the cached latents and one batch (its UNet and VAE load
+# straight onto its GPU, the embeddings file is memory-mapped and shared); rank 0 also loads the
+# aesthetic scorer and writes the checkpoints. profiles/slurm may set a fixed mem_mb instead; a
+# training on the CPU holds the UNet itself in host memory and needs more (docs/gpu-host.md).
+TRAIN_MEM_MB = {"base": 16000, "per_process": 8000}
+
+
+def train_mem_mb(wildcards):
+    return TRAIN_MEM_MB["base"] + TRAIN_MEM_MB["per_process"] * PLAN.trainings[wildcards.key]["processes"]
+
+
 rule train_lora:
     input:
         unpack(train_inputs),
@@ -37,6 +49,7 @@ rule train_lora:
     threads: ALL_CORES
     resources:
         gpu=lambda wc: PLAN.trainings[wc.key]["processes"],
+        mem_mb=train_mem_mb,
     log:
         f"{SHARED}/logs/train_lora/{{key}}.log",
     benchmark:

@@ -248,3 +248,41 @@ def test_describe_names_the_layout_without_absolute_paths(tiny_kolors):
     assert described["weights"]["text_encoder"]["index"] == "model.safetensors.index.fp16.json"
     assert described["weights"]["unet"]["variant"] == "fp16"
     assert set(described["config_sha256"]) >= {"model_index.json", "unet/config.json"}
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "unet", "vae"])
+def test_every_model_loads_straight_onto_a_cuda_device(tiny_kolors, monkeypatch, part):
+    """device_map: diffusers/transformers put each tensor on the GPU as they read it from the
+    memory-mapped file; the model is never built in host memory and moved afterwards. ChatGLM
+    takes `dtype`, not `torch_dtype`: the one spelling transformers 4.56+ and 5.x both take."""
+    import diffusers
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
+
+    calls = []
+
+    class Loaded:
+        def eval(self):
+            return self
+
+        def to(self, *args, **kwargs):
+            raise AssertionError("moved after loading: it went through host memory")
+
+    def from_pretrained(folder, **kwargs):
+        calls.append(kwargs)
+        return Loaded()
+
+    cls = {"text_encoder": ChatGLMModel, "unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL}[part]
+    monkeypatch.setattr(cls, "from_pretrained", staticmethod(from_pretrained))
+    load = getattr(KolorsFolder(tiny_kolors), f"load_{part}")
+    load(torch.bfloat16, torch.device("cuda", 3))
+    dtype_key = "dtype" if part == "text_encoder" else "torch_dtype"
+    assert calls[-1]["device_map"] == {"": 3} and calls[-1][dtype_key] == torch.bfloat16
+    assert {"dtype", "torch_dtype"} & set(calls[-1]) == {dtype_key}
+    load(torch.bfloat16, torch.device("cpu"))  # the CPU: loaded there, no map
+    assert "device_map" not in calls[-1]
+
+
+def test_the_unet_loads_onto_the_device_it_is_given_through_diffusers(tiny_kolors):
+    """The real loader, onto the meta device: every weight lands there, none on the CPU."""
+    unet = KolorsFolder(tiny_kolors).load_unet(torch.bfloat16, torch.device("meta"))
+    assert {(p.device.type, p.dtype) for p in unet.parameters()} == {("meta", torch.bfloat16)}

@@ -241,9 +241,12 @@ class KolorsFolder:
                 (Path(view) / name).symlink_to(item.resolve())
             yield view
 
-    def _load_args(self, part: str, dtype: torch.dtype) -> dict:
+    def _load_args(self, part: str, dtype: torch.dtype, device: torch.device | None = None) -> dict:
         weights = self.weights[part]
-        return {"torch_dtype": dtype, "variant": weights.variant, "use_safetensors": weights.format == "safetensors"}
+        args = {"torch_dtype": dtype, "variant": weights.variant, "use_safetensors": weights.format == "safetensors"}
+        if (device_map := _device_map(device)) is not None:
+            args["device_map"] = device_map
+        return args
 
     def load_tokenizer(self):
         from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
@@ -251,32 +254,32 @@ class KolorsFolder:
         return ChatGLMTokenizer.from_pretrained(str(self.path / "tokenizer"))
 
     def load_text_encoder(self, dtype: torch.dtype, device: torch.device | None = None):
-        """ChatGLM on `device` (default: the CPU). A CUDA device gets the shards loaded straight onto
-        it (`device_map={"": index}`, which also implies low_cpu_mem_usage), not through a 12.5 GB
-        copy in host memory first. `dtype`, not `torch_dtype`: the one spelling that transformers
-        4.56+ and 5.x both take without a deprecation warning (ChatGLM is a transformers model)."""
+        """ChatGLM on `device` (default: the CPU), loaded straight onto it (_device_map), not through
+        a 12.5 GB copy in host memory first. `dtype`, not `torch_dtype`: the one spelling that
+        transformers 4.56+ and 5.x both take without a deprecation warning (ChatGLM is a
+        transformers model)."""
         from diffusers.pipelines.kolors.text_encoder import ChatGLMModel
 
-        args = self._load_args("text_encoder", dtype)
+        args = self._load_args("text_encoder", dtype, device)
         args["dtype"] = args.pop("torch_dtype")
-        device = torch.device(device) if device is not None else None
-        if device is not None and device.type == "cuda":  # the index use_free_gpu made current
-            args["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         with self._loadable("text_encoder") as folder:
-            model = ChatGLMModel.from_pretrained(folder, **args).eval()
-        return model if device is None or "device_map" in args else model.to(device)
+            return ChatGLMModel.from_pretrained(folder, **args).eval()
 
-    def load_unet(self, dtype: torch.dtype):
+    def load_unet(self, dtype: torch.dtype, device: torch.device | None = None):
+        """The UNet on `device` (default: the CPU), loaded straight onto it (_device_map): a training
+        process never holds a 5 GB copy in host memory (8 processes held 42 GB at once)."""
         from diffusers import UNet2DConditionModel
 
+        args = self._load_args("unet", dtype, device)
         with self._loadable("unet") as folder:
-            return UNet2DConditionModel.from_pretrained(folder, **self._load_args("unet", dtype))
+            return UNet2DConditionModel.from_pretrained(folder, **args)
 
-    def load_vae(self, dtype: torch.dtype):
+    def load_vae(self, dtype: torch.dtype, device: torch.device | None = None):
         from diffusers import AutoencoderKL
 
+        args = self._load_args("vae", dtype, device)
         with self._loadable("vae") as folder:
-            return AutoencoderKL.from_pretrained(folder, **self._load_args("vae", dtype)).eval()
+            return AutoencoderKL.from_pretrained(folder, **args).eval()
 
     def load_scheduler(self, cls=None):
         """The folder's scheduler config in `cls` (default: the class model_index.json names)."""
@@ -296,6 +299,19 @@ class KolorsFolder:
             tokenizer=self.load_tokenizer() if text_encoder else None,
             force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
         )
+
+
+def _device_map(device: torch.device | None) -> dict | None:
+    """The `device_map` that has diffusers/transformers (low_cpu_mem_usage, implied) put each
+    tensor on `device` as it reads it from the memory-mapped file, so the model never exists in
+    host memory; None for the CPU, where they load without one. CUDA by index: the one
+    use_free_gpu made current when none is given."""
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        return {"": device.index if device.index is not None else torch.cuda.current_device()}
+    return {"": device}
 
 
 def _expected_names(part: str) -> str:

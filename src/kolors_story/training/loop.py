@@ -252,7 +252,7 @@ class TrainState:
     @classmethod
     def create(cls, folder: KolorsFolder, settings: TrainSettings, examples: list[Example], dtype: torch.dtype,
                device: torch.device) -> "TrainState":
-        unet = folder.load_unet(dtype).to(device)
+        unet = folder.load_unet(dtype, device)  # straight to the device: no host copy per process
         params = add_lora(unet, settings)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -329,7 +329,7 @@ def prepare_batches(
     texts = encode_texts(folder, [e.caption for e in examples] + validation_texts(settings.validation),
                          cache_root, device, dtype, embeddings)
     vae_dtype = LATENT_VAE_DTYPE  # whatever train.precision is: the latents' numerics never depend on it
-    load_vae = functools.cache(lambda: folder.load_vae(vae_dtype).to(device))
+    load_vae = functools.cache(lambda: folder.load_vae(vae_dtype, device))
     latents = None
     if settings.crop != "random":
         flips = (False, True) if settings.random_flip else (False,)
