@@ -8,12 +8,14 @@ plus a random full-size aesthetic predictor in its real layout; a later run reus
 --work. Then, through the project's own functions (the ones the Snakemake jobs call), it runs the
 default run's GPU work in the default config's precisions: the text-encoder job (ChatGLM loaded
 once, straight to the GPU, every prompt and caption into one embeddings file), the trainer's
-latent encoding and LoRA steps at 1024 px (rank 16, gradient checkpointing), one best-of-4 scene (50 steps, CFG 5: disk load, move to GPU, LoRA load and fuse, steps, VAE
-decode, scoring, each timed apart), a LoRA round trip (the saved file, reloaded by diffusers,
-renders the image the adapter renders as the trainer held it, the same fused and unfused, and
-another one than without the LoRA; rendered by the eager UNet, so --compile compiles once), and a
-character anchor with a
-consistency scene. gpu_check.json is written after every phase: a crash leaves the finished
+latent encoding and LoRA steps at 1024 px (rank 16, gradient checkpointing, validation as the
+default run's config.yaml sets it, at the check's size and steps), one best-of-4 scene (50 steps,
+CFG 5: disk load, move to GPU, LoRA load and fuse, steps, VAE decode, scoring, each timed apart),
+a LoRA round trip (host/lora_round_trip.py: every layer's update in the saved file, and as
+diffusers loaded it, equals the trained adapter's within rounding; with the LoRA scaled up so its
+effect dwarfs rounding, the fused render matches the unfused one and differs from the render
+without it; rendered by the eager UNet, so --compile compiles once), and a character anchor with
+a consistency scene. gpu_check.json is written after every phase: a crash leaves the finished
 phases, the failing phase's name and its traceback.
 
 It imports only the standard library, the wheelhouse's packages (`make wheelhouse`) and what the
@@ -37,11 +39,12 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.training.settings import TrainJob, TrainSettings
+from kolors_story.training.settings import TrainJob, TrainSettings, ValidationSettings
 
 log = logging.getLogger("kolors_story.host.gpu_check")
-# src/kolors_story/host/gpu_check.py -> the repository root
-ESTIMATES = Path(__file__).resolve().parents[3] / "bench" / "reference" / "gpu_memory_estimate.json"
+ROOT = Path(__file__).resolve().parents[3]  # src/kolors_story/host/gpu_check.py -> the repository root
+ESTIMATES = ROOT / "bench" / "reference" / "gpu_memory_estimate.json"
+DEFAULT_CONFIG = ROOT / "config.yaml"  # the default run, whose validation the check's training runs
 CAPTIONS = ("二次元，水墨画，山水", "二次元，少女，樱花", "水墨画，古风，小桥流水", "二次元，猫，窗台")
 PROMPT = "二次元，水墨画，一个少女站在山顶，看着远处的云海"
 NEGATIVE = "模糊，低质量，变形"
@@ -187,14 +190,35 @@ def write_dataset(root: Path, images: int, resolution: int) -> Path:
     return root
 
 
+def validation_settings(args, config: Path = DEFAULT_CONFIG) -> ValidationSettings:
+    """The default run's validation (config.yaml's train.validation: its prompts, CFG, pick_best)
+    at the check's scale: every `every` steps, or every half of the check's steps when it trains
+    fewer than two such periods (then it validates twice and pick_best has two checkpoints to
+    choose from); its size and steps capped by the check's resolution and sampling steps (on a GPU
+    the default's 512 px and 20 steps; 2 steps at 256 px on a CPU rehearsal)."""
+    import dataclasses
+
+    import yaml
+
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: gpu_check validates as the default run does and reads "
+                                "train.validation there; run it from the project's checkout")
+    default = ValidationSettings.from_dict(yaml.safe_load(config.read_text(encoding="utf-8"))["train"].get("validation"))
+    every = default.every if args.train_steps >= 2 * default.every else max(1, args.train_steps // 2)
+    return dataclasses.replace(default, every=every, size=min(default.size, args.resolution),
+                               steps=min(default.steps, args.sample_steps))
+
+
 def train_settings(args) -> TrainSettings:
     return TrainSettings(steps=args.train_steps, resolution=args.resolution, rank=args.rank,
-                         precision=args.train_precision, gradient_checkpointing=True, checkpoint_every=0)
+                         precision=args.train_precision, gradient_checkpointing=True, checkpoint_every=0,
+                         validation=validation_settings(args))
 
 
-def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Path) -> Path:
+def check_training(args, phases: Phases, kolors: Path, aesthetic: Path, dataset: Path, store: Path) -> tuple[Path, int]:
     """The trainer's prepare_batches (caption embeddings from the encode job's file, latents
-    encoded and cached), the UNet's load, then training from warm caches."""
+    encoded and cached), the UNet's load, then training from warm caches with the default run's
+    validation. Returns the LoRA file and the step it was saved from (pick_best's choice)."""
     from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.data import assign_sizes, read_metadata
     from kolors_story.training.loop import precision_dtypes, prepare_batches, train_lora
@@ -205,8 +229,8 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Pat
     assign_sizes(examples, settings)
     with phases.measure("train_encode_captions_and_latents") as record:
         timesteps = folder.config("scheduler")["num_train_timesteps"]
-        prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps, validating=False,
-                        embeddings=store)
+        prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps,
+                        validating=bool(settings.validation.every), embeddings=store)
         record["captions"], record["images"] = len(set(e.caption for e in examples)), len(examples)
     phases.release()
     with phases.measure("train_unet_disk_load"):
@@ -216,15 +240,20 @@ def check_training(args, phases: Phases, kolors: Path, dataset: Path, store: Pat
     del unet
     phases.release()
     with phases.measure("train") as record:
-        result = train_lora(TrainJob(kolors, dataset, args.work / "lora", cache_dir=cache, embeddings=store),
-                            settings)
+        result = train_lora(TrainJob(kolors, dataset, args.work / "lora", cache_dir=cache, aesthetic_dir=aesthetic,
+                                     embeddings=store), settings)
         elapsed = [row["seconds"] for row in result.losses]
         steps = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step also loads the UNet
         record.update(steps=len(result.losses), precision=settings.precision, final_loss=result.losses[-1]["loss"],
                       seconds_per_step_median=round(statistics.median(steps), 4) if steps else None,
-                      seconds_per_step_min=round(min(steps), 4) if steps else None)
+                      seconds_per_step_min=round(min(steps), 4) if steps else None,
+                      validation={"every": settings.validation.every, "size": settings.validation.size,
+                                  "steps": settings.validation.steps, "prompts": len(settings.validation.prompts),
+                                  "pick_best": settings.validation.pick_best},
+                      validations=[{"step": v["step"], "mean": round(v["mean"], 4)} for v in result.validations],
+                      picked_step=result.picked_step)
     phases.release()
-    return result.lora_file
+    return result.lora_file, result.picked_step
 
 
 def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
@@ -239,7 +268,11 @@ def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
     with phases.measure("chatglm_disk_load_to_gpu"):
         tokenizer = embeddings.folder.load_tokenizer()
         encoder = embeddings.folder.load_text_encoder(dtype, phases.device)
-    texts = [PROMPT, NEGATIVE, CHARACTER, *CAPTIONS]  # the run's every text: prompts and the captions
+    from kolors_story.training.validation import validation_texts
+
+    # the run's every text: prompts, captions and the validation's prompts
+    texts = list(dict.fromkeys([PROMPT, NEGATIVE, CHARACTER, *CAPTIONS,
+                                *validation_texts(validation_settings(args))]))
     with phases.measure("encode_texts") as record:
         from kolors_story.models.prompt_embeddings import encode_prompts
 
@@ -294,14 +327,13 @@ def scene_pipeline(args, phases: Phases, kolors: Path, lora: Path, settings, sto
     return pipe, scene, embeds
 
 
-def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path, store: Path) -> None:
-    """One best-of-N scene as generate_scene renders it, with the LoRA round trip beside it."""
+def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path, store: Path, picked_step: int) -> None:
+    """One best-of-N scene as generate_scene renders it, then the LoRA round trip on its pipeline."""
     from kolors_story.render.scenes import SamplerSettings, candidate_seeds, render, score_candidates, warm_up
 
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
                                precision=args.precision, candidates=args.candidates, compile=args.compile)
     pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings, store)
-    reloaded = _float_image(pipe, scene, settings, embeds)  # the saved file, reloaded, unfused
     with phases.measure("scene_lora_fuse"):
         pipe.fuse_lora(components=["unet"], adapter_names=["style"])
     if args.compile:
@@ -316,8 +348,9 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
                   vae_decode_calls=timer.calls, denoise_seconds=round(record["seconds"] - timer.seconds, 3),
                   seconds_per_image=round(record["seconds"] / len(images), 3),
                   seconds_per_step=round((record["seconds"] - timer.seconds) / settings.steps, 4))
-    phases.results["lora_round_trip"] = compare_round_trip(pipe, scene, settings, embeds, reloaded, train_settings(args),
-                                                           trained_adapter(args.work / "lora" / "work"))
+    with phases.measure("lora_round_trip") as record:  # its fp32 renders hold the UNet in fp32
+        record.update(round_trip(pipe, scene, settings, embeds, lora, train_settings(args),
+                                 trained_adapter(args.work / "lora" / "work", picked_step)))
     del pipe
     phases.release()
     with phases.measure("score") as record:
@@ -327,65 +360,52 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
     images[best].save(args.work / "panel.png")
 
 
-def _float_image(pipe, scene, settings, embeds) -> torch.Tensor:
-    """The scene seed rendered (float pixels in [0, 1]) by the eager UNet: a round-trip render
-    must not trigger another torch.compile (the timed warm-up compiles the fused UNet once)."""
+@contextlib.contextmanager
+def eager_unet(pipe) -> Iterator[None]:
+    """pipe.unet as the eager module inside: a round-trip render must not trigger another
+    torch.compile (the timed warm-up compiles the fused UNet once), and diffusers' adapter calls
+    (set_adapters, fuse_lora) act on a ModelMixin only."""
     compiled = pipe.unet
     pipe.unet = getattr(compiled, "_orig_mod", compiled)
     try:
-        return pipe(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
-                    guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(scene.seed),
-                    output_type="pt", **embeds).images[0].float().cpu()
+        yield
     finally:
         pipe.unet = compiled
 
 
-def trained_adapter(work: Path) -> dict[str, torch.Tensor]:
-    """The adapter's tensors as the trainer held them in memory at its last step (peft naming,
-    alpha not folded): the last checkpoint, which the trainer always writes."""
+def _float_image(pipe, scene, settings, embeds) -> torch.Tensor:
+    """The scene seed rendered (float pixels in [0, 1]) by the eager UNet, the embeddings in its dtype."""
+    with eager_unet(pipe):
+        embeds = {name: tensor.to(pipe.unet.dtype) for name, tensor in embeds.items()}
+        return pipe(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale, generator=torch.Generator("cpu").manual_seed(scene.seed),
+                    output_type="pt", **embeds).images[0].float().cpu()
+
+
+def trained_adapter(work: Path, step: int) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as the trainer held them at `step`, the checkpoint the run's LoRA file
+    was saved from (pick_best's choice, else the last step: the trainer checkpoints both); peft
+    naming, alpha / rank not folded."""
     from kolors_story.training import checkpoints
 
-    last = sorted(work.glob("*/step-*"))
-    if not last:
-        raise FileNotFoundError(f"no training checkpoint under {work}: the trainer writes one at its last step")
-    return checkpoints.load_file(checkpoints.lora_of(last[-1]))
+    name = checkpoints.checkpoint_dir(Path("."), step).name
+    found = sorted(work.glob(f"*/{name}"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{len(found)} training checkpoints {work}/*/{name}, not one: the trainer writes one "
+                                f"at each validation and at its last step")
+    return checkpoints.load_file(checkpoints.lora_of(found[0]))
 
 
-def _render_trained(pipe, scene, settings, embeds, trained: TrainSettings, adapter: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The scene rendered with the adapter built as the trainer builds it (add_lora) and its
-    tensors set as it sets them on resume (load_lora_state): no LoRA file or loader in between."""
-    from kolors_story.training.lora_file import add_lora, load_lora_state
+def round_trip(pipe, scene, settings, embeds, lora: Path, trained: TrainSettings,
+               adapter: dict[str, torch.Tensor]) -> dict:
+    """lora_round_trip.compare_round_trip on the scene's pipeline, called with the LoRA fused as the
+    scene rendered; its renders are the scene seed at the scene's settings."""
+    from kolors_story.host.lora_round_trip import compare_round_trip
 
-    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)
-    add_lora(unet, trained)  # the adapter "default", beside the disabled "style"
-    load_lora_state(unet, adapter)
-    pipe.enable_lora()
-    pipe.set_adapters(["default"], adapter_weights=[1.0])
-    try:
-        return _float_image(pipe, scene, settings, embeds)
-    finally:
-        unet.delete_adapters("default")
-
-
-def compare_round_trip(pipe, scene, settings, embeds, reloaded: torch.Tensor, trained: TrainSettings,
-                       adapter: dict[str, torch.Tensor]) -> dict:
-    """The saved file reloaded (unfused) against the adapter as trained (the same image within
-    rounding), against itself fused (the same within rounding) and against no LoRA at all (another
-    image). Mean absolute differences of float pixels in [0, 1]; call with the LoRA fused."""
-    fused = _float_image(pipe, scene, settings, embeds)
-    pipe.unfuse_lora(components=["unet"])
-    pipe.disable_lora()
-    base = _float_image(pipe, scene, settings, embeds)
-    as_trained = _render_trained(pipe, scene, settings, embeds, trained, adapter)
-    fuse_error = float((fused - reloaded).abs().mean())
-    file_error = float((as_trained - reloaded).abs().mean())
-    lora_effect = float((reloaded - base).abs().mean())
-    tolerance = max(fuse_error, file_error)
-    record = {"reloaded_vs_trained_mean_abs": file_error, "fused_vs_unfused_mean_abs": fuse_error,
-              "lora_vs_no_lora_mean_abs": lora_effect,
-              "ok": lora_effect > 10 * tolerance and tolerance < 0.01}
-    log.info("lora_round_trip: %s", record)
-    return record
+    with eager_unet(pipe):
+        pipe.unfuse_lora(components=["unet"])
+        return compare_round_trip(pipe, lambda: _float_image(pipe, scene, settings, embeds), lora, adapter,
+                                  trained.alpha / trained.rank)
 
 
 def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Path) -> None:
@@ -472,9 +492,9 @@ def run_checks(args, phases: Phases) -> None:
     store = check_text_encoder(args, phases, kolors)
     phases.stage = "training"
     dataset = write_dataset(args.work / "dataset", args.images, args.resolution)
-    lora = check_training(args, phases, kolors, dataset, store)
+    lora, picked_step = check_training(args, phases, kolors, aesthetic, dataset, store)
     phases.stage = "scene"
-    check_scene(args, phases, kolors, lora, aesthetic, store)
+    check_scene(args, phases, kolors, lora, aesthetic, store, picked_step)
     phases.stage = "consistency"
     check_consistency(args, phases, kolors, lora, store)
 
@@ -503,10 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     report = summary(args, phases)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     phases.write(report)
+    trip = phases.results["lora_round_trip"]
     print(f"gpu_check: {report['seconds_per_training_step']} s/training step, {report['seconds_per_image']} s/image, "
-          f"LoRA round trip {'ok' if phases.results['lora_round_trip']['ok'] else 'FAILED'}, "
-          f"{report['total_seconds']} s in all; wrote {args.out}")
-    return 0 if phases.results["lora_round_trip"]["ok"] else 1
+          f"LoRA round trip {'ok' if trip['ok'] else 'FAILED'}, {report['total_seconds']} s in all; wrote {args.out}")
+    for problem in trip["problems"]:
+        print(f"gpu_check: LoRA round trip: {problem}", file=sys.stderr)
+    return 0 if trip["ok"] else 1
 
 
 if __name__ == "__main__":

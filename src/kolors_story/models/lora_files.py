@@ -277,6 +277,25 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
     return LoraWeights(state, rank, lora_alpha, source, _target_modules(adapted, unet), ds_names)
 
 
+def read_diffusers_lora(path: Path, unet: torch.nn.Module) -> LoraWeights:
+    """A file in diffusers naming read as diffusers' loader reads it (alpha from its metadata, else
+    alpha = rank), checked against `unet` like read_lora, without DiffSynth's name map: for hosts
+    that lack DiffSynth-Studio (the offline GPU host). The result has no DiffSynth names."""
+    path = Path(path)
+    tensors, metadata = _load_tensors(path)
+    parsed, _ = _parse_keys(tensors, path)
+    modules = _lora_able_modules(unet)
+    foreign = [key for key, (mod, _) in parsed.items() if mod not in modules]
+    if foreign:
+        raise _fail(path, "keys naming no LoRA-able layer (Linear/Conv2d) of this UNet in diffusers naming", foreign)
+    state, written_as = _diffusers_state(parsed, tensors, {mod: mod for mod, _ in parsed.values()}, modules, path)
+    adapted = list(dict.fromkeys(k.rsplit(".lora_", 1)[0] for k in state))
+    rank = _one_rank(adapted, state, written_as, modules, path)
+    config = _metadata_config(metadata, path)
+    alpha = _alpha_from_config(config, rank, path) if config else float(rank)
+    return LoraWeights(state, rank, alpha, "diffusers", _target_modules(adapted, unet))
+
+
 def _naming(parsed: dict, diffusers_style: bool, metadata: dict, modules: dict, module_map: dict,
             path: Path) -> tuple[str, dict[str, str]]:
     """Which naming the file's keys follow ("diffusers" or "diffsynth") and each written module's
@@ -536,5 +555,5 @@ def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
 
 
 __all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
-           "diffsynth_key_map", "folded", "full_size_unet", "read_lora", "unet_skeleton",
+           "diffsynth_key_map", "folded", "full_size_unet", "read_diffusers_lora", "read_lora", "unet_skeleton",
            "write_diffsynth_lora", "write_diffusers_lora"]
