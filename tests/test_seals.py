@@ -140,3 +140,49 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     with pytest.raises(files.NoSpace, match=r"no space left on /.* \(the LoRA file\): 110\.0 MiB needed, 5\.0 MiB free"):
         files.ensure_space(tmp_path / "not" / "made" / "yet", 100 << 20, "the LoRA file")
     files.ensure_space(tmp_path, 1 << 20, "a small file")
+
+
+@pytest.fixture
+def checked_once(monkeypatch) -> list[Path]:
+    """Every sha256 the seal checks compute; files of any size are recorded once settled (50 ms)."""
+    hashed: list[Path] = []
+    sha256 = seals.sha256_file
+    monkeypatch.setattr(seals, "sha256_file", lambda path: hashed.append(Path(path)) or sha256(path))
+    monkeypatch.setattr(seals, "CHECKED_MIN_BYTES", 0)
+    monkeypatch.setattr(seals, "SETTLED_S", 0.05)
+    return hashed
+
+
+def test_a_large_artifact_is_hashed_once_by_the_jobs_that_read_it(lora, checked_once):
+    import time
+
+    seals.verify(lora)  # just written: hashed, not recorded (a coarse clock)
+    time.sleep(0.1)
+    for _ in range(3):  # the first settled check hashes and records; the next ones trust it
+        seals.verify(lora)
+    assert checked_once == [lora, lora]
+    seals.seal(lora, "train_lora")  # a new seal (its job ran again): hashed again
+    seals.verify(lora)
+    assert len(checked_once) == 3
+
+
+@pytest.mark.parametrize("how", ["bitflip", "replace", "truncate", "swap"])
+def test_a_recorded_artifact_changed_since_is_hashed_again_and_refused(lora, checked_once, how):
+    """mtime put back after the change, or another file renamed over it: ctime or the inode moved."""
+    import time
+
+    time.sleep(0.1)
+    seals.verify(lora)
+    seals.verify(lora)
+    assert len(checked_once) == 1
+    before = lora.stat()
+    if how == "swap":
+        other = lora.with_name("other.safetensors")
+        shutil.copy2(lora, other)
+        damage(other, "bitflip")
+        os.replace(other, lora)
+    else:
+        damage(lora, how)
+    os.utime(lora, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(seals.DamagedArtifact, match="truncated|changed since its job"):
+        seals.verify(lora)

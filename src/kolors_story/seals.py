@@ -11,6 +11,13 @@ consumer that finds a seal checks size and sha256 and fails with one line naming
 wrong and the command that remakes it; a `.safetensors` file is also checked for a readable header
 and a data section as long as the header says, seal or not (a LoRA the user brings has none).
 
+A large file is hashed once, not by every job that reads it (eight scene jobs, one 2.6 GB
+anchor): a check that found its sha256 right records the file's identity (device, inode, size,
+mtime and ctime in ns) beside its seal (`<artifact>.checked.json`), and a later check that finds
+the same identity trusts that hash. Any write, truncation or replacement changes the identity:
+the kernel sets ctime to the time of the change, and nothing can set it back. A file changed
+within seconds before its check is not recorded (a coarse clock could give two changes one ctime).
+
     python -m kolors_story.seals results/     # check every seal under a folder
 """
 
@@ -18,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,9 @@ from kolors_story.errors import UserError
 from kolors_story.files import sha256_file, write_json
 
 SUFFIX = ".seal.json"
+CHECKED_SUFFIX = ".checked.json"  # beside a seal: the identity of the file last found matching it
+CHECKED_MIN_BYTES = 64 << 20  # smaller files are hashed every time (cheaper than the record)
+SETTLED_S = 2.0  # a file changed more recently than this is hashed every time
 STORE = ".seals"
 FORMAT = 1
 
@@ -94,9 +106,38 @@ def _damage(path: Path, recorded: dict[str, Any]) -> str | None:
         return f"truncated: {size} of {want} bytes"
     if size > want:
         return f"changed since its job: {size} bytes, {want} recorded"
-    if sha256_file(path) != recorded["sha256"]:
+    if not _sha256_matches(path, recorded["sha256"]):
         return "changed since its job: its sha256 is not the one recorded (a flipped or replaced byte)"
     return None
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _sha256_matches(path: Path, want: str) -> bool:
+    """Whether the file's sha256 is `want`, hashing it only if it is not the very file a check
+    found right before (see the module's docstring)."""
+    checked = seal_path(path).with_name(path.name + CHECKED_SUFFIX)
+    identity, started = _identity(path), time.time()
+    record = {"sha256": want, "identity": identity}
+    try:
+        if json.loads(checked.read_text(encoding="utf-8")) == record:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(path) != want:
+        return False
+    settled = started - identity[4] / 1e9 >= SETTLED_S
+    if identity[2] >= CHECKED_MIN_BYTES and settled and _identity(path) == identity:
+        try:
+            tmp = checked.with_name(f".{checked.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+            write_json(record, tmp)
+            os.replace(tmp, checked)  # jobs checking at once each write a whole record
+        except OSError:
+            pass  # a read-only results folder: the next check hashes again
+    return True
 
 
 def _folder_damage(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:

@@ -207,3 +207,25 @@ def test_sharing_more_steps_than_recorded_is_refused(pipe, embeds):
     with pytest.raises(ValueError, match="recorded 2"):
         C.enable_sharing(pipe, [C.Anchor(feats, meta)], steps_fraction=0.8)
     assert math.isclose(0.5, meta["recorded_steps"] / meta["steps"])
+
+
+
+def test_a_loaded_anchor_is_read_a_step_at_a_time_and_shares_the_same(pipe, embeds, anchor, tmp_path):
+    """load_anchor maps the file and reads a step's tokens when sharing reaches it: nothing of the
+    file is held after loading, and the scene is bitwise the one shared with the recorded anchor."""
+    import gc
+
+    _, a = anchor
+    path = C.save_anchor(tmp_path / "hero.safetensors", a.features, a.meta)
+    shape = next(iter(a.features.values())).shape
+
+    def held() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == shape)
+
+    before = held()
+    loaded = C.load_anchor(path)
+    assert held() == before and len(loaded.features) == len(a.features)
+    C.enable_sharing(pipe, [a], strength=1.0, steps_fraction=0.5)
+    recorded = _np(pipe, embeds["scene"])
+    C.enable_sharing(pipe, [loaded], strength=1.0, steps_fraction=0.5)
+    assert np.array_equal(_np(pipe, embeds["scene"]), recorded)

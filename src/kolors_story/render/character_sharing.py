@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -310,13 +311,34 @@ def save_anchor(path: Path, features: dict[str, torch.Tensor], meta: dict,
     return path
 
 
+class _MappedFeatures(Mapping):
+    """An anchor file's features by key, read from the memory-mapped file when asked for."""
+
+    def __init__(self, handle):
+        self._handle, self._keys = handle, list(handle.keys())
+        self._known = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        return self._handle.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def load_anchor(path: Path) -> Anchor:
+    """An anchor file, memory-mapped (safe_open): a step's features are read when sharing reaches
+    that step (SharingState.advance), so a scene job holds one step's tokens of each anchor, not
+    the whole file (about 2.6 GB at 1024 px), and steps past steps_fraction are never read. The
+    rule runner has checked the file against its seal before (seals.verify, hashed once a file)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = json.loads(f.metadata()[META_KEY])
-        features = {k: f.get_tensor(k) for k in f.keys()}
-    return Anchor(features, meta)
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    return Anchor(_MappedFeatures(handle), json.loads(handle.metadata()[META_KEY]))
 
 
 def enable_sharing(pipe, anchors: Sequence[Anchor], strength: float = 1.0,
