@@ -49,7 +49,9 @@ def runtime_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     if device.type != "cpu" or wanted == torch.float32:
         return wanted
     if wanted == torch.bfloat16 and cpu_has_native_bf16():
-        _say_once(precision, "bf16 on the CPU: it computes bf16 natively (AVX512-BF16 or AMX)")
+        forced = os.environ.get(CPU_BF16_ENV, "").strip() == "1"
+        _say_once(precision, f"bf16 on the CPU: {CPU_BF16_ENV}=1 asks for it" if forced
+                  else "bf16 on the CPU: it computes bf16 natively (AVX512-BF16 or AMX)")
         return wanted
     why = ("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would run 100x slower or more"
            if wanted == torch.bfloat16 else "fp16 kernels on a CPU are slow or missing")
