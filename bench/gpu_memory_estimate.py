@@ -5,8 +5,11 @@
 
 Setting: the project's trainer on one GPU: the full Kolors UNet in bf16, a LoRA of rank --rank on
 to_q/to_k/to_v/to_out.0 with fp32 parameters, fp32 gradients and fp32 AdamW states, bf16
-autocast, gradient checkpointing, batch --batch; the text encoder and the VAE are NOT resident
-while the UNet trains (their outputs are cached before the UNet is loaded).
+autocast, gradient checkpointing, batch --batch; the text encoder is NOT resident (the
+encode_texts job's file holds its outputs); the latents are encoded before the UNet is loaded,
+by the VAE in fp32 (training.loop.LATENT_VAE_DTYPE). With validation on (the default run:
+train.validation.every) the fp32 VAE and the aesthetic scorer stay on the GPU through the steps,
+and every N steps a validation image is rendered at train.validation.size, decoded and scored.
 
 Method
   1. Parameter counts: every model is built on the meta device (no memory): the Kolors UNet
@@ -129,11 +132,32 @@ def meta_chatglm(layers: int = C.CHATGLM3_6B_LAYERS):
         return ChatGLMModel(ChatGLMConfig(**{**C.SIZES.chatglm, "num_layers": layers}), empty_init=False).eval()
 
 
-def meta_vae():
+def meta_vae(dtype: torch.dtype = torch.bfloat16):
     from diffusers import AutoencoderKL
 
-    with torch.device("meta"), C.default_dtype(torch.bfloat16):
+    with torch.device("meta"), C.default_dtype(dtype):
         return AutoencoderKL(**C.SIZES.vae).eval()
+
+
+def meta_scorer():
+    """The challenge's predictor (CLIP ViT-L/14 + MLP), fp32 as models.aesthetic loads it."""
+    from aesthetics_predictor import AestheticsPredictorV2Linear
+
+    from kolors_story.models import random_aesthetic
+
+    clip_config = getattr(random_aesthetic, C.SIZES.clip)()
+    return meta_module(lambda: AestheticsPredictorV2Linear(clip_config), torch.float32)
+
+
+def add_adamw_moments(live: "LiveBytes", params: list) -> torch.optim.Optimizer:
+    """AdamW with its moments made, as after the first step (tagged "adamw"); grads freed again."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    live.tag = "adamw"
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
 
 
 # ---------------------------------------------------------------- traces
@@ -151,25 +175,19 @@ def trace_unet_step(resolution: int, rank: int, batch: int) -> dict:
         lora_bytes = sum(p.numel() * p.element_size() for p in params)
         unet.enable_gradient_checkpointing()
         unet.train()
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        live.tag = "adamw"  # create the moments as after the first step
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer = add_adamw_moments(live, params)
         adamw = live.by_tag["adamw"]
         live.tag = "inputs"  # what the loop moves to the GPU: cached latents and text embeddings
         latents = torch.randn(batch, 4, lat, lat)
         embeds = torch.randn(batch, 256, C.SIZES.text_width)
         pooled = torch.randn(batch, C.SIZES.text_width)
-        time_ids = torch.randn(batch, 6)
+        time_ids = torch.randn(batch, 6)  # fp32, as the loop passes them (exact sizes)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, 1100, (batch,))
         live.tag = "forward"
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = unet((latents + noise).to(torch.bfloat16), timesteps, encoder_hidden_states=embeds.to(torch.bfloat16),
-                        added_cond_kwargs={"text_embeds": pooled.to(torch.bfloat16),
-                                           "time_ids": time_ids.to(torch.bfloat16)}).sample
+                        added_cond_kwargs={"text_embeds": pooled.to(torch.bfloat16), "time_ids": time_ids}).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         after_forward = live.current
         saved = live.by_tag["forward"]
@@ -216,17 +234,19 @@ def trace_text_encoding(layers: int = C.CHATGLM3_6B_LAYERS) -> dict:
     return {"weights": weights, "peak": live.peak, "transient": live.peak - weights, "output": kept}
 
 
-def trace_vae_encode(resolution: int, batch: int) -> dict:
-    """The whole SDXL VAE resident (as load_vae loads it), encoding a batch at `resolution`."""
+def trace_vae_encode(resolution: int, batch: int, dtype: torch.dtype) -> dict:
+    """The whole SDXL VAE resident in `dtype`, encoding a batch at `resolution`
+    (training.encoding.encode_latents; the trainer's dtype is LATENT_VAE_DTYPE, fp32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    vae = meta_vae()
+    vae = meta_vae(dtype)
     with FakeTensorMode(), LiveBytes() as live:
         materialize_fake(vae)
         weights = live.current
         live.tag = "encode"
         with torch.no_grad():
-            latents = vae.encode(torch.randn(batch, 3, resolution, resolution, dtype=torch.bfloat16)).latent_dist.mode()
+            pixels = torch.randn(batch, 3, resolution, resolution, dtype=dtype)
+            latents = vae.encode(pixels).latent_dist.mode()
         del latents
     return {"weights": weights, "peak": live.peak, "transient": live.peak - weights}
 
@@ -245,6 +265,17 @@ def _decode_all(vae, latents: torch.Tensor, sliced: bool) -> None:
         del image
 
 
+def _cfg_step(unet, latents: torch.Tensor) -> None:
+    """One classifier-free-guidance denoising step (UNet batch 2 x latents) in the UNet's dtype,
+    the time ids too, as KolorsPipeline passes them."""
+    dtype, batch = unet.dtype, 2 * latents.shape[0]
+    pred = unet(torch.cat([latents] * 2), torch.tensor([999] * batch),
+                encoder_hidden_states=torch.randn(batch, 256, C.SIZES.text_width, dtype=dtype),
+                added_cond_kwargs={"text_embeds": torch.randn(batch, C.SIZES.text_width, dtype=dtype),
+                                   "time_ids": torch.randn(batch, 6, dtype=dtype)}).sample
+    del pred
+
+
 def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
     """A scene job's GPU phase in fp16: the UNet resident, one CFG denoising step of `images`
     latents (UNet batch 2 x images), then the upcast fp32 VAE decoding them (sliced or not)."""
@@ -253,18 +284,14 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
 
     unet = meta_module(lambda: UNet2DConditionModel(**C.SIZES.unet), torch.float16)
     vae = meta_module(lambda: AutoencoderKL(**C.SIZES.vae), torch.float32)
-    lat, batch = resolution // 8, 2 * images
+    lat = resolution // 8
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(unet)
         materialize_fake(vae)
         weights = live.current
         live.tag = "denoise"
         latents = torch.randn(images, 4, lat, lat, dtype=torch.float16)
-        pred = unet(torch.cat([latents] * 2), torch.tensor([999] * batch),
-                    encoder_hidden_states=torch.randn(batch, 256, C.SIZES.text_width, dtype=torch.float16),
-                    added_cond_kwargs={"text_embeds": torch.randn(batch, C.SIZES.text_width, dtype=torch.float16),
-                                       "time_ids": torch.randn(batch, 6, dtype=torch.float16)}).sample
-        del pred
+        _cfg_step(unet, latents)
         denoise_peak = live.peak
         live.tag = "decode"
         _decode_all(vae, latents, sliced)
@@ -272,15 +299,44 @@ def trace_generation(resolution: int, images: int, sliced: bool = True) -> dict:
             "peak": live.peak, "peak_during": live.peak_tag}
 
 
-def trace_scoring() -> dict:
-    """The challenge's predictor (CLIP ViT-L/14 + MLP, fp32) scoring one 224 px image."""
-    from aesthetics_predictor import AestheticsPredictorV2Linear
+def trace_validation(size: int, rank: int) -> dict:
+    """The training job's validation (train.validation.every steps): the training state stays (bf16
+    UNet, fp32 LoRA, AdamW moments; grads freed), the fp32 VAE and the scorer are resident through
+    the whole run (training.validation.Validator); one CFG step at `size` px, the fp32 decode of
+    its latent (Validator._decode), then scoring one image."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from kolors_story.models import random_aesthetic
+    from kolors_story.training.loop import LATENT_VAE_DTYPE
 
-    clip_config = getattr(random_aesthetic, C.SIZES.clip)()
-    model = meta_module(lambda: AestheticsPredictorV2Linear(clip_config), torch.float32)
+    unet, _, _ = meta_unet(rank)
+    vae, scorer = meta_vae(LATENT_VAE_DTYPE), meta_scorer()
+    lat = size // 8
+    with FakeTensorMode(), LiveBytes() as live:
+        weights = {}
+        for name, module in (("unet_and_lora", unet), ("vae_weights", vae), ("scorer_weights", scorer)):
+            before = live.current
+            materialize_fake(module)
+            weights[name] = live.current - before
+        add_adamw_moments(live, [p for p in unet.parameters() if p.requires_grad])
+        resident = live.current
+        unet.eval()
+        with torch.no_grad():
+            live.tag = "denoise"
+            latents = torch.randn(1, 4, lat, lat, dtype=torch.bfloat16)
+            _cfg_step(unet, latents)
+            live.tag = "decode"
+            _decode_all(vae, latents, sliced=True)
+            live.tag = "score"
+            out = scorer(pixel_values=torch.randn(1, 3, 224, 224))
+            del out
+    return {"size": size, "resident": resident, "peak": live.peak, "peak_during": live.peak_tag, **weights}
+
+
+def trace_scoring() -> dict:
+    """The challenge's predictor (CLIP ViT-L/14 + MLP, fp32) scoring one 224 px image."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = meta_scorer()
     with FakeTensorMode(), LiveBytes() as live, torch.no_grad():
         materialize_fake(model)
         weights = live.current
@@ -381,6 +437,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-self-check", dest="self_check", action="store_false",
                         help="skip checking the tracker on real vs fake tensors (tiny model, seconds)")
     parser.add_argument("--candidates", type=int, default=4, help="best-of-N of the traced scene")
+    parser.add_argument("--validation-size", type=int, default=512,
+                        help="train.validation.size of the traced validation (0: validation off)")
     parser.add_argument("--smoke", action="store_true",
                         help="every phase on the test models' tiny widths at 128 px, best-of-2, a 2-layer ChatGLM, "
                              "no cross-check or self-check (what make test runs: the code path, not the figures)")
@@ -388,6 +446,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.smoke:
         args.resolution, args.check_resolutions, args.self_check, args.candidates = 128, "", False, 2
+        args.validation_size = min(args.validation_size, 128)
         C.use_tiny_models()
     return args
 
@@ -419,24 +478,32 @@ def parameter_counts(args: argparse.Namespace) -> dict:
             "analytic_bytes": analytic}
 
 
-def trace_phases(args: argparse.Namespace, report: dict) -> tuple[dict, dict, dict, list[dict]]:
-    """2. The traces: a UNet LoRA step, ChatGLM encoding, VAE encoding, and smaller UNet steps for
-    the cross-check; stored in the report."""
+def trace_phases(args: argparse.Namespace, report: dict) -> dict:
+    """2. The traces: a UNet LoRA step, ChatGLM encoding, VAE encoding (the trainer's fp32, and bf16
+    for the baseline layout), validation, and smaller UNet steps for the cross-check; stored in
+    the report and returned by name."""
+    from kolors_story.training.loop import LATENT_VAE_DTYPE
+
     print("\ntracing (FakeTensorMode, no arithmetic; ~40 s per UNet step traced on 2 CPU cores, ~2.5 min in all)...", flush=True)
     unet = trace_unet_step(args.resolution, args.rank, args.batch)
     print(f"  UNet step at {args.resolution} px traced in {unet['trace_s']} s", flush=True)
     text = trace_text_encoding(2 if args.smoke else C.CHATGLM3_6B_LAYERS)  # smoke: the code path, not the size
-    vae_t = trace_vae_encode(args.resolution, args.batch)
+    vae_t = trace_vae_encode(args.resolution, args.batch, LATENT_VAE_DTYPE)
+    vae_bf16 = trace_vae_encode(args.resolution, args.batch, torch.bfloat16)
+    valid = trace_validation(args.validation_size, args.rank) if args.validation_size else None
     checks = []
     for r in [int(x) for x in args.check_resolutions.split(",") if x.strip()]:
         checks.append(trace_unet_step(r, args.rank, args.batch))
         print(f"  UNet step at {r} px traced in {checks[-1]['trace_s']} s", flush=True)
-    report["traces"] = {"unet_step": unet, "text_encoding": text, "vae_encode": vae_t, "unet_checks": checks}
-    return unet, text, vae_t, checks
+    report["traces"] = {"unet_step": unet, "text_encoding": text, "vae_encode": vae_t, "vae_encode_bf16": vae_bf16,
+                        "validation": valid, "unet_checks": checks}
+    return report["traces"]
 
 
-def training_phases(args: argparse.Namespace, unet: dict, text: dict, vae_t: dict, margin) -> dict:
-    """The trainer's phases with margins (text encoding, VAE encoding, the LoRA step), printed."""
+def training_phases(args: argparse.Namespace, traces: dict, margin) -> dict:
+    """The trainer's phases with margins (text encoding, VAE encoding, the LoRA step with what
+    validation keeps resident, validation itself), printed."""
+    unet, text, vae_t, valid = traces["unet_step"], traces["text_encoding"], traces["vae_encode"], traces["validation"]
     print(f"\nphase 3, UNet LoRA training step at {args.resolution} px (batch {args.batch}, rank {args.rank}, "
           "gradient checkpointing, bf16 autocast) - traced")
     line("UNet weights (bf16)", unet["unet_weights"])
@@ -446,23 +513,31 @@ def training_phases(args: argparse.Namespace, unet: dict, text: dict, vae_t: dic
          f"(peak during {unet['peak_during']})")
     line("  of which kept by the forward (checkpoints)", unet["forward_saved"])
     line("  of which LoRA grads (fp32, at most)", unet["lora_grads"])
-    line("tensor peak (~ torch.cuda.max_memory_allocated)", unet["peak"])
-    line(f"+ context {args.context_gib} GiB + {args.fragmentation:.0%} fragmentation", margin(unet["peak"]))
-    train_total = unet["peak"] + margin(unet["peak"])
-    line("= estimated GPU memory, training phase", train_total)
+    resident = valid["vae_weights"] + valid["scorer_weights"] if valid else 0
+    if valid:
+        line("+ validation's fp32 VAE and aesthetic scorer (resident)", resident)
+    step_peak = unet["peak"] + resident
+    line("tensor peak (~ torch.cuda.max_memory_allocated)", step_peak)
+    line(f"+ context {args.context_gib} GiB + {args.fragmentation:.0%} fragmentation", margin(step_peak))
+    phases = {"training": step_peak + margin(step_peak)}
+    line("= estimated GPU memory, training phase", phases["training"])
+    if valid:
+        line(f"validation at {valid['size']} px (CFG step, fp32 decode, scoring): tensor peak", valid["peak"],
+             f"(peak during {valid['peak_during']})")
+        phases["validation"] = valid["peak"] + margin(valid["peak"])
 
     print("\nphases before training (models freed in between)")
     line("1. ChatGLM3-6B encoding a caption: tensor peak", text["peak"],
          f"(weights {gib(text['weights']):.2f} GiB + {gib(text['transient']):.2f} GiB)")
-    line(f"2. SDXL VAE encoding {args.resolution} px: tensor peak", vae_t["peak"],
+    line(f"2. SDXL VAE (fp32) encoding {args.resolution} px: tensor peak", vae_t["peak"],
          f"(weights {gib(vae_t['weights']):.2f} GiB + {gib(vae_t['transient']):.2f} GiB)")
     return {"text_encoding": text["peak"] + margin(text["peak"]),
-            "vae_encoding": vae_t["peak"] + margin(vae_t["peak"]), "training": train_total}
+            "vae_encoding": vae_t["peak"] + margin(vae_t["peak"]), **phases}
 
 
 def baseline_layout(unet: dict, text: dict, vae_t: dict, margin) -> tuple[float, float]:
-    """DiffSynth-style: ChatGLM and VAE resident during the UNet step (encodes run before its
-    forward): (tensor peak, with margins), printed."""
+    """DiffSynth-style: ChatGLM and a bf16 VAE resident during the UNet step (encodes run before
+    its forward): (tensor peak, with margins), printed."""
     resident = text["weights"] + vae_t["weights"]
     base_peak = max(resident + unet["peak"],
                     resident + unet["unet_weights"] + unet["lora_params"] + unet["adamw_states"]
@@ -511,9 +586,10 @@ def main() -> None:
     if args.no_trace:
         write_report(args, report, start)
         return
-    unet, text, vae_t, checks = trace_phases(args, report)
+    traces = trace_phases(args, report)
+    unet, text, checks = traces["unet_step"], traces["text_encoding"], traces["unet_checks"]
     margin = lambda peak: peak * args.fragmentation + args.context_gib * C.GIB  # noqa: E731
-    phases = training_phases(args, unet, text, vae_t, margin)
+    phases = training_phases(args, traces, margin)
     worst = max(phases, key=phases.get)
     line(f"trainer peak = max over its phases ({worst}), with margins", phases[worst])
     generation, generation_peaks = generation_phases(args.resolution, args.candidates, margin)
@@ -521,7 +597,7 @@ def main() -> None:
     print(f"\ngeneration phases at {args.resolution} px, fp16 UNet, upcast fp32 VAE - traced")
     for name, value in generation_peaks.items():
         line(f"{name}: with margins", value)
-    base_peak, base_total = baseline_layout(unet, text, vae_t, margin)
+    base_peak, base_total = baseline_layout(unet, text, traces["vae_encode_bf16"], margin)
     area_cross_check(args, unet, checks, report)
 
     verdict = "UNDER" if gb(phases[worst]) < GOAL_GB else "OVER"
