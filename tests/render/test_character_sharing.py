@@ -209,6 +209,25 @@ def test_sharing_more_steps_than_recorded_is_refused(pipe, embeds):
     assert math.isclose(0.5, meta["recorded_steps"] / meta["steps"])
 
 
+def test_a_pipeline_with_sharing_on_is_freed_by_its_last_reference(tiny_kolors, embeds, anchor):
+    """The UNet's step hook holds the pipeline weakly: dropping the pipeline frees it and its UNet
+    at once, with no garbage collection (a strong hook made a cycle that kept both alive)."""
+    import gc
+    import weakref
+
+    fresh = load_pipeline(tiny_kolors, SETTINGS, CPU)
+    fresh.set_progress_bar_config(disable=True)
+    C.enable_sharing(fresh, [anchor[1]])
+    fresh(width=32, height=32, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+          output_type="latent", **embeds["scene"])  # the hooks ran
+    pipeline, unet = weakref.ref(fresh), weakref.ref(fresh.unet)
+    gc.disable()
+    try:
+        del fresh
+        assert pipeline() is None and unet() is None
+    finally:
+        gc.enable()
+
 
 def test_a_loaded_anchor_is_read_a_step_at_a_time_and_shares_the_same(pipe, embeds, anchor, tmp_path):
     """load_anchor maps the file and reads a step's tokens when sharing reaches it: nothing of the

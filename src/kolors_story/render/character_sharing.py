@@ -21,6 +21,13 @@ Step tracking: a forward pre-hook on the UNet reads the timestep the pipeline pa
 in the anchor's recorded timesteps. It needs no pipeline callback, is stateless across pipeline calls
 (one call per candidate or one batched call alike) and fails loudly when the scene's sampler/steps do
 not match the anchor's.
+
+torch.compile (generate.compile): the step logic stays out of the compiled UNet. The hooks run
+eagerly (torch.compiler.disable) and the processors read no step number, so the graph does not
+change from step to step: the recorder keeps every step's tokens and the hook after the UNet files
+the recorded steps' ones; a sharing processor only reads whether sharing is on (one recompile where
+it turns off) and this step's tokens, a tensor. The hooks hold the pipeline weakly: a strong
+reference from the UNet's hooks back to the pipeline would make a cycle that `del pipe` cannot free.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,25 +167,36 @@ class RecordingState:
     step: int | None = None
     cfg: bool = True
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)  # this UNet call's tokens per layer
+
+    def tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The conditional branch's subsampled attn1 input, whatever the step (no step number in
+        what torch.compile traces)."""
+        if hidden_states.shape[0] != (2 if self.cfg else 1):
+            raise ValueError("record_anchor renders exactly one image (batch [uncond, cond])")
+        cond = hidden_states[-1]  # KolorsPipeline: torch.cat([negative, positive])
+        if cond.ndim == 3:  # (C, H, W) -> tokens
+            cond = cond.flatten(1).transpose(0, 1)
+        return cond[token_index(cond.shape[0], self.latent_hw, self.max_tokens).to(cond.device)].detach()
+
+    def file_step(self) -> None:
+        """After a UNet call: its tokens become the features of its step when that step is recorded."""
+        if self.step is not None and self.step < self.n_steps:
+            for name, tokens in self.pending.items():
+                self.features[f"step{self.step}.{name}"] = tokens.to("cpu", torch.float16).contiguous()
+        self.pending.clear()
 
 
 class RecordingProcessor:
-    """Records the attn1 input of the conditional branch, then runs the original processor."""
+    """Keeps the attn1 input of the conditional branch, then runs the original processor."""
 
     def __init__(self, name: str, inner, state: RecordingState):
         self.name, self.inner, self.state = name, inner, state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
-        st = self.state
-        if st.step is not None and st.step < st.n_steps and encoder_hidden_states is None:
-            if hidden_states.shape[0] != (2 if st.cfg else 1):
-                raise ValueError("record_anchor renders exactly one image (batch [uncond, cond])")
-            cond = hidden_states[-1]  # KolorsPipeline: torch.cat([negative, positive])
-            if cond.ndim == 3:  # (C, H, W) -> tokens
-                cond = cond.flatten(1).transpose(0, 1)
-            idx = token_index(cond.shape[0], st.latent_hw, st.max_tokens).to(cond.device)
-            st.features[f"step{st.step}.{self.name}"] = cond[idx].detach().to("cpu", torch.float16).contiguous()
+        if encoder_hidden_states is None:
+            self.state.pending[self.name] = self.state.tokens(hidden_states)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
@@ -244,21 +263,27 @@ class SharingProcessor:
 # ------------------------------------------------------------------------------------------- API
 
 
-def _install(pipe, processors: dict, hook) -> None:
+def _install(pipe, processors: dict, before, after=None) -> None:
+    """The processors, and the step hooks around the UNet's forward, run eagerly under
+    torch.compile (their step logic would otherwise be traced, and retraced at every step)."""
     unet = pipe.unet
     original = dict(unet.attn_processors)
     unet.set_attn_processor({**original, **processors})
     unet._consistency_original = original
-    unet._consistency_hook = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    hooks = [unet.register_forward_pre_hook(torch.compiler.disable(before), with_kwargs=True)]
+    if after is not None:
+        hooks.append(unet.register_forward_hook(torch.compiler.disable(after)))
+    unet._consistency_hook = hooks
 
 
 def disable(pipe) -> None:
-    """Restore the UNet's original attention processors and remove the step hook (no-op if none)."""
+    """Restore the UNet's original attention processors and remove the step hooks (no-op if none)."""
     unet = pipe.unet
     original = getattr(unet, "_consistency_original", None)
     if original is None:
         return
-    unet._consistency_hook.remove()
+    for hook in unet._consistency_hook:
+        hook.remove()
     unet.set_attn_processor(original)
     unet._consistency_original = unet._consistency_hook = None
 
@@ -278,12 +303,13 @@ def record_anchor(pipe, prompt_embeds: dict, seed: int, width: int, height: int,
                            n_steps=n_steps(steps_fraction, steps))
     procs = pipe.unet.attn_processors
     recorders = {f"{n}{_PROC}": RecordingProcessor(n, procs[f"{n}{_PROC}"], state) for n in names}
+    pipeline = weakref.ref(pipe)
 
     def hook(module, args, kwargs):
-        state.step = _timestep_index(_timestep_arg(args, kwargs), pipe.scheduler.timesteps.tolist())
-        state.cfg = pipe.do_classifier_free_guidance
+        state.step = _timestep_index(_timestep_arg(args, kwargs), pipeline().scheduler.timesteps.tolist())
+        state.cfg = pipeline().do_classifier_free_guidance
 
-    _install(pipe, recorders, hook)
+    _install(pipe, recorders, hook, lambda module, args, output: state.file_step())
     try:
         image = pipe(width=width, height=height, num_inference_steps=steps, guidance_scale=guidance_scale,
                      generator=torch.Generator("cpu").manual_seed(seed), **prompt_embeds).images[0]
@@ -368,9 +394,10 @@ def enable_sharing(pipe, anchors: Sequence[Anchor], strength: float = 1.0,
     if missing:
         raise ValueError(f"the UNet has no layers {missing}")
     sharers = {f"{n}{_PROC}": SharingProcessor(n, procs[f"{n}{_PROC}"], state) for n in state.layers}
+    pipeline = weakref.ref(pipe)
 
     def hook(module, args, kwargs):
-        state.cfg = pipe.do_classifier_free_guidance
+        state.cfg = pipeline().do_classifier_free_guidance
         state.advance(_timestep_arg(args, kwargs), module.device, module.dtype)
 
     _install(pipe, sharers, hook)
