@@ -102,6 +102,20 @@ def test_a_generation_only_grid_plans_one_data_chain_and_one_training(demo):
     assert len({v.lora for v in plan.variants.values()}) == 1
 
 
+def test_the_compile_backend_keys_a_scene_only_while_compile_is_on(demo):
+    """generate.compile_backend came later: eager jobs keep the keys (the images) they had."""
+    plan = plan_jobs(variants_of(demo, [{"name": "plain"}, {"name": "other", "generate": {"compile_backend": "eager"}},
+                                        {"name": "aot", "generate": {"compile": True, "compile_backend": "aot_eager"}},
+                                        {"name": "inductor", "generate": {"compile": True}}]))
+    scenes = {name: jobs.scenes for name, jobs in plan.variants.items()}
+    assert scenes["plain"] == scenes["other"]
+    assert all("compile_backend" not in plan.scenes[k]["sampler"] for k in scenes["plain"].values())
+    assert len({tuple(s.values()) for s in scenes.values()}) == 3
+    assert {plan.scenes[scenes["aot"]["s1_class"]]["sampler"]["compile_backend"],
+            plan.scenes[scenes["inductor"]["s1_class"]]["sampler"]["compile_backend"]} == {"aot_eager", "inductor"}
+    assert len({jobs.lora for jobs in plan.variants.values()}) == 1
+
+
 def test_a_rank_grid_plans_three_trainings_on_one_filter(demo):
     plan = plan_jobs(variants_of(demo, [{"grid": {"train.rank": [8, 16, 32]}}]))
     assert (len(plan.downloads), len(plan.filters), len(plan.trainings)) == (1, 1, 3)

@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet (generate.compile)")
+    parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                        help="generate.compile_backend (aot_eager: a cheap compile, e.g. with --device cpu)")
     parser.add_argument("--estimates", type=Path, default=ESTIMATES)
     return parser.parse_args(argv)
 
@@ -332,13 +334,14 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
     from kolors_story.render.scenes import SamplerSettings, candidate_seeds, render, score_candidates, warm_up
 
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
-                               precision=args.precision, candidates=args.candidates, compile=args.compile)
+                               precision=args.precision, candidates=args.candidates, compile=args.compile,
+                               compile_backend=args.compile_backend)
     pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings, store)
     with phases.measure("scene_lora_fuse"):
         pipe.fuse_lora(components=["unet"], adapter_names=["style"])
     if args.compile:
         with phases.measure("scene_compile_and_warm_up"):
-            warm_up(pipe, scene, embeds)
+            warm_up(pipe, scene, settings, embeds, candidate_seeds(scene.seed, settings.candidates))
     seeds = candidate_seeds(scene.seed, settings.candidates)
     timer = DecodeTimer(pipe.vae, phases.device)
     with phases.measure("scene_render") as record:
@@ -362,15 +365,10 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
 
 @contextlib.contextmanager
 def eager_unet(pipe) -> Iterator[None]:
-    """pipe.unet as the eager module inside: a round-trip render must not trigger another
-    torch.compile (the timed warm-up compiles the fused UNet once), and diffusers' adapter calls
-    (set_adapters, fuse_lora) act on a ModelMixin only."""
-    compiled = pipe.unet
-    pipe.unet = getattr(compiled, "_orig_mod", compiled)
-    try:
+    """The UNet runs eagerly inside: a round-trip render must not trigger another torch.compile
+    (the timed warm-up compiles the fused UNet once)."""
+    with torch.compiler.set_stance("force_eager"):  # scenes.compile_unet compiles in place
         yield
-    finally:
-        pipe.unet = compiled
 
 
 def _float_image(pipe, scene, settings, embeds) -> torch.Tensor:
@@ -413,7 +411,8 @@ def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Pat
     from kolors_story.render.scenes import Consistency, RenderInputs, SamplerSettings, Scene, render_anchor, render_scene
 
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
-                               precision=args.precision, candidates=1, compile=args.compile)
+                               precision=args.precision, candidates=1, compile=args.compile,
+                               compile_backend=args.compile_backend)
     consistency = Consistency()
     size = dict(width=args.resolution, height=args.resolution)
     anchor = args.work / "anchors" / "girl.safetensors"

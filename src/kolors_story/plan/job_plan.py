@@ -54,7 +54,10 @@ class JobPlan:
 
 
 def sampler_settings(config: dict) -> dict:
-    return {k: v for k, v in config["generate"].items() if k not in NOT_SAMPLER}
+    """The generate keys a scene or anchor job renders by. compile_backend only with compile on:
+    it came later, and an eager job's key (its images) must not change with it."""
+    gen = config["generate"]
+    return {k: v for k, v in gen.items() if k not in NOT_SAMPLER and (k != "compile_backend" or gen["compile"])}
 
 
 def consistency_settings(config: dict) -> dict:

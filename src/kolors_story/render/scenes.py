@@ -8,6 +8,7 @@ the challenge's aesthetic predictor and keeps the best as the panel.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ class SamplerSettings:
     candidates: int = 1
     batch_candidates: bool = True
     compile: bool = False  # torch.compile the UNet (first call pays the compile, logged apart)
+    compile_backend: str = "inductor"  # torch.compile's backend; aot_eager/eager: cheap, for tests
 
 
 @dataclass(frozen=True)
@@ -120,16 +122,23 @@ def load_pipeline(model: Path | KolorsFolder, settings: SamplerSettings, device:
 
 def move_to_device(pipe, device: torch.device, settings: SamplerSettings) -> None:
     """The pipeline to its device, with the GPU's fast paths: TF32 for the fp32 matmuls and
-    convolutions (the upcast VAE, the scorer), channels_last UNet and VAE, and torch.compile of the
-    UNet when generate.compile asks. The CPU path stays the stock one (bitwise the recipe)."""
+    convolutions (the upcast VAE, the scorer), channels_last UNet and VAE. The CPU path stays the
+    stock one (bitwise the recipe). torch.compile comes last (compile_unet), once the LoRA and the
+    attention processors are in."""
     pipe.to(device)
     if device.type != "cuda":
         return
     devices.enable_tf32(device)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
-    if settings.compile:
-        pipe.unet = torch.compile(pipe.unet)
+
+
+def compile_unet(pipe, settings: SamplerSettings) -> None:
+    """torch.compile the UNet in place (generate.compile_backend), on any device. In place, not
+    wrapped: pipe.unet stays the ModelMixin that diffusers' set_adapters/fuse_lora look for (a
+    wrapped UNet is skipped, and its adapters seem absent). Dynamo traces at the first call, so the
+    graph holds whatever LoRA and attention processors are installed by then."""
+    pipe.unet.compile(backend=settings.compile_backend)
 
 
 def load_style_lora(pipe, lora_file: Path, scale: float, fuse: bool = False) -> None:
@@ -145,16 +154,24 @@ def load_style_lora(pipe, lora_file: Path, scale: float, fuse: bool = False) -> 
         pipe.fuse_lora(components=["unet"], adapter_names=[ADAPTER])
 
 
-def warm_up(pipe, scene: "Scene", embeds: dict) -> float:
-    """Seconds of one 1-step call at the scene's size: with a compiled UNet, the compile itself,
-    paid before the timed candidates and logged apart from them."""
+def warm_up(pipe, scene: "Scene", settings: SamplerSettings, embeds: dict | None, seeds: list[int]) -> float:
+    """Compile the UNet and run the first denoising step of the first candidate batch exactly as
+    render() calls it (the CFG batch of 2N, the sampler's first timestep, which an anchor recorded):
+    the compile is paid here, logged apart, and the candidates reuse its graph. Returns seconds."""
     import time
 
+    compile_unet(pipe, settings)
+
+    def stop_after_first_step(pipeline, step: int, timestep, kwargs: dict) -> dict:
+        pipeline._interrupt = True  # KolorsPipeline skips the remaining steps, then returns
+        return kwargs
+
     start = time.perf_counter()
-    pipe(width=scene.width, height=scene.height, num_inference_steps=1, guidance_scale=1.0,
-         generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **embeds)
+    pipe(**call_arguments(scene, settings, candidate_batches(settings, seeds)[0], embeds),
+         callback_on_step_end=stop_after_first_step, output_type="latent")
     seconds = time.perf_counter() - start
-    log.info("torch.compile of the UNet + warm-up at %dx%d: %.1f s", scene.width, scene.height, seconds)
+    log.info("torch.compile of the UNet (%s) + first step at %dx%d: %.1f s", settings.compile_backend, scene.width,
+             scene.height, seconds)
     return seconds
 
 
@@ -187,23 +204,28 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
     return [seed + k * SEED_STRIDE for k in range(n)]
 
 
+def call_arguments(scene: Scene, settings: SamplerSettings, seeds: list[int], embeds: dict | None) -> dict:
+    """The pipeline's arguments for one call that renders `seeds` as one batch (CPU generators:
+    a seed gives the same initial noise on any device)."""
+    common = dict(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance_scale)
+    generator = ([torch.Generator("cpu").manual_seed(s) for s in seeds] if len(seeds) > 1
+                 else torch.Generator("cpu").manual_seed(seeds[0]))
+    if embeds is None:
+        return dict(prompt=scene.prompt, negative_prompt=scene.negative_prompt or None,
+                    num_images_per_prompt=len(seeds), generator=generator, **common)
+    # Pre-computed embeddings: repeat them to the batch (the pipeline does not for pooled ones).
+    batch = {k: v.repeat_interleave(len(seeds), dim=0) for k, v in embeds.items()} if len(seeds) > 1 else embeds
+    return dict(generator=generator, **batch, **common)
+
+
 def render(pipe, scene: Scene, settings: SamplerSettings, seeds: list[int] | None = None,
            embeds: dict | None = None) -> list[Image.Image]:
     """Images for the given seeds (default: the scene seed), as one UNet batch when
-    batch_candidates is set, else one call per seed. Seeds drive CPU generators, so a seed gives
-    the same initial noise on any device."""
+    batch_candidates is set, else one call per seed."""
     seeds = seeds or [scene.seed]
-    prompt = {"prompt": scene.prompt, "negative_prompt": scene.negative_prompt or None} if embeds is None else embeds
-    common = dict(width=scene.width, height=scene.height, num_inference_steps=settings.steps,
-                  guidance_scale=settings.guidance_scale, **prompt)
-    if settings.batch_candidates and len(seeds) > 1:
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        if embeds is None:
-            return pipe(num_images_per_prompt=len(seeds), generator=generators, **common).images
-        # Pre-computed embeddings: repeat them to the batch (the pipeline does not for pooled ones).
-        common.update({k: v.repeat_interleave(len(seeds), dim=0) for k, v in embeds.items()})
-        return pipe(generator=generators, **common).images
-    return [pipe(generator=torch.Generator("cpu").manual_seed(s), **common).images[0] for s in seeds]
+    return [image for batch in candidate_batches(settings, seeds)
+            for image in pipe(**call_arguments(scene, settings, batch, embeds)).images]
 
 
 def candidate_batches(settings: SamplerSettings, seeds: list[int]) -> list[list[int]]:
@@ -252,12 +274,14 @@ def render_scene(
     load_style_lora(pipe, inputs.lora_file, scales[0], fuse=fused)
     consistency = (consistency or Consistency()) if anchors else None
     sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
-    if settings.compile:
-        warm_up(pipe, scene, embeds[0])
+    if settings.compile:  # the last change to the UNet: LoRA and processors are in
+        warm_up(pipe, scene, settings, embeds[0], candidate_seeds(scene.seed, settings.candidates))
     images, drawn = render_candidates(pipe, scene, settings, scales, embeds, fused)
     compare = bool(sharing and consistency.compare and candidates_dir is not None)
     if not compare:
-        del pipe  # frees the UNet before the predictor loads
+        del pipe  # frees the UNet before the predictor loads (sharing's hooks hold the pipeline weakly)
+        if settings.compile:
+            gc.collect()  # Module.compile's compiled call refers back to the UNet: a cycle
     weight = sharing.selection_weight if sharing else 0.0
     chosen, candidates = choose_candidate(images, drawn, aesthetic_dir if scored else None, device,
                                           anchors if weight else [], weight, candidates_dir)
@@ -376,6 +400,8 @@ def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings,
     move_to_device(pipe, device, settings)
     scale = lora_scales(settings)[0]
     load_style_lora(pipe, inputs.lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
+    if settings.compile:  # traced at the first step, with record_anchor's processors in
+        compile_unet(pipe, settings)
     image, features, meta = record_anchor(
         pipe, embeds, scene.seed, scene.width, scene.height, settings.steps, settings.guidance_scale,
         max_tokens=consistency.max_tokens, steps_fraction=consistency.steps_fraction)
@@ -411,5 +437,5 @@ def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, devi
     return [s for s, _ in scored], similarity
 
 
-__all__ = ["SamplerSettings", "Scene", "candidate_seeds", "load_pipeline", "load_style_lora", "move_to_device",
-           "render", "render_scene"]
+__all__ = ["SamplerSettings", "Scene", "candidate_seeds", "compile_unet", "load_pipeline", "load_style_lora",
+           "move_to_device", "render", "render_scene", "warm_up"]
