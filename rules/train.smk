@@ -32,10 +32,6 @@ rule import_lora:
 TRAIN_MEM_MB = {"base": 16000, "per_process": 8000}
 
 
-def train_mem_mb(wildcards):
-    return TRAIN_MEM_MB["base"] + TRAIN_MEM_MB["per_process"] * PLAN.trainings[wildcards.key]["processes"]
-
-
 rule train_lora:
     input:
         unpack(train_inputs),
@@ -49,7 +45,7 @@ rule train_lora:
     threads: ALL_CORES
     resources:
         gpu=lambda wc: PLAN.trainings[wc.key]["processes"],
-        mem_mb=train_mem_mb,
+        mem_mb=lambda wc: TRAIN_MEM_MB["base"] + TRAIN_MEM_MB["per_process"] * PLAN.trainings[wc.key]["processes"],
     log:
         f"{SHARED}/logs/train_lora/{{key}}.log",
     benchmark:
