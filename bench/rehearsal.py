@@ -11,8 +11,11 @@ with validation, a few steps at 256 px), and runs the workflow's DAG with `--res
 Every job's wall time and peak memory are then tabled beside the weights that job must hold:
 Snakemake's benchmark `max_rss` (polled) and the job's own high-water mark (the rule log's
 "peak RSS" line, kolors_story.host.rule_runner). A job whose peak exceeds its weights + 3 GiB
-fails the rehearsal. The precision is bf16 where the CPU computes it natively and fp32 elsewhere
-(kolors_story.models.devices), printed; the table says which ran.
+fails the rehearsal. Precisions (printed, and in the table's title): bf16 everywhere where the
+CPU computes it natively (kolors_story.models.devices); elsewhere fp32, except ChatGLM in bf16 when
+its 25 GB in fp32 do not fit RAM + swap (models.text_encoder_precision: its nn.Linear layers run
+bf16 at about a fifth of fp32's speed on an AVX2 CPU, unlike plain bf16 matmuls; fp32 ChatGLM on a
+24 GB machine with swap encoded no text in 12 minutes).
 
 Writes --out (JSON) and the same table as Markdown beside it.
 """
@@ -61,19 +64,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "reference" / "rehearsal.json")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 where the CPU computes it natively, else fp32")
+                        help="auto: bf16 where the CPU computes it natively, else fp32 (ChatGLM bf16 if it must)")
     return parser.parse_args(argv)
 
 
-def pick_precision(asked: str) -> tuple[str, str]:
-    """The precision every model runs in, and why; a forced bf16 on a CPU without it is honored."""
+Precisions = dict[str, str]  # "text_encoder", "train", "generate" -> fp32 | bf16
+
+
+def pick_precisions(asked: str, params: dict[str, int]) -> tuple[Precisions, str]:
+    """Each model's precision, and why (a bf16 on a CPU without it is forced through KOLORS_CPU_BF16)."""
     from kolors_story.models.devices import cpu_has_native_bf16
 
-    native = cpu_has_native_bf16()
-    if asked == "auto":
-        asked = "bf16" if native else "fp32"
-        return asked, "this CPU computes bf16 natively" if native else "this CPU has no native bf16"
-    return asked, "asked for" + ("" if native or asked == "fp32" else " (no native bf16: slow)")
+    if asked != "auto":
+        return dict.fromkeys(("text_encoder", "train", "generate"), asked), "asked for"
+    if cpu_has_native_bf16():
+        return dict.fromkeys(("text_encoder", "train", "generate"), "bf16"), "this CPU computes bf16 natively"
+    chosen = dict.fromkeys(("text_encoder", "train", "generate"), "fp32")
+    if weights_gib("encode_texts", params, chosen) + 1.0 > memory_gib(swap=False):  # swap would thrash
+        chosen["text_encoder"] = "bf16"
+        return chosen, "no native bf16: fp32, but ChatGLM in bf16 (its fp32 weights do not fit in RAM)"
+    return chosen, "this CPU has no native bf16"
 
 
 def build_models(models: Path, smoke: bool) -> tuple[Path, Path]:
@@ -109,7 +119,7 @@ def write_style_folder(folder: Path, size: int) -> Path:
     return folder
 
 
-def rehearsal_config(kolors: Path, aesthetic: Path, style: Path, precision: str, size: int) -> dict:
+def rehearsal_config(kolors: Path, aesthetic: Path, style: Path, precision: Precisions, size: int) -> dict:
     """Merged over config.yaml: every rule of the default run, a few steps, at `size` px."""
     sampling = {"steps": 2, "width": size, "height": size}
     return {
@@ -117,11 +127,11 @@ def rehearsal_config(kolors: Path, aesthetic: Path, style: Path, precision: str,
         "dataset": {"source": "local", "path": str(style), "default_caption": "水墨画"},
         "filter": {"ops": [{"image_shape_filter": {"min_width": size, "min_height": size}},
                            {"image_deduplicator": {"method": "phash"}}]},
-        "models": {"kolors": str(kolors), "aesthetic": str(aesthetic), "text_encoder_precision": precision},
-        "train": {"steps": 2, "resolution": size, "precision": precision, "checkpoint_every": 1,
+        "models": {"kolors": str(kolors), "aesthetic": str(aesthetic), "text_encoder_precision": precision["text_encoder"]},
+        "train": {"steps": 2, "resolution": size, "precision": precision["train"], "checkpoint_every": 1,
                   "validation": {"every": 2, "size": size, "steps": 2,
                                  "prompts": [{"prompt": "水墨画，一个少女站在山顶", "seed": 0}]}},
-        "generate": {**sampling, "precision": precision, "candidates": 2,
+        "generate": {**sampling, "precision": precision["generate"], "candidates": 2,
                      "consistency": {"enabled": True, "compare": False}},
         "story": {"title": "山中少女", "style": "水墨画", "characters": {"girl": "一个穿红色汉服的少女"},
                   "scenes": [{"id": "s1", "characters": ["girl"], "action": "站在山顶", "setting": "云海"},
@@ -179,13 +189,13 @@ def model_bytes(kolors: Path, aesthetic: Path) -> dict[str, int]:
     return counts
 
 
-def weights_gib(rule: str, params: dict[str, int], precision: str) -> float:
+def weights_gib(rule: str, params: dict[str, int], precision: Precisions) -> float:
     element = {"bf16": 2, "fp32": 4}
     held = JOB_WEIGHTS.get(rule, ())
-    return sum(params[part] * (4 if key == "fp32" else element[precision]) for part, key in held) / GIB
+    return sum(params[part] * (4 if key == "fp32" else element[precision[key]]) for part, key in held) / GIB
 
 
-def read_jobs(results: Path, params: dict[str, int], precision: str) -> list[JobRow]:
+def read_jobs(results: Path, params: dict[str, int], precision: Precisions) -> list[JobRow]:
     """A row per benchmark file (every job that ran), with the peak from the job's log beside it."""
     rows = []
     for bench in sorted(results.rglob("benchmarks/**/*.tsv")):
@@ -218,7 +228,8 @@ def peak_from_log(log_file: Path) -> float | None:
 
 
 def markdown(report: dict) -> str:
-    head = (f"# Rehearsal ({report['size']} size, {report['precision']}: {report['precision_reason']})\n\n"
+    precision = ", ".join(f"{k} {v}" for k, v in report["precision"].items())
+    head = (f"# Rehearsal ({report['size']} size; {precision}: {report['precision_reason']})\n\n"
             f"{report['cpu']}, {report['cores']} cores; snakemake {report['workflow_seconds']:.0f} s, "
             f"models {'reused' if report['models_reused'] else 'built'}.\n\n"
             "| job | s | max_rss (Snakemake) GiB | peak RSS (job) GiB | weights GiB | limit GiB | ok |\n"
@@ -229,15 +240,20 @@ def markdown(report: dict) -> str:
     return head + rows
 
 
-def check_memory(params: dict[str, int], precision: str) -> None:
-    """Refuse before the DAG starts where the largest job's weights cannot fit in RAM + swap (fp32
-    ChatGLM alone is 25 GB: a 24 GB machine without native bf16 needs swap for encode_texts)."""
+def memory_gib(swap: bool = True) -> float:
+    """RAM (+ swap)."""
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    total = (int(meminfo["MemTotal"].split()[0]) + int(meminfo["SwapTotal"].split()[0])) / 2**20
+    kib = int(meminfo["MemTotal"].split()[0]) + (int(meminfo["SwapTotal"].split()[0]) if swap else 0)
+    return kib / 2**20
+
+
+def check_memory(params: dict[str, int], precision: Precisions) -> None:
+    """Refuse before the DAG starts where the largest job's weights cannot fit in RAM + swap."""
+    total = memory_gib()
     largest = max(JOB_WEIGHTS, key=lambda rule: weights_gib(rule, params, precision))
     need = weights_gib(largest, params, precision) + 1.0
     if need > total:
-        raise SystemExit(f"rehearsal: {largest} holds {need - 1:.1f} GiB of weights in {precision}, more than this "
+        raise SystemExit(f"rehearsal: {largest} holds {need - 1:.1f} GiB of weights ({precision}), more than this "
                          f"machine's RAM + swap ({total:.1f} GiB). Add swap (as root: fallocate -l 16G /swapfile; "
                          "chmod 600 /swapfile; mkswap /swapfile; swapon /swapfile) or run on a CPU with native bf16.")
 
@@ -251,18 +267,18 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    precision, reason = pick_precision(args.precision)
     size = 64 if args.smoke else 256
-    print(f"rehearsal: {'tiny' if args.smoke else 'full'} size, {precision} ({reason}), {size} px", flush=True)
     models = args.work / ("models-tiny" if args.smoke else "models-full")
     reused = (models / "kolors" / BUILT).is_file()
     kolors, aesthetic = build_models(models, args.smoke)
+    params = model_bytes(kolors, aesthetic)
+    precision, reason = pick_precisions(args.precision, params)
+    print(f"rehearsal: {'tiny' if args.smoke else 'full'} size, {precision} ({reason}), {size} px", flush=True)
+    check_memory(params, precision)
     style = write_style_folder(args.work / "style", size)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if precision == "bf16":
-        env["KOLORS_CPU_BF16"] = "1"  # honored even without native bf16 when asked for
-    params = model_bytes(kolors, aesthetic)
-    check_memory(params, precision)
+    if "bf16" in precision.values():
+        env["KOLORS_CPU_BF16"] = "1"  # honored even without native bf16 where chosen or asked for
     flow = args.work / "flow"
     seconds = run_workflow(flow, rehearsal_config(kolors, aesthetic, style, precision, size), args.cores, env)
     jobs = read_jobs(flow / "results", params, precision)

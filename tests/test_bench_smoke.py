@@ -56,5 +56,5 @@ def test_rehearsal_runs_every_rule_of_a_default_run_through_snakemake(tmp_path):
     with open(train_log, "a", encoding="utf-8") as f:
         f.write(f"x INFO train_lora: {rehearsal.PEAK_RSS} 9.500 GiB (largest child process 0.000 GiB)\n")
     params = rehearsal.model_bytes(tmp_path / "models-tiny" / "kolors", tmp_path / "models-tiny" / "aesthetic")
-    rows = {r.job.split("/")[0]: r for r in rehearsal.read_jobs(tmp_path / "flow" / "results", params, "fp32")}
+    rows = {r.job.split("/")[0]: r for r in rehearsal.read_jobs(tmp_path / "flow" / "results", params, report["precision"])}
     assert not rows["train_lora"].ok and rows["train_lora"].peak_rss_gib == 9.5 and rows["encode_texts"].ok
