@@ -28,7 +28,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 DEMO_CONFIG := demo/config.yaml demo/sweep.yaml
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --configfile $(DEMO_CONFIG)
-	@echo "Demo outputs: results/demo/, results/demo-scale0.5/, results/demo-outline/ and results/demo-captions/ (story.png,"
+	@echo "Demo outputs: results/demo/, results/demo-scale0.5/, results/demo-outline/, results/demo-captions/ and"
+	@echo "results/demo-compile/ (the first scene through a torch.compile'd UNet) (story.png,"
 	@echo "scenes/, scores.json, bundle/, manifest.json; prompts.yaml: the outline's scene prompts, written by the tiny local"
 	@echo "Qwen; data/captions.html: the captions the tiny BLIP wrote through Data-Juicer),"
 	@echo "ranked in results/leaderboard.csv and .png; the report: $(BIN)/snakemake --report report.html --configfile $(DEMO_CONFIG)"
@@ -62,9 +63,10 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml
 
 clean-demo:
-	rm -rf results/demo results/demo-scale0.5 results/demo-outline results/demo-captions results/shared results/leaderboard.* \
+	rm -rf results/demo results/demo-scale0.5 results/demo-outline results/demo-captions results/demo-compile \
+	  results/shared results/leaderboard.* \
 	  resources/tiny resources/demo resources/cache/llm resources/cache/captions results/.seals/demo \
-	  results/.seals/demo-scale0.5 results/.seals/demo-outline results/.seals/demo-captions \
+	  results/.seals/demo-scale0.5 results/.seals/demo-outline results/.seals/demo-captions results/.seals/demo-compile \
 	  results/.seals/shared results/.seals/leaderboard.* resources/.seals
 
 # The real code path at full size on one CUDA GPU, no download (docs/gpu-host.md, "Checking a GPU host").

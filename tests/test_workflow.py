@@ -28,7 +28,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]
 DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs
 SCENES = ["s1_class", "s2_sleepy", "s3_dream", "s4_prince", "s5_talk", "s6_ride", "s7_awake", "s8_study"]
-DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline", "demo-captions")  # demo/sweep.yaml
+DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline", "demo-captions", "demo-compile")  # demo/sweep.yaml
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -405,13 +405,13 @@ def test_run_exports_a_diffsynth_lora_that_imports_back_as_the_same_lora(demo_ru
 
 # ---------------------------------------------------------------- sweeps
 def test_the_demo_sweep_shares_one_data_chain_and_one_training(demo_run):
-    """demo, demo-scale0.5 and demo-outline differ after training: one filter, one LoRA. The
-    captioned variant shares the filter and trains on its own captions."""
+    """demo, demo-scale0.5, demo-outline and demo-compile differ after training: one filter, one
+    LoRA. The captioned variant shares the filter and trains on its own captions."""
     manifests = {v: json.loads((demo_run / f"results/{v}/manifest.json").read_text(encoding="utf-8"))
                  for v in DEMO_VARIANTS}
     jobs = {v: m["jobs"] for v, m in manifests.items()}
     assert len({j["filter"] for j in jobs.values()}) == 1
-    assert len({jobs[v]["lora"] for v in ("demo", "demo-scale0.5", "demo-outline")}) == 1
+    assert len({jobs[v]["lora"] for v in ("demo", "demo-scale0.5", "demo-outline", "demo-compile")}) == 1
     assert jobs["demo-captions"]["lora"] != jobs["demo"]["lora"] and jobs["demo-captions"]["captions"]
     assert "captions" not in jobs["demo"]  # caption.backend none: the job plan of before
     assert set(jobs["demo"]["scenes"].values()).isdisjoint(jobs["demo-scale0.5"]["scenes"].values())
@@ -419,6 +419,22 @@ def test_the_demo_sweep_shares_one_data_chain_and_one_training(demo_run):
     assert (demo_run / "results/demo/lora/pytorch_lora_weights.safetensors").read_bytes() == \
         (demo_run / "results/demo-scale0.5/lora/pytorch_lora_weights.safetensors").read_bytes()
     assert manifests["demo-scale0.5"]["config"]["generate"]["lora_scale"] == 0.5
+
+
+def test_the_compiled_variant_renders_the_demo_panels(demo_run):
+    """demo-compile: the demo's first scene, its LoRA and anchor recipe, the UNet of the anchor and
+    scene jobs through torch.compile (aot_eager): the demo's eager panel, within one uint8 level per
+    pixel (tests/render/test_compile.py's tolerance), from jobs of its own."""
+    jobs = {v: json.loads((demo_run / f"results/{v}/manifest.json").read_text(encoding="utf-8"))["jobs"]
+            for v in ("demo", "demo-compile")}
+    assert set(jobs["demo-compile"]["scenes"]) == {"s1_class"}
+    assert jobs["demo-compile"]["scenes"]["s1_class"] != jobs["demo"]["scenes"]["s1_class"]
+    assert jobs["demo-compile"]["anchors"]["girl"] != jobs["demo"]["anchors"]["girl"]
+    compiled, eager = (np.asarray(Image.open(demo_run / f"results/{v}/scenes/s1_class.png")).astype(int)
+                       for v in ("demo-compile", "demo"))
+    assert compiled.shape == eager.shape and np.abs(compiled - eager).max() <= 1
+    logs = list((demo_run / "results/shared/logs/generate_scene").rglob("*.log"))
+    assert any("torch.compile of the UNet (aot_eager)" in log.read_text(encoding="utf-8") for log in logs)
 
 
 def test_leaderboard_ranks_every_variant_by_its_scores(demo_run):
@@ -430,10 +446,10 @@ def test_leaderboard_ranks_every_variant_by_its_scores(demo_run):
              for v in DEMO_VARIANTS}
     assert [r["variant"] for r in rows] == sorted(means, key=lambda v: -means[v])
     assert [float(r["mean_score"]) for r in rows] == sorted(means.values(), reverse=True)
-    assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
-    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
-    assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {"demo": "1.0", "demo-scale0.5": "0.5",
-                                                                       "demo-outline": "1.0", "demo-captions": "1.0"}
+    assert [r["best"] for r in rows] == ["True"] + ["False"] * 4
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert {r["variant"]: r["generate.lora_scale"] for r in rows} == {
+        "demo": "1.0", "demo-scale0.5": "0.5", "demo-outline": "1.0", "demo-captions": "1.0", "demo-compile": "1.0"}
     assert all(r["passes"] == str(float(r["mean_score"]) >= 6.0) for r in rows)
     from PIL import Image
 
