@@ -76,7 +76,7 @@ def release(device: torch.device) -> None:
 
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The text encoder's dtype for `models.text_encoder_precision` on `device` (as every model
-    here: models.devices.runtime_dtype; bf16 on a CPU only where it is native)."""
+    here: devices.runtime_dtype; bf16 on a CPU only where it is native)."""
     from kolors_story.models.devices import runtime_dtype
 
     return runtime_dtype(precision, device)

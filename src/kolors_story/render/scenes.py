@@ -99,7 +99,7 @@ def make_scheduler(name: str, base_config: dict):
 
 
 def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dtype:
-    """generate.precision as this device runs it (models.devices.runtime_dtype: bf16 on a CPU only
+    """generate.precision as this device runs it (devices.runtime_dtype: bf16 on a CPU only
     where it is native, fp16 on a CPU as fp32)."""
     return devices.runtime_dtype(settings.precision, device)
 
