@@ -9,9 +9,11 @@ and a full-size aesthetic predictor, writes a 4-image style folder and a config 
 config.yaml (a 2-scene story with one character anchor and consistency on, best-of-2, training
 with validation, a few steps at 256 px), and runs the workflow's DAG with `--resources gpu=1`.
 Every job's wall time and peak memory are then tabled beside the weights that job must hold:
-Snakemake's benchmark `max_rss` (polled) and the job's own high-water mark (the rule log's
-"peak RSS" line, kolors_story.host.rule_runner). A job whose peak exceeds its weights + 3 GiB
-fails the rehearsal. Precisions (printed, and in the table's title): bf16 everywhere where the
+Snakemake's benchmark `max_rss` (polled every 30 s), the job's resident high-water mark and its
+sampled peak of anonymous memory (the rule log's "peak RSS" and "peak anonymous memory" lines,
+kolors_story.host.rule_runner). A job whose anonymous peak exceeds its weights + 3 GiB fails the
+rehearsal; the resident mark also counts the memory-mapped weight files a model is read from
+(clean pages the kernel drops under pressure), so loading fp16 files into fp32 peaks at both. Precisions (printed, and in the table's title): bf16 everywhere where the
 CPU computes it natively (kolors_story.models.devices); elsewhere fp32, except ChatGLM in bf16 when
 its 25 GB in fp32 do not fit RAM + swap (models.text_encoder_precision: its nn.Linear layers run
 bf16 at about a fifth of fp32's speed on an AVX2 CPU, unlike plain bf16 matmuls; fp32 ChatGLM on a
@@ -38,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-from kolors_story.host.rule_runner import PEAK_RSS  # noqa: E402  (the job logs' "peak RSS" line)
+from kolors_story.host.rule_runner import PEAK_ANONYMOUS, PEAK_RSS  # noqa: E402  (the job logs' lines)
 
 GIB = 2**30
 HEADROOM_GIB = 3.0  # what a job may hold beyond its weights (activations, allocator, imports)
@@ -166,7 +168,8 @@ class JobRow:
     job: str  # rule/wildcards, from the benchmark file's path
     seconds: float
     snakemake_max_rss_gib: float | None  # Snakemake's polled figure (NA for very short jobs)
-    peak_rss_gib: float | None  # the job's own high-water mark (its log)
+    peak_rss_gib: float | None  # the job's resident high-water mark, mapped files included (its log)
+    peak_anonymous_gib: float | None  # what the job held itself, sampled (its log): the verdict's figure
     weights_gib: float
     limit_gib: float
     ok: bool
@@ -207,22 +210,22 @@ def read_jobs(results: Path, params: dict[str, int], precision: Precisions) -> l
         log_file = results / Path(*rel.parts[:rel.parts.index("benchmarks")]) / "logs" / Path(*parts).with_suffix(".log")
         weights = weights_gib(rule, params, precision)
         polled = None if record["max_rss"] in ("NA", "") else float(record["max_rss"]) / 1024
-        peak = peak_from_log(log_file)
-        worst = max(v for v in (polled, peak, 0.0) if v is not None)
+        peak, anonymous = peak_from_log(log_file, PEAK_RSS), peak_from_log(log_file, PEAK_ANONYMOUS)
+        held = anonymous if anonymous is not None else max(v for v in (polled, peak, 0.0) if v is not None)
         rows.append(JobRow("/".join(parts).removesuffix(".tsv"), round(float(record["s"]), 1),
-                           polled and round(polled, 2), peak and round(peak, 2), round(weights, 2),
-                           round(weights + HEADROOM_GIB, 2), worst <= weights + HEADROOM_GIB))
+                           polled and round(polled, 2), peak and round(peak, 2), anonymous and round(anonymous, 2),
+                           round(weights, 4), round(weights + HEADROOM_GIB, 2), held <= weights + HEADROOM_GIB))
     return rows
 
 
-def peak_from_log(log_file: Path) -> float | None:
-    """The largest "peak RSS" figure the job logged (itself or its largest child), GiB."""
+def peak_from_log(log_file: Path, marker: str) -> float | None:
+    """The largest figure the job logged on its `marker` lines (itself or its largest child), GiB."""
     if not log_file.is_file():
         return None
     figures = []
     for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        if PEAK_RSS in line:
-            words = line.split(PEAK_RSS, 1)[1].replace("(", " ").replace(")", " ").split()
+        if marker in line:
+            words = line.split(marker, 1)[1].replace("(", " ").replace(")", " ").split()
             figures += [float(w) for w in words if w.replace(".", "", 1).isdigit()]
     return max(figures) if figures else None
 
@@ -232,9 +235,10 @@ def markdown(report: dict) -> str:
     head = (f"# Rehearsal ({report['size']} size; {precision}: {report['precision_reason']})\n\n"
             f"{report['cpu']}, {report['cores']} cores; snakemake {report['workflow_seconds']:.0f} s, "
             f"models {'reused' if report['models_reused'] else 'built'}.\n\n"
-            "| job | s | max_rss (Snakemake) GiB | peak RSS (job) GiB | weights GiB | limit GiB | ok |\n"
-            "|---|---:|---:|---:|---:|---:|---|\n")
+            "| job | s | max_rss (Snakemake) GiB | peak RSS (job) GiB | peak anonymous GiB | weights GiB | limit GiB "
+            "| ok |\n|---|---:|---:|---:|---:|---:|---:|---|\n")
     rows = "".join(f"| {r['job']} | {r['seconds']} | {r['snakemake_max_rss_gib']} | {r['peak_rss_gib']} | "
+                   f"{r.get('peak_anonymous_gib')} | "
                    f"{r['weights_gib']} | {r['limit_gib']} | {'yes' if r['ok'] else '**NO**'} |\n"
                    for r in report["jobs"])
     return head + rows

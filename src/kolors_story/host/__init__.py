@@ -1,4 +1,5 @@
-"""How jobs run on a host: the rule runner every script goes through (logging, errors, GPU slot),
+"""How jobs run on a host: the rule runner every script goes through (logging, errors, GPU slot,
+peak memory: memory_peak),
 GPU slots shared by the jobs of one host, the multi-process training launcher, the GPU check (and
 its LoRA round trip) and the wheelhouse for an offline GPU host, the Snakemake planning fix, and
 `reproduce` (a panel again from its record), slurm_fit (SLURM requests against sinfo, jobs PENDING

@@ -14,6 +14,7 @@ from typing import Any
 from kolors_story import seals
 from kolors_story.errors import UserError
 from kolors_story.files import no_space_message
+from kolors_story.host.memory_peak import AnonymousPeak, resident_high_water_gib
 
 
 FILE_ONLY = "file_only"  # a log record with this extra goes to the rule's log, not the console
@@ -52,6 +53,7 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
     log_path = snakemake.log[0] if snakemake.log else None
     setup_logging(log_path)
     log = logging.getLogger(snakemake.rule)
+    anonymous = AnonymousPeak().start()
     try:
         _limit_threads(snakemake.threads)
         if getattr(snakemake.resources, "gpu", 0) == 1:
@@ -63,7 +65,7 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
         if seal_outputs:
             for path in snakemake.output:
                 seals.seal(Path(path), snakemake.rule)
-        log_peak_memory(log)
+        log_peak_memory(log, anonymous)
     except UserError as err:
         log.error("%s", err)
         sys.exit(1)
@@ -82,17 +84,17 @@ def run_rule(main: Callable[[Any], None], snakemake: Any, seal_outputs: bool = T
         sys.exit(1)
 
 
-PEAK_RSS = "peak RSS"  # the log line bench/rehearsal.py reads (Snakemake's benchmark polls: it can miss a peak)
+# The log lines bench/rehearsal.py reads (Snakemake's benchmark polls every 30 s: it misses peaks).
+PEAK_RSS = "peak RSS"
+PEAK_ANONYMOUS = "peak anonymous memory"
 
 
-def log_peak_memory(log: logging.Logger) -> None:
-    """The job's exact peak resident memory (the kernel's high-water mark), and that of its
-    largest child process (a multi-process training's ranks)."""
-    import resource
-
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+def log_peak_memory(log: logging.Logger, anonymous: AnonymousPeak) -> None:
+    """The job's peak resident memory (the kernel's high-water mark, memory-mapped weight files
+    included) and its sampled peak of anonymous memory (what it really holds)."""
+    mine, child = resident_high_water_gib()
     log.info("%s %.3f GiB (largest child process %.3f GiB)", PEAK_RSS, mine, child)
+    log.info("%s %.3f GiB (sampled; memory-mapped files not counted)", PEAK_ANONYMOUS, anonymous.stop())
 
 
 def _verify_inputs(inputs: Any, log: logging.Logger) -> None:
