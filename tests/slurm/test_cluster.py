@@ -26,7 +26,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 PARTITION = os.environ.get("KOLORS_SLURM_PARTITION", "debug")  # as cluster.sh sets them up
 ACCOUNT = os.environ.get("KOLORS_SLURM_ACCOUNT", "kolors")
 RUN_TIMEOUT = 900
-DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs: two variants, one training
+DEMO_SWEEP = ("demo/config.yaml", "demo/sweep.yaml")  # what `make demo` runs: every demo variant
 FAIL_STATES = ("FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
