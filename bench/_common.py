@@ -106,15 +106,7 @@ def ru_maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+from kolors_story.host.memory_peak import status_kib as _status_kib  # noqa: E402  (one reader of /proc)
 
 
 def rss_bytes() -> int | None:
@@ -155,14 +147,10 @@ def gib(n: int | float | None) -> float | None:
     return None if n is None else round(n / GIB, 3)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 matmuls are far slower than fp32 (measured on an
-    AVX2-only AMD EPYC: 256x4096 @ 4096x4096 took 0.35 s in fp32 and 51 s in bf16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+# AVX512-BF16 or AMX: without them CPU bf16 matmuls are far slower than fp32 (measured on an
+# AVX2-only AMD EPYC: 256x4096 @ 4096x4096 took 0.35 s in fp32 and 51 s in bf16). The workflow's
+# own check (torch's), so a benchmark and a job agree on what this CPU runs.
+from kolors_story.models.devices import cpu_has_native_bf16  # noqa: E402,F401
 
 
 def pick_dtype(device: str) -> tuple[str, str]:

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from kolors_story.host.memory_peak import AnonymousPeak, resident_high_water_gib
+from kolors_story.host.memory_peak import AnonymousPeak, resident_high_water_gib, status_kib
 
 MIB = 2**20
 
@@ -20,19 +20,15 @@ def test_the_anonymous_peak_sees_memory_freed_before_the_end(tmp_path):
     assert peak.stop() >= 0.38 and before * 1024 >= 380 * MIB
 
 
-def _status_kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
-
-
 def test_mapped_file_pages_count_in_rss_but_not_as_anonymous(tmp_path):
     file = tmp_path / "weights.bin"
     file.write_bytes(b"\1" * (300 * MIB))
-    baseline = _status_kib("RssAnon")
+    baseline = status_kib("RssAnon")
     peak = AnonymousPeak(interval_s=0.02).start()
     with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == len(mapped) // 4096  # every page read
         time.sleep(0.1)
-        mapped_kib = _status_kib("RssFile")
+        mapped_kib = status_kib("RssFile")
     anonymous_kib = peak.stop() * MIB
     assert mapped_kib * 1024 >= 290 * MIB and resident_high_water_gib()[0] * MIB >= mapped_kib
     assert (anonymous_kib - baseline) * 1024 < 50 * MIB

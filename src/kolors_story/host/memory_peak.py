@@ -14,11 +14,19 @@ GIB_PER_KIB = 1 / 2**20
 STATUS = Path("/proc/self/status")
 
 
+def status_kib(field: str) -> int | None:
+    """A KiB figure of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile...); None where absent."""
+    try:
+        for line in STATUS.read_text(encoding="ascii").splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def _anonymous_kib() -> int:
-    for line in STATUS.read_text(encoding="ascii").splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
+    return status_kib("RssAnon") or 0
 
 
 class AnonymousPeak:
