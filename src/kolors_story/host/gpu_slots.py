@@ -39,9 +39,7 @@ SHARED_MODE = 0o1777  # like /tmp: everyone creates files, only a file's owner r
 _HELD: dict[str, IO] = {}  # lock name -> open lock file this process holds (closing it frees the GPU)
 _GIVEN: list[Gpu] | None = None  # the job's GPUs before use_free_gpu narrowed it to one
 
-NVML_SUCCESS, NVML_ERROR_NO_PERMISSION = 0, 4
 CUDA_SUCCESS = 0
-NVML_UUID_BUFFER = 96
 
 
 @dataclass(frozen=True)
@@ -58,33 +56,30 @@ def nvml_gpus() -> list[str] | None:
     """UUIDs of the GPUs NVML shows, in NVML's (PCI bus) order, which is CUDA's for GPUs of one model
     or with CUDA_DEVICE_ORDER=PCI_BUS_ID (torch's NVML device count assumes the same). GPUs NVML may
     not open (a SLURM job's device cgroup) are left out, as CUDA leaves them out. None without the
-    NVIDIA driver. Starts no CUDA, so CUDA_VISIBLE_DEVICES can still be set afterwards."""
+    NVIDIA driver. Starts no CUDA, so CUDA_VISIBLE_DEVICES can still be set afterwards. Through
+    nvidia-ml-py (NVIDIA's binding, in the GPU host's image and beside torch here)."""
     try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if nvml.nvmlInit_v2() != NVML_SUCCESS:
+        import pynvml
+    except ImportError:
         return None
     try:
-        count = ctypes.c_uint()
-        if (err := nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))) != NVML_SUCCESS:
-            log.warning("NVML cannot count the GPUs (error %d): GPU jobs are not kept apart", err)
-            return None
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver, or no libnvidia-ml
+        return None
+    try:
         uuids = []
-        for index in range(count.value):
-            handle, uuid = ctypes.c_void_p(), ctypes.create_string_buffer(NVML_UUID_BUFFER)
-            err = nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle))
-            if err == NVML_SUCCESS:
-                err = nvml.nvmlDeviceGetUUID(handle, uuid, NVML_UUID_BUFFER)
-            if err == NVML_ERROR_NO_PERMISSION:
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+            except pynvml.NVMLError_NoPermission:
                 continue
-            if err != NVML_SUCCESS:
-                log.warning("NVML cannot read GPU %d (error %d): GPU jobs are not kept apart", index, err)
-                return None
-            uuids.append(uuid.value.decode("ascii"))
+            uuids.append(uuid.decode("ascii") if isinstance(uuid, bytes) else uuid)
         return uuids
+    except pynvml.NVMLError as err:
+        log.warning("NVML cannot list the GPUs (%s): GPU jobs are not kept apart", err)
+        return None
     finally:
-        nvml.nvmlShutdown()
+        pynvml.nvmlShutdown()
 
 
 def host_gpus() -> list[Gpu]:
