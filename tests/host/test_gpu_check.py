@@ -198,15 +198,22 @@ def round_trip_of(checked):
 LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
-def test_the_round_trip_reads_the_file_as_the_lora_owner_does(checked):
-    """Without DiffSynth (the GPU host has none), the same tensors and alpha as read_lora."""
+def test_the_lora_owner_reads_a_diffusers_file_without_diffsynth(checked, monkeypatch):
+    """The GPU host has no DiffSynth: read_lora gives the same tensors and alpha without it (only
+    the DiffSynth names, which it cannot know there, are missing)."""
+    import importlib.util
+
     from kolors_story.models import lora_files
     from kolors_story.models.random_kolors import build_unet
 
     lora = checked[2] / "lora" / "pytorch_lora_weights.safetensors"
-    plain, full = lora_files.read_diffusers_lora(lora, build_unet(0)), lora_files.read_lora(lora, build_unet(0))
+    full = lora_files.read_lora(lora, build_unet(0))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffsynth" else find_spec(name, *a))
+    plain = lora_files.read_lora(lora, build_unet(0))
     assert (plain.rank, plain.alpha, plain.target_modules) == (full.rank, full.alpha, full.target_modules)
     assert list(plain.state) == list(full.state) and all(plain.state[k].equal(full.state[k]) for k in full.state)
+    assert full.diffsynth_names and not plain.diffsynth_names
 
 
 def test_a_file_with_one_layer_zeroed_fails_naming_that_layer(round_trip_of, tmp_path):

@@ -26,6 +26,8 @@ and alpha (scale = alpha / rank).
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import re
@@ -259,7 +261,9 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
     parsed, diffusers_style = _parse_keys(tensors, path)
 
     modules = _lora_able_modules(unet)
-    module_map = _module_map(unet)
+    # DiffSynth-Studio's names need DiffSynth itself; where it is not installed (the offline GPU
+    # host) only diffusers naming reads, and a DiffSynth file is refused as naming no layer.
+    module_map = _module_map(unet) if importlib.util.find_spec("diffsynth") else {}
     source, rename = _naming(parsed, diffusers_style, metadata, modules, module_map, path)
     state, written_as = _diffusers_state(parsed, tensors, rename, modules, path)
     adapted = list(dict.fromkeys(k.rsplit(".lora_", 1)[0] for k in state))
@@ -275,25 +279,6 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
         lora_alpha = float(alpha)
     ds_names = {m: ds for m, ds in module_map.items() if m in set(adapted)}
     return LoraWeights(state, rank, lora_alpha, source, _target_modules(adapted, unet), ds_names)
-
-
-def read_diffusers_lora(path: Path, unet: torch.nn.Module) -> LoraWeights:
-    """A file in diffusers naming read as diffusers' loader reads it (alpha from its metadata, else
-    alpha = rank), checked against `unet` like read_lora, without DiffSynth's name map: for hosts
-    that lack DiffSynth-Studio (the offline GPU host). The result has no DiffSynth names."""
-    path = Path(path)
-    tensors, metadata = _load_tensors(path)
-    parsed, _ = _parse_keys(tensors, path)
-    modules = _lora_able_modules(unet)
-    foreign = [key for key, (mod, _) in parsed.items() if mod not in modules]
-    if foreign:
-        raise _fail(path, "keys naming no LoRA-able layer (Linear/Conv2d) of this UNet in diffusers naming", foreign)
-    state, written_as = _diffusers_state(parsed, tensors, {mod: mod for mod, _ in parsed.values()}, modules, path)
-    adapted = list(dict.fromkeys(k.rsplit(".lora_", 1)[0] for k in state))
-    rank = _one_rank(adapted, state, written_as, modules, path)
-    config = _metadata_config(metadata, path)
-    alpha = _alpha_from_config(config, rank, path) if config else float(rank)
-    return LoraWeights(state, rank, alpha, "diffusers", _target_modules(adapted, unet))
 
 
 def _naming(parsed: dict, diffusers_style: bool, metadata: dict, modules: dict, module_map: dict,
@@ -555,5 +540,5 @@ def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
 
 
 __all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
-           "diffsynth_key_map", "folded", "full_size_unet", "read_diffusers_lora", "read_lora", "unet_skeleton",
+           "diffsynth_key_map", "folded", "full_size_unet", "read_lora", "unet_skeleton",
            "write_diffsynth_lora", "write_diffusers_lora"]
