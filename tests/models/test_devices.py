@@ -73,3 +73,35 @@ def test_the_check_reads_torchs_own_cpu_capability(monkeypatch):
         flags = f.read()
     if "avx512_bf16" in flags or "amx_tile" in flags:
         assert devices.cpu_has_native_bf16()
+
+
+def test_forced_bf16_on_a_cpu_without_it_keeps_bf16_weights_and_computes_in_fp32(tiny_kolors, monkeypatch):
+    """KOLORS_CPU_BF16=1 on a CPU without native bf16 (how ChatGLM's 25 GB of fp32 weights fit a
+    24 GB machine): the encoder's weights stay bf16 and its layers compute in fp32, so its texts
+    come out as an fp32 encoder of the same (bf16-rounded) weights computes them, far closer than
+    plain bf16 computing; a cache entry of that mode is not one of plain bf16."""
+    from kolors_story.models.kolors_folder import KolorsFolder
+    from kolors_story.models.prompt_embeddings import PromptEmbeddings, encode_prompts
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
+    folder = KolorsFolder(tiny_kolors)
+    tokenizer = folder.load_tokenizer()
+    text = ["水墨画，一个在桃花园中读书的少女"]
+
+    def encoded(model):
+        return encode_prompts(tokenizer, model, text, CPU)[0].float()
+
+    reference = encoded(folder.load_text_encoder(torch.bfloat16).float())  # the bf16 weights, in fp32
+    plain = encoded(folder.load_text_encoder(torch.bfloat16))
+    assert devices.emulates_bf16(torch.bfloat16, CPU) and not devices.emulates_bf16(torch.bfloat16, CUDA)
+    upcast = devices.compute_in_fp32(folder.load_text_encoder(torch.bfloat16))
+    out = encode_prompts(tokenizer, upcast, text, CPU)[0]
+    assert out.dtype == torch.float32
+    assert {p.dtype for p in upcast.parameters()} == {torch.bfloat16}  # still bf16 after a forward
+    worst = (out - reference).abs().max().item()
+    assert worst < (plain - reference).abs().max().item() / 8, worst
+
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
+    emulated = PromptEmbeddings(folder, torch.bfloat16, CPU)._key(text[0])
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    assert PromptEmbeddings(folder, torch.bfloat16, CPU)._key(text[0]) != emulated

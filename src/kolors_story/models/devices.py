@@ -7,6 +7,11 @@ are emulated and 100-700x slower than fp32 (a 512x4096x4096 matmul on an AVX2-on
 GFLOP/s in bf16, 133 in fp32), so fp32 runs instead. fp16
 on a CPU always runs as fp32 (torch's CPU fp16 kernels are slow or missing). Each decision is
 logged once per process, saying which dtype runs and why.
+
+Where KOLORS_CPU_BF16=1 forces bf16 on a CPU without native bf16 (a model whose fp32 weights do not
+fit in RAM: ChatGLM's 25 GB), the text encoder keeps its weights in bf16 and computes each layer in
+fp32 (`compute_in_fp32`): on an AVX2 EPYC a full-size ChatGLM text took 5 min in plain bf16 on one
+thread, 70-85 s this way on two.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    return cpu_computes_bf16()
+
+
+def cpu_computes_bf16() -> bool:
+    """The hardware alone: AVX512-BF16 or AMX tiles, as torch checks them (no override)."""
     cpu = torch.cpu
     checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
@@ -57,6 +67,22 @@ def runtime_dtype(precision: str, device: torch.device | str) -> torch.dtype:
            if wanted == torch.bfloat16 else "fp16 kernels on a CPU are slow or missing")
     _say_once(precision, f"fp32 on the CPU instead of {precision}: {why}")
     return torch.float32
+
+
+def emulates_bf16(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """bf16 on a CPU that does not compute it natively (only where KOLORS_CPU_BF16=1 forced it)."""
+    return dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_computes_bf16()
+
+
+def compute_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep `model`'s bf16 weights and run every Linear and Embedding in fp32 (diffusers' layerwise
+    casting: each layer is cast up for its forward and back after): bf16's memory at fp32's speed on
+    a CPU without native bf16. The outputs are fp32."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    _say_once("bf16", "bf16 weights computed in fp32 layer by layer: this CPU has no native bf16")
+    apply_layerwise_casting(model, torch.bfloat16, torch.float32, skip_modules_pattern=None, skip_modules_classes=())
+    return model
 
 
 @functools.cache

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kolors_story.errors import UserError
+from kolors_story.models.devices import compute_in_fp32, emulates_bf16, runtime_dtype
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
 from kolors_story.models.tensor_cache import TensorCache
@@ -76,9 +77,7 @@ def release(device: torch.device) -> None:
 
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The text encoder's dtype for `models.text_encoder_precision` on `device` (as every model
-    here: devices.runtime_dtype; bf16 on a CPU only where it is native)."""
-    from kolors_story.models.devices import runtime_dtype
-
+    here: devices.runtime_dtype; bf16 on a CPU only where it is native or forced)."""
     return runtime_dtype(precision, device)
 
 
@@ -264,6 +263,8 @@ class _Encoder:
         if self.model is None:
             self.tokenizer = self.folder.load_tokenizer()
             self.model = self.folder.load_text_encoder(self.dtype, self.device)
+            if emulates_bf16(self.dtype, self.device):
+                compute_in_fp32(self.model)
         embeds, pooled = encode_prompts(self.tokenizer, self.model, [text], self.device)
         return {"embeds": embeds[0].cpu(), "pooled": pooled[0].cpu()}
 
@@ -285,7 +286,10 @@ class PromptEmbeddings(_ForPipeline):
         self.cache = TensorCache(Path(cache_root) / "text" / folder.fingerprint("text_encoder")) if cache_root else None
 
     def _key(self, text: str) -> str:
-        # The dtype is part of the key: embeddings of a bf16 encoder are not those of an fp32 one.
+        # The dtype is part of the key: embeddings of a bf16 encoder are not those of an fp32 one,
+        # nor those of bf16 weights computed in fp32 (devices.compute_in_fp32).
+        if emulates_bf16(self.dtype, self.device):
+            return TensorCache.key(self.dtype, "fp32 compute", text)
         return TensorCache.key(self.dtype, text)
 
     def lookup(self, texts: list[str]) -> Embeddings:
