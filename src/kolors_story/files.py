@@ -1,5 +1,6 @@
-"""The file helpers every layer shares: a file's sha256, a JSON file as the project writes them, and
-free space checked before a large write (with the one message for a full disk)."""
+"""The file helpers every layer shares: a file's sha256, a JSON file as the project writes them,
+free space checked before a large write (with the one message for a full disk), and the mode a
+shared results/ folder needs (share_as_umask_allows)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,33 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask can only set it,
+    and setting it even briefly would race with another thread creating a file)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_allows(path: Path) -> Path:
+    """Give a file, or a folder and everything in it, the mode open() and mkdir() would have given
+    it: 0666 / 0777 & ~umask. safetensors (0.8) creates its files 0600 and tempfile's mkstemp and
+    mkdtemp 0600 / 0700, so without this a teammate sharing results/ (a group folder, a cluster's
+    shared disk) cannot read embeddings, anchors, checkpoints or the bundle. Call it on what a
+    writer made, before the os.replace that publishes it."""
+    path, mask = Path(path), _umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+    return path
 
 
 def write_json(data: Any, path: Path, sort_keys: bool = False) -> Path:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kolors_story.files import share_as_umask_allows
+
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEC = "[DEC]"
 # 常用汉字: enough that a random caption is visibly Chinese text
@@ -76,6 +78,7 @@ def build_tiny_blip(out_dir: Path, seed: int = 0, mute: bool = False) -> Path:
     image_processor = BlipImageProcessor(size={"height": TINY_SIZE, "width": TINY_SIZE})
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out_dir)
     model.save_pretrained(out_dir, safe_serialization=True)
+    share_as_umask_allows(out_dir)  # save_pretrained's safetensors files are 0600
     (out_dir / "README.md").write_text(
         "Tiny random-weight BLIP in the layout of Salesforce/blip-image-captioning-base "
         f"(kolors_story.models.random_blip, seed {seed}{', mute' if mute else ''}). It captions nonsense.\n",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.files import write_json
+from kolors_story.files import share_as_umask_allows, write_json
 
 # The real Kolors scheduler config (Kwai-Kolors/Kolors-diffusers scheduler/scheduler_config.json);
 # the values of FACTS.md, the key set of the file (SDXL's keys plus Kolors' thresholding ones).
@@ -212,7 +212,7 @@ def save_kolors_folder(out_dir: Path, unet, vae, text_encoder) -> Path:
     (out_dir / "scheduler").mkdir()
     write_json(SCHEDULER_CONFIG, out_dir / "scheduler" / "scheduler_config.json", sort_keys=True)
     write_json(MODEL_INDEX, out_dir / "model_index.json", sort_keys=True)
-    return out_dir
+    return share_as_umask_allows(out_dir)  # save_pretrained's safetensors files are 0600
 
 
 def _shard_count(state_dict: dict[str, torch.Tensor], max_shard_size: int) -> int:

@@ -29,7 +29,7 @@ from tokenizers import pre_tokenizers, processors
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
-from kolors_story.files import write_json
+from kolors_story.files import share_as_umask_allows, write_json
 
 # Qwen2 pre-tokenizer: like cl100k but digits are split one by one (\p{N}).
 QWEN2_PATTERN = (
@@ -283,7 +283,7 @@ def write_model_files(out: Path, seed: int) -> None:
         for name, t in sorted(model.state_dict().items())
     }
     save_file(tensors, str(out / SHARD_NAME), metadata={"format": "pt"})
-    (out / SHARD_NAME).chmod(0o644)  # safetensors creates the file as 0600
+    share_as_umask_allows(out / SHARD_NAME)  # safetensors creates the file as 0600
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {
         "metadata": {"total_size": total},

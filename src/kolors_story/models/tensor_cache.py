@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save_file
 
-from kolors_story.files import ensure_space
+from kolors_story.files import ensure_space, share_as_umask_allows
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class TensorCache:
         try:
             save_file(tensors, tmp)
             _add_digest(tmp)
+            share_as_umask_allows(tmp)  # safetensors wrote it 0600: other users of the cache read it too
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.lora_files import LORA_WEIGHT_NAME
 from kolors_story.render.candidates_file import CandidateRecord
-from kolors_story.files import write_json
+from kolors_story.files import share_as_umask_allows, write_json
 
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
 # in diffusers' release tags): KolorsPipeline arrived in 0.30.0 with the SDXL LoRA mixin, which
@@ -324,6 +324,7 @@ def build_bundle(
                    "passes": mean >= threshold, "scenes": rows}
         write_json(prompts, tmp_dir / "prompts.json")
         (tmp_dir / "README.md").write_text(_model_card(card, rows, mean, threshold), encoding="utf-8")
+        share_as_umask_allows(tmp_dir)  # mkdtemp made the folder 0700
         _replace_dir(tmp_dir, out_dir)
     finally:
         if tmp_dir.exists():

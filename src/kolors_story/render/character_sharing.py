@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from kolors_story.files import share_as_umask_allows
+
 DEFAULT_LAYERS: tuple[str, ...] = ("up_blocks.*attn1",)
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_STEPS_FRACTION = 0.6
@@ -332,6 +334,7 @@ def save_anchor(path: Path, features: dict[str, torch.Tensor], meta: dict,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in features.items()}, str(path), metadata={META_KEY: json.dumps(meta)})
+    share_as_umask_allows(path)  # safetensors wrote it 0600
     if image is not None:
         image.save(path.with_suffix(".png"))
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kolors_story.files import ensure_space
+from kolors_story.files import ensure_space, share_as_umask_allows
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def save_checkpoint(root: Path, step: int, lora: dict[str, torch.Tensor], state:
     ensure_space(tmp, 3 * lora_bytes + (1 << 20), f"the checkpoint of step {step}")
     save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, tmp / LORA_FILE)
     torch.save(state, tmp / STATE_FILE)
+    share_as_umask_allows(tmp)  # safetensors wrote its file 0600
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
