@@ -190,3 +190,47 @@ def test_rows_keep_the_fields_the_filter_does_not_know(result, tmp_path):
     assert all({"caption", "caption_from", "source"} <= set(row) for row in result.kept)
     extra = [{**row, "repeats": 3, "anything": [1, "二"]} for row in result.kept[:2]]
     assert read_rows(write_rows(extra, tmp_path / "filtered.jsonl")) == extra
+
+
+def _textured(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)  # a texture: phash tells it from the others
+    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def test_dedup_keeps_the_captioned_copy_then_the_richer_caption(tmp_path):
+    """Identical bytes under four names: a.jpg (no caption) sorts first, yet the copy with the
+    longest caption is kept; a pair without captions keeps the first by name. Real Data-Juicer."""
+    folder = tmp_path / "style"
+    folder.mkdir()
+    _textured(folder / "a.jpg", 1)
+    for name in ("b.jpg", "c.jpg", "d.jpg"):
+        (folder / name).write_bytes((folder / "a.jpg").read_bytes())
+    (folder / "b.txt").write_text("ink", encoding="utf-8")
+    (folder / "c.txt").write_text("ink wash mountains", encoding="utf-8")
+    (folder / "d.txt").write_text("ink", encoding="utf-8")
+    _textured(folder / "e.jpg", 2)
+    (folder / "f.jpg").write_bytes((folder / "e.jpg").read_bytes())
+    _textured(folder / "g.jpg", 3)
+    rows = collect_local_rows(folder, default_caption="水墨画")
+    result = filter_rows(rows, [{"image_deduplicator": {"method": "phash"}}], tmp_path / "work")
+    assert [r["id"] for r in result.kept] == ["c", "e", "g"]  # input order kept
+    dups = _dropped_by(result, "image_deduplicator")
+    assert set(dups) == {"a", "b", "d", "f"}
+    assert dups["a"].startswith("duplicate of c (imagehash=")
+    assert dups["a"].endswith("kept c.jpg because it has a caption (c.txt) and this copy has none")
+    assert dups["b"].endswith("kept c.jpg because its caption (c.txt) is longer (18 vs 3 characters)")
+    assert dups["f"].endswith("kept e.jpg because it comes first by name (neither has a caption)")
+
+
+def test_dedup_of_equal_captions_keeps_the_first_name(tmp_path):
+    folder = tmp_path / "style"
+    folder.mkdir()
+    _textured(folder / "x.jpg", 4)
+    (folder / "y.jpg").write_bytes((folder / "x.jpg").read_bytes())
+    _textured(folder / "z.jpg", 5)
+    for stem in "xy":
+        (folder / f"{stem}.txt").write_text("山水", encoding="utf-8")
+    result = filter_rows(collect_local_rows(folder), [{"image_deduplicator": {}}], tmp_path / "work")
+    assert [r["id"] for r in result.kept] == ["x", "z"]
+    assert _dropped_by(result, "image_deduplicator")["y"].endswith(
+        "kept x.jpg because it comes first by name (captions equally long)")

@@ -170,9 +170,37 @@ def _run_filter(op: Any, dataset: Any, args: dict) -> tuple[Any, dict[int, str]]
     return kept, reasons
 
 
+def _own_caption(row: dict) -> str:
+    """The user's own caption of a row (blank and missing alike: "")."""
+    return str(row.get("caption") or "").strip()
+
+
+def _preference(row: dict, index: int) -> tuple[bool, int, int]:
+    """Sort key of the copy a deduplicator keeps: one with a caption, then the longer caption,
+    then the first by name (rows come in path order)."""
+    caption = _own_caption(row)
+    return (not caption, -len(caption), index)
+
+
+def _why_kept(kept: dict, dropped: dict) -> str:
+    """Why `kept` won over `dropped` (_preference in words)."""
+    mine, theirs = _own_caption(kept), _own_caption(dropped)
+    where = f" ({kept['caption_from']})" if kept.get("caption_from") and mine else ""
+    if mine and not theirs:
+        return f"it has a caption{where} and this copy has none"
+    if len(mine) > len(theirs):
+        return f"its caption{where} is longer ({len(mine)} vs {len(theirs)} characters)"
+    return "it comes first by name (" + ("captions equally long" if mine else "neither has a caption") + ")"
+
+
 def _run_deduplicator(op: Any, dataset: Any, rows: list[dict]) -> tuple[Any, dict[int, str]]:
-    """Hashes for every row, then DJ's dedup; a dropped row names the kept row with its hash."""
-    with_hash = op.run(dataset, reduce=False)
+    """Hashes for every row, then DJ's dedup; a dropped row names the kept row with its hash.
+
+    DJ keeps the first of equal hashes in dataset order (image_deduplicator's process), so the
+    rows go in by preference (_preference) and come back in input order."""
+    indices = dataset[ROW_COL]
+    order = sorted(range(len(indices)), key=lambda i: _preference(rows[indices[i]], indices[i]))
+    with_hash = op.run(dataset.select(order), reduce=False)
     kept, _ = op.process(with_hash)
     hash_cols = [c for c in with_hash.column_names if c not in dataset.column_names]
     kept_rows = set(kept[ROW_COL])
@@ -184,9 +212,18 @@ def _run_deduplicator(op: Any, dataset: Any, rows: list[dict]) -> tuple[Any, dic
             first_kept.setdefault(key, sample[ROW_COL])
             continue
         shown = ", ".join(f"{c.replace('__dj__', '')}={sample[c]}" for c in hash_cols if len(str(sample[c])) <= 64)
-        twin = first_kept.get(key)
-        reasons[sample[ROW_COL]] = (f"duplicate of {rows[twin]['id']}" if twin is not None else "duplicate") + (f" ({shown})" if shown else "")
-    return kept, reasons
+        reasons[sample[ROW_COL]] = _duplicate_reason(rows, first_kept.get(key), sample[ROW_COL], shown)
+    kept_indices = kept[ROW_COL]
+    return kept.select(sorted(range(len(kept_indices)), key=kept_indices.__getitem__)), reasons
+
+
+def _duplicate_reason(rows: list[dict], twin: int | None, index: int, hashes: str) -> str:
+    """Which kept copy a dropped duplicate gave way to, and why that copy was kept."""
+    shown = f" ({hashes})" if hashes else ""
+    if twin is None:  # near-duplicate ops (minhash...) match without one equal hash
+        return f"duplicate{shown}"
+    kept = rows[twin]
+    return f"duplicate of {kept['id']}{shown}: kept {kept.get('source') or kept['id']} because {_why_kept(kept, rows[index])}"
 
 
 def _plain_columns(dataset: Any) -> Any:
