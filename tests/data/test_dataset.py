@@ -689,3 +689,20 @@ def test_an_unreadable_subfolder_is_reported_not_fatal(tmp_path, monkeypatch):
     rows, report = scan_local_folder(tmp_path)
     assert [r["source"] for r in rows] == ["a.png"]
     assert {e["file"]: e.get("reason") for e in report.files}["locked/"] == "cannot be listed (Permission denied)"
+
+
+@pytest.mark.parametrize("blank", [b"", b"  \t ", b"\r\n\r\n", "\u3000 \u3000\r\n".encode("utf-8")])
+def test_a_blank_caption_file_is_warned_about_and_reported_as_unused(tmp_path, caplog, blank):
+    """A sidecar of whitespace only (spaces, tabs, CRLF, the ideographic space U+3000) gives the
+    default caption, as before, but says so: a warning naming the file, and the report's entries
+    say what the image used and why the file was not."""
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_bytes(blank)
+    with caplog.at_level("WARNING"):
+        rows, report = scan_local_folder(tmp_path, default_caption="水墨画")
+    assert (rows[0]["text"], rows[0]["caption"], rows[0]["caption_from"]) == ("水墨画", "", "dataset.default_caption")
+    assert "caption file a.txt is blank" in caplog.text and "a.jpg trains on dataset.default_caption" in caplog.text
+    assert _entry(report, "a.jpg")["caption"] == "dataset.default_caption (blank caption file a.txt)"
+    entry = _entry(report, "a.txt")
+    assert entry["use"] == "skipped" and entry["reason"].startswith("blank caption file")
+    assert report.as_dict(1)["counts"]["caption"] == 0

@@ -108,6 +108,7 @@ def _listed_files(folder: Path, entries: list[MetaEntry], report: SourceReport) 
 
 
 
+BLANK = "blank caption file"  # a sidecar of whitespace only: the image gets the default caption
 CAPTION_SUFFIXES = (".txt", ".caption")  # sidecar extensions; with both beside an image, .txt wins
 REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)  # kohya's <repeats>_<name>/
 MANY_REPEATS = 100  # a folder named like a year ("2024_trip") is likely no repeats count: warned
@@ -191,16 +192,30 @@ def _folder_images(folder: Path, listed: dict[str, MetaEntry], report: SourceRep
 
 def _sidecar_caption(folder: Path, name: str, sidecars: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
     """(caption, sidecar name) from `<stem>.txt`, else `<stem>.caption`, beside the image (in its
-    own folder), read once per sidecar. An empty sidecar gives none."""
+    own folder), read once per sidecar. A blank sidecar gives "" (the caller says so)."""
     for suffix in CAPTION_SUFFIXES:
         sidecar = posixpath.splitext(name)[0] + suffix
         if sidecar not in sidecars:
             if not (folder / sidecar).is_file():
                 continue
             sidecars[sidecar] = read_text_file(folder / sidecar)
-        text = sidecars[sidecar][0].strip()
-        return (text, sidecar) if text else None
+        return sidecars[sidecar][0].strip(), sidecar  # str.strip(): U+3000 and CRLF are blank too
     return None
+
+
+def _image_caption(folder: Path, name: str, entry: MetaEntry | None, sidecars: dict[str, tuple[str, str]]) -> tuple[str, str, str]:
+    """(caption, caption_from, what the report says was used) for one image: its metadata
+    entry, else its sidecar, else dataset.default_caption; a blank sidecar is warned about."""
+    if entry and entry.caption.strip():
+        return entry.caption.strip(), entry.where, entry.where
+    found = _sidecar_caption(folder, name, sidecars)
+    if not found:
+        return "", DEFAULT_CAPTION_KEY, DEFAULT_CAPTION_KEY
+    caption, sidecar = found
+    if caption:
+        return caption, sidecar, sidecar
+    log.warning("caption file %s is blank (only spaces or line breaks): %s trains on %s", sidecar, name, DEFAULT_CAPTION_KEY)
+    return "", DEFAULT_CAPTION_KEY, f"{DEFAULT_CAPTION_KEY} ({BLANK} {sidecar})"
 
 
 def _account_caption_files(texts: list[str], images: list[str], sidecars: dict[str, tuple[str, str]], report: SourceReport) -> None:
@@ -209,7 +224,10 @@ def _account_caption_files(texts: list[str], images: list[str], sidecars: dict[s
     for name in sorted(set(texts) | set(sidecars)):
         stem, suffix = posixpath.splitext(name)
         txt = stem + ".txt"
-        if name in sidecars:
+        if name in sidecars and not sidecars[name][0].strip():
+            report.file(name, "skipped", reason=f"{BLANK} (only spaces or line breaks): its image trains on {DEFAULT_CAPTION_KEY}",
+                        encoding=sidecars[name][1])
+        elif name in sidecars:
             report.file(name, "caption", encoding=sidecars[name][1])
         elif suffix.lower() == ".caption" and txt in sidecars:
             report.file(name, "skipped", reason=f"{txt} is read instead (a .txt sidecar wins over .caption)")
@@ -261,12 +279,10 @@ def scan_local_folder(
         if max_images is not None and len(rows) >= max_images:
             report.file(name, "skipped", reason=f"over dataset.max_images ({max_images})")
             continue
-        entry = listed.get(name)
-        found = (entry.caption.strip(), entry.where) if entry and entry.caption.strip() else _sidecar_caption(folder, name, sidecars)
-        caption, where = found or ("", DEFAULT_CAPTION_KEY)
+        caption, where, used = _image_caption(folder, name, listed.get(name), sidecars)
         row = _image_row(folder, name, caption, where, _unique_id(Path(name).stem, taken),
                          apply_template(caption_template, caption or default_caption))
-        report.file(name, "image", row=row["id"], caption=where, **({"repeats": row["repeats"]} if "repeats" in row else {}))
+        report.file(name, "image", row=row["id"], caption=used, **({"repeats": row["repeats"]} if "repeats" in row else {}))
         rows.append(row)
     _account_caption_files(texts, names, sidecars, report)
     _account_folders(rows, report)
