@@ -146,11 +146,39 @@ def test_copy_into_run_copies_bytes_and_keeps_missing_rows(demo_dir, tmp_path):
     rows.append({"id": "ghost", "image": str(tmp_path / "ghost.jpg"), "text": "gone"})
     copied = copy_into_run(rows, tmp_path / "run" / "images")
     assert [r["id"] for r in copied] == [r["id"] for r in rows]
-    for before, after in zip(rows[:-1], copied[:-1]):
+    broken = {"img_030_corrupt", "img_031_truncated", "ghost"}
+    for before, after in zip(rows, copied):
+        if before["id"] in broken:  # not stored: left at the original path for the filter to report
+            assert after == before
+            continue
         assert Path(after["image"]).parent == (tmp_path / "run" / "images").resolve()
-        assert Path(after["image"]).read_bytes() == Path(before["image"]).read_bytes()  # corrupt ones too
+        assert Path(after["image"]).read_bytes() == Path(before["image"]).read_bytes()
         assert after["text"] == before["text"]
-    assert copied[-1] == rows[-1]  # missing: left for the filter to report
+    assert sorted(p.stem for p in (tmp_path / "run" / "images").iterdir()) == sorted(r["id"] for r in rows if r["id"] not in broken)
+
+
+def test_files_the_filter_drops_as_broken_leave_no_copy_in_the_run(demo_dir, tmp_path, monkeypatch):
+    """Huge (over Pillow's pixel limit, lowered here instead of writing 2 GB), truncated and
+    undecodable files are not copied into the download's images/: the filter drops them all
+    from their original path with the reason, and images/ holds only what it can keep."""
+    from kolors_story.data.filtering import filter_rows
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name in ("img_000.jpg", "img_030_corrupt.jpg", "img_031_truncated.jpg"):
+        (folder / name).write_bytes((demo_dir / name).read_bytes())
+    _save(Image.new("RGB", (200, 200), (1, 2, 3)), folder / "huge.jpg")
+    _save(Image.new("RGB", (200, 200), (1, 2, 3)), folder / "huge.png")
+    with Image.open(folder / "img_000.jpg") as img:
+        assert img.width * img.height < 30_000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)  # 200 x 200 is between 1x and 2x: a warning only
+    rows, report = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["img_000.jpg"]
+    assert _entry(report, "huge.jpg")["stored"].startswith("not stored: too large")
+    assert _entry(report, "img_031_truncated.jpg")["stored"].startswith("not stored: cannot decode")
+    result = filter_rows(rows, [], tmp_path / "work")
+    assert [r["id"] for r in result.kept] == ["img_000"]
+    assert {d["source"] for d in result.stats["dropped"]} == {"huge.jpg", "huge.png", "img_030_corrupt.jpg", "img_031_truncated.jpg"}
 
 
 def test_rows_file_round_trip_keeps_chinese_readable(tmp_path):
@@ -516,7 +544,7 @@ def test_huge_images_are_dropped_with_the_reason_and_take_no_other_row(tmp_path,
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", int(100 * 100 * limit_factor))
     rows, report = collect_local(folder, tmp_path / "images", "{caption}", "x", None)
     assert [r["id"] for r in rows] == ["huge", "huge_2", "small"]  # stored; the filter decides
-    assert _entry(report, "huge.png")["stored"].startswith("copied as is, for the filter step to drop (too large")
+    assert _entry(report, "huge.png")["stored"].startswith("not stored: too large")
     result = filter_rows(rows, [], tmp_path / "work")
     assert [r["id"] for r in result.kept] == ["small"]
     reasons = {d["id"]: d["reason"] for d in result.stats["dropped"]}

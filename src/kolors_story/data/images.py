@@ -88,10 +88,10 @@ def is_plain_jpeg(img: Image.Image) -> bool:
 
 
 def is_plain_jpeg_file(path: str | os.PathLike) -> bool:
-    """`is_plain_jpeg` from the file's header (nothing decoded); False if Pillow cannot open it."""
+    """`is_plain_jpeg` from the file's header (nothing decoded); False if Pillow cannot open it
+    or it is over the pixel limit (the decoder then says why)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with strict_decoding():
             with Image.open(path) as img:
                 return is_plain_jpeg(img)
     except Exception:  # noqa: BLE001 - not openable: the caller decodes it and learns why

@@ -309,23 +309,36 @@ def _unique_id(stem: str, taken: set[str]) -> str:
     return candidate
 
 
-def _store_image(source: Path, images_dir: Path, row_id: str, background: RGB) -> tuple[Path, str]:
-    """Put one image into the run; returns where, and how (for the report).
+JPEG_END = b"\xff\xd9"  # EOI: a JPEG cut short (a stopped copy or download) lacks it
 
-    An RGB JPEG shown as stored is copied byte for byte (no second lossy encode, nothing decoded);
-    anything else is decoded, turned upright and RGB, and saved as PNG (lossless). A file that
-    does not decode is copied as it is: the filter's integrity check drops it with the reason.
+
+def _ends_whole(source: Path) -> bool:
+    """Whether a JPEG ends with its EOI marker (trailing zero padding allowed): a cheap sign that
+    it is whole, so only the others are decoded before being copied."""
+    with source.open("rb") as fh:
+        fh.seek(max(0, source.stat().st_size - 4096))
+        return fh.read().rstrip(b"\0").endswith(JPEG_END)
+
+
+def _store_image(source: Path, images_dir: Path, row_id: str, background: RGB) -> tuple[Path | None, str]:
+    """Put one image into the run; returns where (None: not stored), and how (for the report).
+
+    An RGB JPEG shown as stored is copied byte for byte (no second lossy encode, decoded only when
+    it does not end whole); anything else is decoded, turned upright and RGB, and saved as PNG
+    (lossless). A file that cannot become a training image (undecodable, truncated, over the
+    pixel limit) is not stored: no dead copy, possibly gigabytes, stays in the run; its row keeps
+    the original path and the filter's integrity check drops it with the reason.
     """
-    if not is_plain_jpeg_file(source):
+    plain = is_plain_jpeg_file(source)
+    if not plain or not _ends_whole(source):
         try:
             rgb, what = load_rgb(source, background)
         except BadImage as exc:
-            target = images_dir / f"{row_id}{source.suffix.lower()}"
-            shutil.copyfile(source, target)
-            return target, f"copied as is, for the filter step to drop ({exc})"
-        target = images_dir / f"{row_id}.png"
-        rgb.save(target, format="PNG")
-        return target, f"converted from {what} to RGB PNG"
+            return None, f"not stored: {exc} (the filter step drops it)"
+        if not plain:
+            target = images_dir / f"{row_id}.png"
+            rgb.save(target, format="PNG")
+            return target, f"converted from {what} to RGB PNG"
     target = images_dir / f"{row_id}{source.suffix.lower()}"
     shutil.copyfile(source, target)
     return target, "copied"
@@ -334,9 +347,9 @@ def _store_image(source: Path, images_dir: Path, row_id: str, background: RGB) -
 def copy_into_run(rows: list[dict], images_dir: Path, background: RGB = WHITE, report: SourceReport | None = None) -> list[dict]:
     """Store each row's image in `images_dir/<id>.<ext>` (see `_store_image`); rows then point there.
 
-    A run's results stay valid when the source folder changes later. A missing file stays a row
-    with its original path, for the filter to report. With `report`, each image's entry says how
-    it was stored.
+    A run's results stay valid when the source folder changes later. A missing file, or one that
+    cannot become a training image, stays a row with its original path, for the filter to report.
+    With `report`, each image's entry says how it was stored.
     """
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -344,13 +357,10 @@ def copy_into_run(rows: list[dict], images_dir: Path, background: RGB = WHITE, r
     copied = []
     for row in tqdm(rows, desc="storing images", unit="img", mininterval=5):
         source = Path(row["image"])
-        if not source.is_file():
-            copied.append(dict(row))
-            continue
-        target, how = _store_image(source, images_dir, row["id"], background)
-        if row.get("source") in entries:
+        target, how = _store_image(source, images_dir, row["id"], background) if source.is_file() else (None, "")
+        if row.get("source") in entries and how:
             entries[row["source"]]["stored"] = how
-        copied.append({**row, "image": os.path.abspath(target)})
+        copied.append({**row, "image": os.path.abspath(target)} if target else dict(row))
     return copied
 
 
