@@ -734,3 +734,25 @@ def test_a_blank_caption_file_is_warned_about_and_reported_as_unused(tmp_path, c
     entry = _entry(report, "a.txt")
     assert entry["use"] == "skipped" and entry["reason"].startswith("blank caption file")
     assert report.as_dict(1)["counts"]["caption"] == 0
+
+
+@pytest.mark.parametrize("odd", [" edge.jpg", "edge\u3000.png", "edge .jpg"])
+def test_file_names_that_meet_once_made_safe_are_refused_naming_both_and_the_rename(tmp_path, odd):
+    """Where ids are made (the download stage), not in build_metadata after the filter: the message
+    names both files and renames the odd one to a name no other file takes."""
+    for name in (odd, "edge.jpg", "edge_2.jpg"):
+        _image(tmp_path / name)
+    with pytest.raises(UserError) as info:
+        scan_local_folder(tmp_path)
+    first, second = sorted([odd, "edge.jpg"])
+    assert str(info.value) == (
+        f"{first!r} and {second!r} would both train as 'edge.jpg' (a training file name keeps no leading or "
+        f"trailing spaces, path separators or control characters); rename {odd!r} in dataset.path, e.g. to "
+        f"'edge_3{Path(odd).suffix}', and rerun.")
+
+
+def test_equal_stems_still_get_numbered_ids(tmp_path):
+    for name in ("a.jpg", "a.png", "sub/a.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _image(tmp_path / name)
+    assert [r["id"] for r in collect_local_rows(tmp_path)] == ["a", "a_2", "a_3"]

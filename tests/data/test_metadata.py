@@ -81,7 +81,7 @@ def test_rebuild_removes_stale_images(rows, tmp_path):
 def test_refuses_what_the_trainer_would_choke_on(rows, tmp_path):
     with pytest.raises(UserError, match="empty caption.*dataset.default_caption"):
         build_training_folder([{**rows[0], "text": " "}], tmp_path)
-    with pytest.raises(UserError, match="share the id"):
+    with pytest.raises(UserError, match="would both train as 'img_000.jpg'"):
         build_training_folder([rows[0], rows[0]], tmp_path)
     with pytest.raises(UserError, match="cannot read image"):
         build_training_folder([{**rows[0], "image": str(tmp_path / "gone.jpg")}], tmp_path)
@@ -128,3 +128,16 @@ def test_rows_from_elsewhere_are_made_upright_rgb_too(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
     with pytest.raises(UserError, match="cannot read image.*too large"):
         build_training_folder(rows[:1], tmp_path / "again")
+
+
+def test_rows_whose_ids_meet_as_file_names_name_both_files_and_the_rename(rows, tmp_path):
+    """Rows from elsewhere (the download stage refuses such files itself): ' edge' and 'edge'
+    both train as edge.jpg; the message names both files and the rename, not "rebuild the rows file"."""
+    spaced = {**rows[0], "id": " edge", "source": "sub/ edge.jpg"}
+    plain = {**rows[1], "id": "edge", "source": "sub/edge.jpg"}
+    with pytest.raises(UserError) as info:
+        build_training_folder([spaced, plain], tmp_path)
+    assert str(info.value) == (
+        "'sub/ edge.jpg' and 'sub/edge.jpg' would both train as 'edge.jpg' (a training file name keeps no "
+        "leading or trailing spaces, path separators or control characters); rename 'sub/ edge.jpg' in "
+        "dataset.path, e.g. to 'sub/edge_2.jpg', and rerun.")

@@ -12,13 +12,13 @@ import os
 import posixpath
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from kolors_story.errors import UserError
-from kolors_story.data.rows import DEFAULT_CAPTION_KEY, SourceReport, images_per_folder, json_lines
+from kolors_story.data.rows import DEFAULT_CAPTION_KEY, SourceReport, file_stem, images_per_folder, json_lines, stem_clash
 from kolors_story.data.text_files import apply_template, check_caption_template, read_text_file
 from kolors_story.data.images import (
     RGB,
@@ -274,13 +274,13 @@ def scan_local_folder(
     report = SourceReport("local")
     listed = _listed_files(folder, _read_metadata(folder, report), report)
     names, texts = _folder_images(folder, listed, report)
-    rows, taken, sidecars = [], set(), {}
+    rows, ids, sidecars = [], _RowIds(names), {}
     for name in names:
         if max_images is not None and len(rows) >= max_images:
             report.file(name, "skipped", reason=f"over dataset.max_images ({max_images})")
             continue
         caption, where, used = _image_caption(folder, name, listed.get(name), sidecars)
-        row = _image_row(folder, name, caption, where, _unique_id(Path(name).stem, taken),
+        row = _image_row(folder, name, caption, where, ids.make(name),
                          apply_template(caption_template, caption or default_caption))
         report.file(name, "image", row=row["id"], caption=used, **({"repeats": row["repeats"]} if "repeats" in row else {}))
         rows.append(row)
@@ -300,13 +300,28 @@ def collect_local_rows(folder: Path, caption_template: str = "{caption}", defaul
     return scan_local_folder(folder, caption_template, default_caption)[0]
 
 
-def _unique_id(stem: str, taken: set[str]) -> str:
-    candidate, n = stem, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{stem}_{n}"
-    taken.add(candidate)
-    return candidate
+@dataclass
+class _RowIds:
+    """Row ids from file stems, with _2, _3... where an earlier file has that stem (a.jpg, a.png).
+    Two stems that only meet as training file stems (rows.file_stem: ' edge' and 'edge') are
+    refused, naming both files and a rename to a stem no file in the folder has."""
+
+    names: list[str]  # every image file, to suggest a free name
+    files: dict[str, str] = field(default_factory=dict)  # id -> file
+    stems: dict[str, str] = field(default_factory=dict)  # file_stem(id) -> file
+
+    def make(self, name: str) -> str:
+        stem = Path(name).stem
+        candidate, n = stem, 1
+        while candidate in self.files:
+            n += 1
+            candidate = f"{stem}_{n}"
+        safe = file_stem(candidate)
+        if safe in self.stems:
+            taken = set(self.stems) | {file_stem(Path(other).stem) for other in self.names}
+            raise stem_clash(self.stems[safe], name, safe, taken)
+        self.files[candidate], self.stems[safe] = name, name
+        return candidate
 
 
 JPEG_END = b"\xff\xd9"  # EOI: a JPEG cut short (a stopped copy or download) lacks it

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -81,6 +82,32 @@ def read_rows(path: Path) -> list[dict]:
 
 
 JPEG_QUALITY = 95
+
+
+def file_stem(row_id: str) -> str:
+    """The file stem a row id trains under: path separators and control characters replaced,
+    leading and trailing whitespace dropped (U+3000 too)."""
+    return re.sub(r"[\\/\x00-\x1f]", "_", row_id).strip() or "_"
+
+
+def _changed_by_file_stem(name: str) -> bool:
+    stem = posixpath.splitext(posixpath.basename(name))[0]
+    return file_stem(stem) != stem
+
+
+def stem_clash(first: str, second: str, stem: str, taken: set[str]) -> UserError:
+    """Two files whose ids both train as `<stem>.jpg`: the error names both, and the rename that
+    fixes it (of the one that file_stem changes; to a stem not in `taken`)."""
+    renamed = first if _changed_by_file_stem(first) and not _changed_by_file_stem(second) else second
+    n = 2
+    while f"{stem}_{n}" in taken:
+        n += 1
+    new = posixpath.join(posixpath.dirname(renamed), f"{stem}_{n}{posixpath.splitext(renamed)[1]}")
+    return UserError(
+        f"{first!r} and {second!r} would both train as {stem + '.jpg'!r} (a training file name keeps no "
+        f"leading or trailing spaces, path separators or control characters); rename {renamed!r} in "
+        f"dataset.path, e.g. to {new!r}, and rerun."
+    )
 
 
 @dataclass

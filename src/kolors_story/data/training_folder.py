@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 import shutil
 from pathlib import Path
 
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
 from kolors_story.errors import UserError
 from kolors_story.data.images import BadImage, is_plain_jpeg_file, load_rgb
+from kolors_story.data.rows import file_stem, stem_clash
 
 JPEG_QUALITY = 95
 log = logging.getLogger(__name__)
-
-
-def _safe_name(row_id: str) -> str:
-    """A file stem from a row id: path separators and control characters replaced."""
-    return re.sub(r"[\\/\x00-\x1f]", "_", row_id).strip() or "_"
 
 
 def _write_rgb_jpeg(source: Path, target: Path) -> None:
@@ -73,23 +68,29 @@ def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_caption
     if train.exists():
         shutil.rmtree(train)
     train.mkdir(parents=True)
-    records, taken = [], set()
+    records, taken = [], {}
     for row in rows:
         text = str(row.get("text") or "").strip()
         if not text:
             raise UserError(
                 f"row {row['id']!r} ({row['image']}) has an empty caption; give it one or set dataset.default_caption."
             )
-        name = f"{_safe_name(str(row['id']))}.jpg"
-        if name in taken:
-            raise UserError(f"two rows share the id {row['id']!r}; row ids must be unique (rebuild the rows file).")
-        taken.add(name)
+        stem = file_stem(str(row["id"]))
+        if stem in taken:  # the download stage refuses such files; rows from elsewhere may not
+            raise stem_clash(_file_of(taken[stem]), _file_of(row), stem, set(taken))
+        taken[stem] = row
+        name = f"{stem}.jpg"
         try:
             _write_rgb_jpeg(Path(row["image"]), train / name)
         except (OSError, BadImage) as exc:
             raise UserError(f"row {row['id']!r}: cannot read image {row['image']} ({exc}); rerun the filter_dataset step.") from exc
         records.append((name, text, row_repeats(row)))
     return _write_metadata(train / "metadata.csv", records)
+
+
+def _file_of(row: dict) -> str:
+    """The file a row came from, as the user names it: its `source` (local folders), else its image."""
+    return str(row.get("source") or row["image"])
 
 
 def row_repeats(row: dict) -> int:
