@@ -11,7 +11,7 @@ import yaml
 
 from kolors_story.plan.config import load_schema, validate_config
 from kolors_story.errors import UserError
-from kolors_story.plan.job_plan import plan_jobs
+from kolors_story.plan.job_plan import data_key, plan_jobs
 from kolors_story.dotted import differing_settings, flatten
 from kolors_story.plan.sweep import deep_merge, expand_sweep, job_key
 
@@ -216,3 +216,18 @@ def test_caption_settings_are_checked_at_parse_time_naming_the_key(demo, caption
     with pytest.raises(UserError) as err:
         validate({**demo, "caption": caption})
     assert words in str(err.value)
+
+
+def test_the_metadata_job_gets_the_strictest_step_of_the_trainings_sharing_its_folder(demo):
+    """build_metadata refuses a too small dataset for every training that reads its folder."""
+    plan = plan_jobs(variants_of(demo, [
+        {"name": "a", "train": {"batch_size": 2}},
+        {"name": "b", "train": {"batch_size": 1, "gradient_accumulation": 2, "processes": 2}},
+        {"name": "c", "train": {"batch_size": 3}},
+        {"name": "imported", "train": {"use_lora": "resources/some_lora.safetensors"}},
+    ]))
+    (folder,) = {data_key(jobs) for jobs in plan.variants.values()}
+    assert plan.step_examples(folder) == {"batch_size": 1, "gradient_accumulation": 2, "processes": 2}
+    assert plan.step_examples("no-such-folder") is None
+    alone = plan_jobs(variants_of(demo, [{"name": "imported", "train": {"use_lora": "resources/x.safetensors"}}]))
+    assert alone.step_examples(data_key(alone.variants["imported"])) is None

@@ -55,14 +55,41 @@ def cut_captions(dataset: Path) -> list[dict[str, str]]:
                 if (dropped := dropped_text(row["text"]))]
 
 
-def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False) -> Path:
+def too_small_for_a_step(images: int, per_epoch: int, step: dict, where: str) -> UserError | None:
+    """The refusal of a dataset smaller than one optimizer step (`step`: {batch_size,
+    gradient_accumulation, processes}), None when it is large enough; `where` starts the message.
+    The trainer (training.data.check_dataset_size) and build_metadata say it alike."""
+    per_step = step["batch_size"] * step["gradient_accumulation"] * step["processes"]
+    if per_epoch >= per_step:
+        return None
+    with_repeats = f" ({per_epoch} examples per epoch with their repeats)" if per_epoch != images else ""
+    return UserError(
+        f"{where} holds {images} image(s){with_repeats} after filtering, fewer than one optimizer step takes: "
+        f"train.batch_size {step['batch_size']} x train.gradient_accumulation {step['gradient_accumulation']} "
+        f"x train.processes {step['processes']} = {per_step}. Lower those settings so that their product "
+        f"is at most {per_epoch}, or add images (or loosen filter.ops)."
+    )
+
+
+def check_enough_for_a_step(rows: list[dict], step: dict | None) -> None:
+    """Refuse rows fewer than one optimizer step of the strictest training that reads them
+    (JobPlan.step_examples), as the trainer would, but before ChatGLM and the UNet load."""
+    error = too_small_for_a_step(len(rows), sum(map(row_repeats, rows)), step, "The dataset") if step else None
+    if error:
+        raise error
+
+
+def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False,
+                          step: dict | None = None) -> Path:
     """Write `out_dir/train/<id>.jpg` and `out_dir/train/metadata.csv`; return the csv path.
 
     The folder is rebuilt from scratch so no image of an earlier run lingers. An empty caption
-    is refused: pandas reads it back as NaN, which the trainer cannot tokenise.
+    is refused: pandas reads it back as NaN, which the trainer cannot tokenise. So is a dataset
+    smaller than one optimizer step (`step`, see check_enough_for_a_step).
     """
     if not rows:
         raise UserError("No rows to train on; the filter kept no images (see its stats and filter.ops).")
+    check_enough_for_a_step(rows, step)
     check_caption_lengths(rows, truncate_long_captions)
     train = Path(out_dir) / "train"
     if train.exists():

@@ -52,6 +52,16 @@ class JobPlan:
     scenes: dict[str, dict] = field(default_factory=dict)
     variants: dict[str, VariantJobs] = field(default_factory=dict)
 
+    def step_examples(self, data: str) -> dict | None:
+        """What one optimizer step takes from the training folder `data` (a data_key), for its
+        build_metadata job to refuse a dataset too small before any model loads: the strictest of
+        the trainings that read it (several may share one folder), as {batch_size,
+        gradient_accumulation, processes}; None when none trains on it."""
+        steps = [{"batch_size": t["train"]["batch_size"], "gradient_accumulation": t["train"]["gradient_accumulation"],
+                  "processes": t["processes"]} for t in self.trainings.values() if t["filter"] == data]
+        return max(steps, key=lambda s: (s["batch_size"] * s["gradient_accumulation"] * s["processes"],
+                                         sorted(s.items())), default=None)
+
 
 def sampler_settings(config: dict) -> dict:
     """The generate keys a scene or anchor job renders by. compile_backend only with compile on:

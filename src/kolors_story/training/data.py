@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from kolors_story.data.training_folder import too_small_for_a_step
 from kolors_story.errors import UserError
 from kolors_story.files import sha256_file
 from kolors_story.training.settings import TrainSettings
@@ -59,18 +60,13 @@ def examples_per_epoch(examples: list[Example]) -> int:
 
 def check_dataset_size(examples: list[Example], settings: TrainSettings, processes: int, csv_path: Path) -> None:
     """Refuse a dataset smaller than one optimizer step (batch_size x gradient_accumulation x
-    processes examples): every step would show images more than once."""
-    per_step = settings.batch_size * settings.gradient_accumulation * processes
-    per_epoch = examples_per_epoch(examples)
-    if per_epoch >= per_step:
-        return
-    with_repeats = f" ({per_epoch} examples per epoch with their repeats)" if per_epoch != len(examples) else ""
-    raise UserError(
-        f"training data: {csv_path} holds {len(examples)} image(s){with_repeats} after filtering, fewer than one "
-        f"optimizer step takes: train.batch_size {settings.batch_size} x train.gradient_accumulation "
-        f"{settings.gradient_accumulation} x train.processes {processes} = {per_step}. Lower those settings "
-        f"so that their product is at most {per_epoch}, or add images (or loosen filter.ops)."
-    )
+    processes examples): every step would show images more than once. build_metadata refuses
+    it first (with the plan's train settings); this guards a folder given by hand."""
+    step = {"batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
+            "processes": processes}
+    error = too_small_for_a_step(len(examples), examples_per_epoch(examples), step, f"training data: {csv_path}")
+    if error:
+        raise error
 
 
 def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
