@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -20,7 +21,8 @@ from kolors_story.render.scenes import (
 )
 from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import (
-    RECORD_FILE, AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, PanelRecipe, read_record, write_record,
+    RECORD_FILE, AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, PanelRecipe, Runtime, read_record,
+    write_record,
 )
 from kolors_story.outputs.publishing import ModelCard, build_bundle
 from kolors_story.host.reproduce import main, rerender_panel
@@ -100,20 +102,81 @@ def test_anchor_panel_renders_again_through_kolors_story(published, tiny_kolors,
     assert np.array_equal(np.asarray(rerender_panel(tiny_kolors, bundle, "s1", CPU)), panel(bundle, "s1"))
 
 
+# The reproduce command in a process whose torch uses 3 threads (torch caps OMP_NUM_THREADS at
+# the cores; set_num_threads does not), printing the thread count each render ran on.
+SPY_ON_THREADS = """
+import sys, torch
+torch.set_num_threads(3)
+from kolors_story.host import reproduce
+seen = {}
+def counting(name, real):
+    def call(*args, **kwargs):
+        seen[name] = torch.get_num_threads()
+        return real(*args, **kwargs)
+    return call
+reproduce.render_anchor = counting("anchor", reproduce.render_anchor)
+reproduce.render = counting("panel", reproduce.render)
+code = reproduce.main(sys.argv[1:])
+print(f"threads: anchor {seen['anchor']}, panel {seen['panel']}, after {torch.get_num_threads()}")
+sys.exit(code)
+"""
+
+
+def test_a_process_with_another_thread_count_renders_bit_for_bit(published, tiny_kolors, tmp_path):
+    """The jobs ran on one torch thread (the scene jobs' default `threads: 1`); a reproduce process
+    whose torch would use three pins the recorded one for the anchor and the panel."""
+    bundle, records = published
+    rows = {r["id"]: r for r in json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))["scenes"]}
+    recorded = PanelRecipe.from_json(rows["s2"])
+    assert recorded.runtime == records["s2"].runtime and recorded.runtime.torch_threads == 1
+    assert recorded.consistency.anchors[0].runtime.torch_threads == 1
+    assert recorded.runtime == Runtime.current(CPU)  # versions, kernels: this machine's
+    done = subprocess.run([sys.executable, "-c", SPY_ON_THREADS, str(bundle), str(tiny_kolors), "s2",
+                           str(tmp_path / "s2.png")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # a tiny model's panel may come out the same on 3 threads: the counts in use are checked too
+    assert "threads: anchor 1, panel 1, after 3" in done.stdout
+    assert "rendering on 1 torch thread(s), as its job did" in done.stderr
+    assert "s2.png: bit for bit the published" in done.stdout
+    with Image.open(tmp_path / "s2.png") as image:
+        assert np.array_equal(np.asarray(image), panel(bundle, "s2"))
+
+
+def test_a_panel_not_bit_for_bit_names_the_recorded_items_not_matched(published, tiny_kolors, tmp_path, capsys):
+    bundle = shutil.copytree(published[0], tmp_path / "bundle")
+    prompts = json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))
+    row = next(r for r in prompts["scenes"] if r["id"] == "s1")
+    row["runtime"] |= {"torch": "2.0.0", "cpu_capability": "AVX512"}  # recorded on another machine
+    (bundle / "prompts.json").write_text(json.dumps(prompts), encoding="utf-8")
+    with Image.open(bundle / "panels/s1.png") as image:
+        pixels = np.asarray(image).copy()
+    pixels[0, 0, 0] ^= 1  # what another machine's kernels do to one pixel
+    Image.fromarray(pixels).save(bundle / "panels/s1.png")
+    assert main([str(bundle), str(tiny_kolors), "s1", str(tmp_path / "s1.png")]) == 0
+    line = capsys.readouterr().out
+    assert "NOT bit for bit" in line and "recorded by its jobs and not matched here:" in line
+    assert f"scene s1: torch 2.0.0 (here {torch.__version__})" in line
+    assert f"scene s1: cpu capability AVX512 (here {torch.backends.cpu.get_cpu_capability()})" in line
+    assert "threads" not in line.split("not matched here:")[1]  # pinned, so matched
+
+
 def test_record_round_trips_and_older_files_are_refused_with_the_fix(tmp_path):
+    gpu = Runtime(torch_threads=4, torch="2.5.1", diffusers="0.32.2", cpu_capability="AVX512", deterministic=False,
+                  gpu="NVIDIA H100 80GB HBM3", cuda="12.4")
     girl = AnchorRecipe(id="girl", prompt="少女", negative_prompt="", seed=0, width=64, height=64, sampler="ddim",
-                        steps=4, guidance_scale=5.0, lora_scale=1.0, steps_fraction=0.6, max_tokens=64)
+                        steps=4, guidance_scale=5.0, lora_scale=1.0, steps_fraction=0.6, max_tokens=64, runtime=gpu)
     record = CandidateRecord(
         scene="s1", prompt="少女", negative_prompt="丑陋", width=64, height=64, sampler="ddim", steps=4,
         guidance_scale=5.0, precision="fp16", dtype="float16", device="cuda",
         candidates=(Candidate(1, 1.0, (1,), 5.0, 0.5, 6.0, "0.png"), Candidate(2, 1.0, (2,), 5.5, 0.9, 7.3, "1.png")),
         chosen=1, consistency=ConsistencyRecipe(strength=1.0, steps_fraction=0.6, selection_weight=2.0, anchors=(girl,)),
-        without_consistency="without_consistency.png")
+        without_consistency="without_consistency.png", runtime=gpu)
     write_record(record, tmp_path)
     assert read_record(tmp_path) == record
     recipe = record.recipe()
     assert (recipe.seed, recipe.batch_seeds, recipe.batch_index, recipe.stock_diffusers) == (2, (2,), 0, False)
     assert PanelRecipe.from_json(json.loads(json.dumps(recipe.to_json()))) == recipe
+    assert recipe.runtime == gpu and recipe.consistency.anchors[0].runtime == gpu
     old = {"scene": "s1", "seeds": [1], "chosen": 0}  # the untyped dict of earlier versions
     (tmp_path / RECORD_FILE).write_text(json.dumps(old), encoding="utf-8")
     with pytest.raises(UserError, match="delete .* so that its generate_scene job runs again"):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,16 @@ import yaml
 from PIL import Image
 
 from kolors_story.errors import UserError
-from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe
+from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime
 from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, ModelCard, build_bundle, modelscope_token, upload_bundle
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 
 
+RUNTIME = Runtime(torch_threads=1, torch="2.5.1", diffusers="0.32.2", cpu_capability="AVX2", deterministic=False)
 GIRL = AnchorRecipe(id="girl", prompt="水墨画，少女", negative_prompt="模糊", seed=0, width=32, height=32,
-                    sampler="euler", steps=20, guidance_scale=5.0, lora_scale=0.8, steps_fraction=0.6, max_tokens=256)
+                    sampler="euler", steps=20, guidance_scale=5.0, lora_scale=0.8, steps_fraction=0.6, max_tokens=256,
+                    runtime=RUNTIME)
 
 
 def make_record(scene: str, prompt: str, seed: int, consistency: ConsistencyRecipe | None = None,
@@ -123,7 +126,7 @@ def test_anchor_panels_carry_their_anchor_recipes_and_the_card_says_how_to_rende
     assert rows[0]["consistency"]["strength"] == 1.5 and rows[0]["consistency"]["anchors"] == [
         {"id": "girl", "prompt": "水墨画，少女", "negative_prompt": "模糊", "seed": 0, "width": 32, "height": 32,
          "sampler": "euler", "steps": 20, "guidance_scale": 5.0, "lora_scale": 0.8, "steps_fraction": 0.6,
-         "max_tokens": 256}]
+         "max_tokens": 256, "runtime": asdict(RUNTIME)}]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert 'if s["id"] == "s1"' in card and "shares attention" not in card  # the stock-reproducible one
     assert "| s0 |" in card and "| girl | 5.500 |" in card and "python -m kolors_story.host.reproduce" in card

@@ -4,7 +4,8 @@ A panel without character anchors is one stock KolorsPipeline call (the model ca
 makes the same one). A panel in anchor mode also shared self-attention with its characters'
 anchors; their features would be gigabytes at 1024 px, so prompts.json holds each anchor's recipe
 and this module records the anchors again (render_anchor) before rendering the panel with sharing.
-Bit for bit on the recipe's device type and dtype:
+Bit for bit on the recipe's device type and dtype, with torch's thread count pinned to the one each
+job recorded (candidates_file.Runtime); a panel that is not says which recorded items differ here:
 
     python -m kolors_story.host.reproduce BUNDLE KOLORS_DIR SCENE_ID OUT.png
 """
@@ -16,6 +17,8 @@ import json
 import logging
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +33,7 @@ from kolors_story.render.scenes import (
     pipeline_dtype, render, render_anchor,
 )
 from kolors_story.models.lora_files import LORA_WEIGHT_NAME
-from kolors_story.render.candidates_file import AnchorRecipe, PanelRecipe
+from kolors_story.render.candidates_file import AnchorRecipe, PanelRecipe, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +54,34 @@ def _settings(recipe: PanelRecipe | AnchorRecipe, precision: str, batch: int = 1
                            batch_candidates=True)
 
 
+@contextmanager
+def pinned(runtime: Runtime | None) -> Iterator[None]:
+    """torch's thread count and deterministic flag as the job had them (the thread count moves a
+    CPU render's last bits); this process's own are back afterwards."""
+    if runtime is None:
+        yield
+        return
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(runtime.torch_threads)
+    torch.use_deterministic_algorithms(runtime.deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def _record_anchors(model_dir: Path, lora: Path, recipe: PanelRecipe, device: torch.device,
                     folder: Path) -> list[Path]:
-    """The panel's anchors recorded again from their recipes (as rule render_anchor did)."""
+    """The panel's anchors recorded again from their recipes (as rule render_anchor did), each with
+    its own job's thread count."""
     paths = []
     for a in recipe.consistency.anchors:
         scene = Scene(a.id, a.prompt, a.negative_prompt, a.seed, a.width, a.height)
         option = Consistency(steps_fraction=a.steps_fraction, max_tokens=a.max_tokens)
-        paths.append(render_anchor(RenderInputs(model_dir, lora), scene, _settings(a, recipe.precision), option,
-                                   folder / f"{a.id}.safetensors", device=device))
+        with pinned(a.runtime):
+            paths.append(render_anchor(RenderInputs(model_dir, lora), scene, _settings(a, recipe.precision), option,
+                                       folder / f"{a.id}.safetensors", device=device))
     return paths
 
 
@@ -70,11 +92,19 @@ def _recipe_device(recipe: PanelRecipe) -> torch.device:
     return torch.device(recipe.device)
 
 
+def _other_device(recipe: PanelRecipe, device: torch.device) -> str | None:
+    """'device cuda in float16 (here cpu in float32)' when `device` renders in another type or dtype."""
+    dtype = str(pipeline_dtype(_settings(recipe, recipe.precision), device)).removeprefix("torch.")
+    if (device.type, dtype) == (recipe.device, recipe.dtype):
+        return None
+    return f"device {recipe.device} in {recipe.dtype} (here {device.type} in {dtype})"
+
+
 def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
                    device: torch.device | None = None) -> Image.Image:
     """The bundle's panel of `scene_id`, rendered again: the batch its seed was drawn in (same
-    pipeline call as the scene job), with attention sharing when the recipe has anchors. Device:
-    by default the recipe's type."""
+    pipeline call as the scene job), with attention sharing when the recipe has anchors, on as
+    many torch threads as each job recorded. Device: by default the recipe's type."""
     from kolors_story.render.character_sharing import enable_sharing, load_anchor
 
     seals.verify(Path(bundle_dir))  # against the bundle's seal when it is a run's bundle
@@ -83,12 +113,13 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
     recipe = load_recipe(bundle_dir, scene_id)
     device = device or _recipe_device(recipe)
     settings = _settings(recipe, recipe.precision, len(recipe.batch_seeds))
-    dtype = str(pipeline_dtype(settings, device)).removeprefix("torch.")
-    if (device.type, dtype) != (recipe.device, recipe.dtype):
-        log.warning("scene %s was rendered on %s in %s: re-rendering on %s gives the picture up to "
-                    "rounding, not bit for bit", scene_id, recipe.device, recipe.dtype, f"{device.type} in {dtype}")
+    if other := _other_device(recipe, device):
+        log.warning("scene %s: %s: the picture up to rounding, not bit for bit", scene_id, other)
+    if recipe.runtime is not None:
+        log.info("scene %s: rendering on %d torch thread(s), as its job did", scene_id, recipe.runtime.torch_threads)
     scene = Scene(recipe.id, recipe.prompt, recipe.negative_prompt, recipe.seed, recipe.width, recipe.height)
-    with tempfile.TemporaryDirectory(prefix="anchors.") as tmp:
+    # Pinned from the start: fusing the LoRA into the UNet is a matmul too
+    with tempfile.TemporaryDirectory(prefix="anchors.") as tmp, pinned(recipe.runtime):
         anchors = _record_anchors(model_dir, lora, recipe, device, Path(tmp)) if recipe.consistency else []
         pipe, embeds = pipeline_and_embeddings(Path(model_dir), settings, scene, device)
         move_to_device(pipe, device, settings)
@@ -97,6 +128,23 @@ def rerender_panel(model_dir: Path, bundle_dir: Path, scene_id: str,
             enable_sharing(pipe, [load_anchor(p) for p in anchors], recipe.consistency.strength,
                            recipe.consistency.steps_fraction)
         return render(pipe, scene, settings, list(recipe.batch_seeds), embeds)[recipe.batch_index]
+
+
+def unmatched(bundle_dir: Path, scene_id: str, device: torch.device | None = None) -> list[str]:
+    """What the panel's jobs (its scene's and each anchor's) recorded that this process does not
+    match once rerender_panel pinned what it can: the device and dtype, other torch or diffusers
+    versions, CPU kernels, GPU or CUDA; a job that recorded nothing says so."""
+    recipe = load_recipe(bundle_dir, scene_id)
+    device = device or _recipe_device(recipe)
+    anchors = recipe.consistency.anchors if recipe.consistency else ()
+    found = [other] if (other := _other_device(recipe, device)) else []
+    for job, runtime in [(f"scene {recipe.id}", recipe.runtime), *((f"anchor {a.id}", a.runtime) for a in anchors)]:
+        if runtime is None:
+            found.append(f"{job}: recorded no threads or versions (made by an older version)")
+            continue
+        with pinned(runtime):
+            found += [f"{job}: {difference}" for difference in runtime.differences(Runtime.current(device))]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if published.is_file():
         with Image.open(published) as panel:
             same = np.array_equal(np.asarray(panel.convert("RGB")), np.asarray(image))
-        print(f"{args.out}: {'bit for bit' if same else 'NOT bit for bit'} the published {published}")
+        print(f"{args.out}: {'bit for bit' if same else 'NOT bit for bit'} the published {published}"
+              + ("" if same else _why_not(args.bundle, args.scene)))
     return 0
+
+
+def _why_not(bundle: Path, scene: str) -> str:
+    """The recorded items this machine could not match, for the 'NOT bit for bit' line."""
+    if missed := unmatched(bundle, scene):
+        return "; recorded by its jobs and not matched here: " + "; ".join(missed)
+    return ("; every item its jobs recorded (torch threads, versions, device, dtype, CPU kernels) "
+            "matches here: please report it")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> st
         "# consistency), which stock diffusers does not do: this renders the recipe without them.",
         "# The panel itself: python -m kolors_story.host.reproduce (see below).",
     ]
+    threads = [] if row.get("runtime") is None else [  # a CPU render's last bits depend on it
+        'torch.set_num_threads(panel["runtime"]["torch_threads"])  # as many threads as the scene job']
     return "\n".join([
         "```python", *caveat, "import json", "", "import torch", "from diffusers import KolorsPipeline",
         scheduler_import, "from modelscope import snapshot_download", "",
@@ -174,6 +176,7 @@ def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> st
         f'lora_dir = snapshot_download("{repo_id or "<owner>/<this-repo>"}")',
         'with open(f"{lora_dir}/prompts.json", encoding="utf-8") as f:',
         f'    panel = next(s for s in json.load(f)["scenes"] if s["id"] == {json.dumps(row["id"])})',
+        *threads,
         f'pipe = KolorsPipeline.from_pretrained(base_dir, torch_dtype=getattr(torch, panel["dtype"]){variant})',
         scheduler_line,
         f'pipe.load_lora_weights(lora_dir, weight_name="{LORA_WEIGHT_NAME}", adapter_name="style")',
@@ -209,8 +212,9 @@ _REPRODUCE = (
     "A panel with `consistency` shares self-attention with character anchors, which stock "
     "diffusers cannot do; with the `kolors_story` project installed, "
     "`python -m kolors_story.host.reproduce <this folder> <Kolors-diffusers folder> <scene id> out.png` "
-    "records the anchors again from their recipes and renders the panel. Both are bit for bit on "
-    "the recipe's device type and dtype (same hardware and library versions); elsewhere, the same "
+    "records the anchors again from their recipes and renders the panel on the torch thread count "
+    "each job recorded (`runtime`). Both are bit for bit on the recipe's device type and dtype with "
+    "the `runtime` recorded (thread count, library versions, CPU kernels, GPU); elsewhere, the same "
     "picture up to rounding."
 )
 

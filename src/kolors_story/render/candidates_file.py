@@ -10,12 +10,56 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kolors_story.errors import UserError
 from kolors_story.files import write_json
 
+if TYPE_CHECKING:
+    import torch
+
 RECORD_FILE = "candidates.json"
-FORMAT = 2  # bumped when the file's shape changes; older files are refused with the fix
+FORMAT = 3  # bumped when the file's shape changes; older files are refused with the fix
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What decides a render's last bits beyond its recipe: torch's CPU thread count splits the
+    reductions differently (a pixel one uint8 level off on 2 cores), other torch or diffusers
+    versions, SIMD kernels or GPUs compute differently. Each scene and anchor job records it;
+    `kolors_story.host.reproduce` pins the threads and the deterministic flag, and names the rest
+    where they differ."""
+
+    torch_threads: int  # torch.get_num_threads() while rendering (the job's `threads:`)
+    torch: str
+    diffusers: str
+    cpu_capability: str  # torch.backends.cpu.get_cpu_capability(): the SIMD kernels, e.g. AVX2
+    deterministic: bool  # torch.are_deterministic_algorithms_enabled()
+    gpu: str | None = None  # the CUDA device's name; None on the CPU
+    cuda: str | None = None  # torch.version.cuda on a GPU
+
+    @classmethod
+    def current(cls, device: "torch.device") -> "Runtime":
+        """This process's, rendering on `device`."""
+        from importlib.metadata import version
+
+        import torch  # here: the manifest and bundle jobs read records without torch
+
+        on_gpu = device.type == "cuda"
+        return cls(torch_threads=torch.get_num_threads(), torch=torch.__version__, diffusers=version("diffusers"),
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   deterministic=torch.are_deterministic_algorithms_enabled(),
+                   gpu=torch.cuda.get_device_name(device) if on_gpu else None,
+                   cuda=torch.version.cuda if on_gpu else None)
+
+    def differences(self, here: "Runtime") -> list[str]:
+        """Each recorded item `here` does not match: 'torch 2.4.0 (here 2.5.1)'."""
+        return [f"{f.name.replace('_', ' ')} {getattr(self, f.name)} (here {getattr(here, f.name)})"
+                for f in fields(self) if getattr(self, f.name) != getattr(here, f.name)]
+
+
+def _runtime(data: "dict | Runtime | None") -> Runtime | None:
+    return Runtime(**data) if isinstance(data, dict) else data
 
 
 @dataclass(frozen=True)
@@ -34,6 +78,10 @@ class AnchorRecipe:
     lora_scale: float
     steps_fraction: float
     max_tokens: int
+    runtime: Runtime | None = None  # None: recorded by a version before Runtime
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", _runtime(self.runtime))
 
     @classmethod
     def from_meta(cls, meta: dict, path: Path) -> "AnchorRecipe":
@@ -89,6 +137,10 @@ class PanelRecipe:
     batch_index: int  # ...whose image at this index is the panel
     consistency: ConsistencyRecipe | None = None
     lora_fused: bool = False  # the LoRA was merged into the UNet (pipe.fuse_lora) before rendering
+    runtime: Runtime | None = None  # threads, versions, kernels of the scene job; None: not recorded
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", _runtime(self.runtime))
 
     @property
     def stock_diffusers(self) -> bool:
@@ -125,8 +177,10 @@ class CandidateRecord:
     consistency: ConsistencyRecipe | None = None
     lora_fused: bool = False  # one LoRA scale: merged into the UNet; several: adapters switched
     without_consistency: str | None = None  # the kept seed rendered with sharing off (compare)
+    runtime: Runtime | None = None  # what besides the recipe decided the last bits (Runtime)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", _runtime(self.runtime))
         if not 0 <= self.chosen < len(self.candidates):
             raise ValueError(f"scene {self.scene}: chosen {self.chosen} is not one of {len(self.candidates)} candidates")
 
@@ -159,7 +213,7 @@ class CandidateRecord:
             guidance_scale=self.guidance_scale, lora_scale=panel.lora_scale, precision=self.precision,
             dtype=self.dtype, device=self.device, batch_seeds=panel.batch_seeds,
             batch_index=panel.batch_seeds.index(panel.seed), consistency=self.consistency,
-            lora_fused=self.lora_fused)
+            lora_fused=self.lora_fused, runtime=self.runtime)
 
     def selection(self) -> dict:
         """How the panel was picked: for prompts.json and the manifest."""
@@ -196,4 +250,4 @@ def read_record(folder: Path) -> CandidateRecord:
 
 
 __all__ = ["AnchorRecipe", "Candidate", "CandidateRecord", "ConsistencyRecipe", "PanelRecipe", "RECORD_FILE",
-           "read_record", "write_record"]
+           "Runtime", "read_record", "write_record"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,9 @@ from PIL import Image
 from kolors_story.models import devices
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.render.panel_choice import needs_scorer
-from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, write_record
+from kolors_story.render.candidates_file import (
+    AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime, write_record,
+)
 from kolors_story.models.prompt_embeddings import PromptEmbeddings
 
 log = logging.getLogger(__name__)
@@ -328,7 +330,7 @@ def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, 
         height=scene.height, sampler=settings.sampler, steps=settings.steps,
         guidance_scale=settings.guidance_scale, precision=settings.precision,
         dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type, lora_fused=fused,
-        candidates=candidates, chosen=chosen, consistency=sharing)
+        candidates=candidates, chosen=chosen, consistency=sharing, runtime=Runtime.current(device))
 
 
 def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: list[dict],
@@ -408,7 +410,8 @@ def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings,
     log.info("anchor %s: %d features over %s steps", scene.id, len(features), meta.get("recorded_steps"))
     # The whole recipe (candidates_file.AnchorRecipe): scene records carry it into prompts.json.
     recipe = {"id": scene.id, "prompt": scene.prompt, "negative_prompt": scene.negative_prompt or "",
-              "sampler": settings.sampler, "lora_scale": scale, "steps_fraction": consistency.steps_fraction}
+              "sampler": settings.sampler, "lora_scale": scale, "steps_fraction": consistency.steps_fraction,
+              "runtime": asdict(Runtime.current(device))}
     return save_anchor(Path(out_path), features, {**meta, **recipe}, image)
 
 
