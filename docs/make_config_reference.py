@@ -35,7 +35,7 @@ def kind(node: dict) -> str:
     text = " or ".join(t for t in types if t)
     limits = [f"{word} {node[key]}" for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
                                                        ("exclusiveMaximum", "<"), ("multipleOf", "a multiple of"),
-                                                       ("minItems", "items >=")) if key in node]
+                                                       ("minItems", "items >="), ("maxLength", "length <=")) if key in node]
     return ", ".join([text, *limits]) if limits else text
 
 

@@ -284,3 +284,48 @@ def test_the_rules_plan_a_captioner_only_where_asked_with_its_model_and_gpu(tmp_
     assert api.returncode == 0 and job and "gpu=1" not in job and "modelscope" not in job
     missing = dry_run(tmp_path, {"caption": {"backend": "data_juicer", "model": "resources/nope"}})
     assert missing.returncode != 0 and "caption.model: local folder 'resources/nope' does not exist" in missing.stdout + missing.stderr
+
+
+LONG_NAME = "s" + "x" * 260  # 261 characters: passed validation, then died with OSError File name too long
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda c: c["story"]["scenes"][0].update(id=LONG_NAME), "story.scenes[0].id"),
+        (lambda c: c.update(run=LONG_NAME), "run"),
+        (lambda c: c["story"].setdefault("characters", {}).update({LONG_NAME: "someone"}), "story.characters"),
+        (lambda c: c.update(sweep=[{"name": LONG_NAME}]), "sweep[0].name"),
+        (lambda c: c["story"].update(outline=[{"id": LONG_NAME, "description": "d"}], scenes=None), "story.outline[0].id"),
+    ],
+    ids=["scene", "run", "character", "variant", "outline"],
+)
+def test_names_that_become_paths_are_bounded_at_parse_time(change, key):
+    """Every name that becomes a file or folder name is refused when the config is parsed, naming
+    the key and the limit, not late with a raw OSError (the 255-byte file name limit)."""
+    config = default_config()
+    change(config)
+    with pytest.raises(UserError) as info:
+        validate_config(config, SCHEMA)
+    message = str(info.value)
+    assert f"config key '{key}'" in message and "is too long" in message and "at most 64 characters" in message
+
+
+def test_the_name_limit_is_one_number_in_the_schema_and_the_code():
+    from kolors_story.plan.sweep import NAME_MAX
+
+    story = SCHEMA["properties"]["story"]["properties"]
+    limits = [SCHEMA["properties"]["run"]["maxLength"], story["characters"]["propertyNames"]["maxLength"],
+              story["scenes"]["items"]["properties"]["id"]["maxLength"],
+              story["outline"]["items"]["properties"]["id"]["maxLength"],
+              SCHEMA["properties"]["sweep"]["items"]["properties"]["name"]["maxLength"]]
+    assert limits == [NAME_MAX] * 5
+
+
+def test_a_grid_name_grown_past_the_limit_is_refused_naming_it():
+    from kolors_story.plan.sweep import expand_sweep
+
+    config = {**default_config(), "sweep": [{"name": "n" * 60, "grid": {"train.rank": [8, 16]}}]}
+    with pytest.raises(UserError, match=r"config key 'sweep': variant name\(s\) \['n{60}-rank8', 'n{60}-rank16'\] "
+                                        r"are longer than 64 characters"):
+        expand_sweep(validate_config(config, SCHEMA), lambda c: validate_config(c, SCHEMA))

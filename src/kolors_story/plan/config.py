@@ -42,6 +42,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = ", ".join(sorted(error.schema.get("properties", {})))
         return f"config key '{key}': {error.message}. Allowed keys here: {allowed}"
+    if error.validator == "maxLength":  # a name that becomes a path (sweep.NAME_MAX): shown cut, with the count
+        shown = error.instance if len(error.instance) <= 24 else error.instance[:24] + "..."
+        return (f"config key '{key}': {shown!r} is too long: {len(error.instance)} characters, at most "
+                f"{error.validator_value} characters (it names a file or folder)")
     if error.validator == "enum":
         allowed = ", ".join(map(str, error.validator_value))
         return f"config key '{key}': {error.instance!r} is not allowed. Allowed: {allowed}"

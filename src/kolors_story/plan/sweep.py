@@ -23,6 +23,9 @@ from kolors_story.errors import UserError
 
 SHARED = "shared"  # results/shared/ holds the keyed jobs' outputs: no variant may take the name
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Longest name that becomes a file or folder name (run, variant, scene id, character; the schema's
+# maxLength): file systems allow 255 bytes, and the room left covers suffixes and CJK's 3 bytes.
+NAME_MAX = 64
 KEY_LENGTH = 12
 
 
@@ -78,6 +81,9 @@ def _check_names(names: list[str]) -> None:
     if bad := [n for n in names if not VARIANT_NAME.fullmatch(n) or n.casefold() == SHARED]:
         problems.append(f"variant name(s) {bad} cannot name a folder results/<variant>/: use letters, "
                         f"digits, '.', '_' and '-', starting with a letter or digit, and not '{SHARED}'.")
+    if long := [n for n in names if len(n) > NAME_MAX]:  # a grid adds its values to the item's name
+        problems.append(f"variant name(s) {long} are longer than {NAME_MAX} characters, the most a folder "
+                        "results/<variant>/ takes here; give the sweep item a shorter `name`, or fewer grid keys.")
     if problems:
         raise UserError("config key 'sweep': " + " ".join(problems))
 
