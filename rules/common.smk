@@ -4,6 +4,7 @@
 # panels write to results/shared/<stage>/<key>/, the key hashing what the job depends on
 # (kolors_story.plan.job_plan), so variants with equal settings share one job; small copy rules put
 # each variant's LoRA, panels and filter statistics under results/<variant>/.
+import functools
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from kolors_story.plan.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
+from snakemake.logging import logger
+from kolors_story.plan.content_digest import changes, digest, listing
 from kolors_story.plan.job_plan import IMAGE_KEYS, data_key, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
@@ -146,6 +149,29 @@ def model_folder(ref, key):
     return _check_local(ref, key) if is_local_model(ref) else model_dir(ref)
 
 
+# ---------------------------------------------------------------- local inputs' contents
+# A local input a config names (dataset.path, a model folder, a LoRA file) reaches its job as a
+# content digest param (kolors_story.plan.content_digest): an edited, added, removed or renamed
+# file changes it, and Snakemake reruns a job whose params changed, then everything after it.
+# Folders that rules build, and ModelScope ids, are outputs that Snakemake tracks itself.
+CONTENT_CACHE = "resources/cache/content"  # each file's sha256 by its identity: a rerun hashes only what changed
+
+
+@functools.cache
+def local_listing(path):
+    return listing(Path(path), Path(CONTENT_CACHE))
+
+
+def content_param(path):
+    """The content digest of a local file or folder; '' for one that a rule of this workflow builds."""
+    return "" if path is None or path in BUILT_DIRS else digest(local_listing(path))
+
+
+def model_content(ref):
+    """content_param of a model given as a local folder; '' for a ModelScope id."""
+    return content_param(model_dir(ref)) if ref and is_local_model(ref) else ""
+
+
 def model_check(name, ref):
     """The file rule prepare_model writes once a model folder's layout is checked."""
     return f"{SHARED}/models/{name}/{job_key(ref)}.json"
@@ -263,6 +289,33 @@ def dataset_input(wildcards):
     return [_check_local(ds["path"], "dataset.path")] if ds["source"] == "local" else []
 
 
+DATASET_CONTENT = "content.json"  # beside the download job's rows: the files it read and their sha256
+
+
+def dataset_content(wildcards):
+    """The local dataset folder's content digest (download_dataset's param); where it differs from
+    what the download job last read, the log says which files changed."""
+    ds = download_settings(wildcards)
+    if ds["source"] != "local":
+        return ""
+    path = _check_local(ds["path"], "dataset.path")
+    now = content_param(path)
+    if now:
+        say_dataset_changes(path, f"{SHARED}/download/{wildcards.key}/{DATASET_CONTENT}")
+    return now
+
+
+@functools.cache
+def say_dataset_changes(path, record):
+    try:
+        before = json.loads(Path(record).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError):
+        return  # never read, or a record of another format: the job runs anyway
+    if (changed := changes(before, local_listing(path))):
+        logger.warning(f"dataset.path '{path}' changed since its download job read it: {changed}. "
+                       "That job and the chain after it run again.")
+
+
 def filter_input(name):
     """A file of the download job the filter job reads from."""
     return lambda wc: f"{SHARED}/download/{PLAN.filters[wc.key]['download']}/{name}"
@@ -337,6 +390,10 @@ LORA_FILES = {
     "summary": "training_summary.json",
 }
 IMPORTED_FILES = {k: LORA_FILES[k] for k in ("lora", "diffsynth")}
+
+
+def init_lora_content(wildcards):
+    return content_param(PLAN.trainings[wildcards.key]["train"]["init_lora"])
 
 
 def import_inputs(wildcards):

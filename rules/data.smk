@@ -23,8 +23,11 @@ rule download_dataset:
         rows=f"{SHARED}/download/{{key}}/rows.jsonl",
         images=directory(f"{SHARED}/download/{{key}}/images"),
         stats=f"{SHARED}/download/{{key}}/download_stats.json",
+        content=f"{SHARED}/download/{{key}}/{DATASET_CONTENT}",
     params:
         dataset=download_settings,
+        content=dataset_content,  # a local folder's files: an edited, added or removed one reruns the chain
+        content_cache=CONTENT_CACHE,
     log:
         f"{SHARED}/logs/download_dataset/{{key}}.log",
     benchmark:
@@ -73,6 +76,7 @@ rule caption_images:
         page=f"{SHARED}/captions/{{key}}/{CAPTION_FILES['page']}",
     params:
         caption=caption_params,  # the API key's variable name, never the key
+        model_content=lambda wc: model_content(caption_job(wc)["caption"].get("model")) if caption_job(wc)["caption"]["backend"] == "data_juicer" else "",
         trigger=lambda wc: caption_job(wc)["trigger"],
         default_caption=lambda wc: caption_job(wc)["default_caption"],
         cache_dir=f"{CACHE}/captions",

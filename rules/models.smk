@@ -69,6 +69,7 @@ rule prepare_model:
     params:
         ref=lambda wc: MODEL_REFS[(wc.model_name, wc.key)],
         config_key=lambda wc: f"models.{wc.model_name}",
+        content=lambda wc: model_content(MODEL_REFS[(wc.model_name, wc.key)]),  # weights replaced: its users rerun
     log:
         f"{SHARED}/logs/prepare_model/{{model_name}}/{{key}}.log",
     benchmark:

@@ -17,6 +17,7 @@ checkpoint write_prompts:
         rules=lambda wc: WRITERS[wc.key]["rules"],
         writer=writer_params,  # the API key's variable name, never the key
         cache_dir=f"{CACHE}/llm",
+        model_content=lambda wc: model_content(WRITERS[wc.key]["local_model"]),  # replies of other weights are not reused
     resources:
         gpu=lambda wc: 1 if WRITERS[wc.key]["local_model"] else 0,  # backend local: the model in this job
     log:

@@ -14,6 +14,7 @@ rule import_lora:
         diffsynth=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['diffsynth']}",
     params:
         diffsynth_alpha=lambda wc: PLAN.imports[wc.key]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
+        content=lambda wc: content_param(PLAN.imports[wc.key]["use_lora"]),  # the file replaced: imported again
     log:
         f"{SHARED}/logs/import_lora/{{key}}.log",
     benchmark:
@@ -40,6 +41,7 @@ rule train_lora:
     params:
         train=lambda wc: PLAN.trainings[wc.key]["train"],
         processes=lambda wc: PLAN.trainings[wc.key]["processes"],
+        init_lora=init_lora_content,  # the init_lora file replaced under its name: trained again
         cache_dir=CACHE,
         work_dir=f"{SHARED}/lora/{{key}}/work",
     threads: ALL_CORES

@@ -17,7 +17,7 @@ def main(snakemake):
     params, out = snakemake.params, snakemake.output
     settings = CaptionSettings(**params.caption)
     rows = read_rows(Path(snakemake.input.rows))
-    cache = ReplyCache(Path(params.cache_dir))
+    cache = ReplyCache(Path(params.cache_dir, params.model_content))  # a local model's weights: their own replies
     # results/shared/captions/<key>/captioned.jsonl -> results/: a run reproduced in a fresh folder
     # with its results/<run>/ finds its captions there and asks no captioner
     seeded = seed_from_results(Path(out.rows).parents[3], cache)

@@ -6,6 +6,7 @@ from kolors_story.data.local_folder import collect_local
 from kolors_story.data.modelscope_dataset import download_modelscope_dataset
 from kolors_story.data.rows import SourceReport, write_rows
 from kolors_story.files import write_json
+from kolors_story.plan.content_digest import digest, listing
 from kolors_story.host.rule_runner import run_rule
 
 
@@ -25,6 +26,9 @@ def main(snakemake):
             cache_dir=Path("resources/modelscope/datasets"), image_column=ds["image_column"],
             background=background, report=report,
         )
+    # The files read, by content: the next plan names what changed (rules/common.smk, dataset_content)
+    files = listing(Path(ds["path"]), Path(snakemake.params.content_cache)) if ds["source"] == "local" else {}
+    write_json({"digest": digest(files), "files": files}, Path(snakemake.output.content), sort_keys=True)
     write_rows(rows, Path(snakemake.output.rows))
     summary = report.as_dict(len(rows))
     stats = write_json(summary, Path(snakemake.output.stats))

@@ -15,7 +15,7 @@ def main(snakemake):
     kept = Path(snakemake.log[0]).with_suffix(".jsonl")  # a failed job's outputs are removed; this stays
     try:
         write_scenes_file(dict(params.story), params.rules, ChatSettings(**params.writer),
-                          ReplyCache(Path(params.cache_dir)), Path(out.scenes), Path(out.transcript))
+                          ReplyCache(Path(params.cache_dir, params.model_content)), Path(out.scenes), Path(out.transcript))
     finally:
         if Path(out.transcript).is_file():
             shutil.copyfile(out.transcript, kept)

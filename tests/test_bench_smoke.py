@@ -59,3 +59,14 @@ def test_rehearsal_runs_every_rule_of_a_default_run_through_snakemake(tmp_path):
     params = rehearsal.model_bytes(tmp_path / "models-tiny" / "kolors", tmp_path / "models-tiny" / "aesthetic")
     rows = {r.job.split("/")[0]: r for r in rehearsal.read_jobs(tmp_path / "flow" / "results", params, report["precision"])}
     assert not rows["train_lora"].ok and rows["train_lora"].peak_anonymous_gib == 9.5 and rows["encode_texts"].ok
+
+
+def test_plan_rerun_benchmark_times_a_rerun_plan_over_a_local_folder(tmp_path):
+    """bench/plan_rerun.py --smoke: the rerun-planning benchmark of content-tracked datasets."""
+    out = tmp_path / "plan_rerun.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plan_rerun.py"), "--smoke", "--work", str(tmp_path / "w"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["edit_named_and_planned"] and report["images"] == 200
+    assert all(seconds > 0 for seconds in report["plan_s"].values()) and "vs baseline" in proc.stdout

@@ -111,7 +111,8 @@ def _damage(path: Path, recorded: dict[str, Any]) -> str | None:
     return None
 
 
-def _identity(path: Path) -> list[int]:
+def file_identity(path: Path) -> list[int]:
+    """Device, inode, size, mtime and ctime (ns): any write, truncation or replacement changes it."""
     st = path.stat()
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
@@ -120,7 +121,7 @@ def _sha256_matches(path: Path, want: str) -> bool:
     """Whether the file's sha256 is `want`, hashing it only if it is not the very file a check
     found right before (see the module's docstring)."""
     checked = seal_path(path).with_name(path.name + CHECKED_SUFFIX)
-    identity, started = _identity(path), time.time()
+    identity, started = file_identity(path), time.time()
     record = {"sha256": want, "identity": identity}
     try:
         if json.loads(checked.read_text(encoding="utf-8")) == record:
@@ -130,7 +131,7 @@ def _sha256_matches(path: Path, want: str) -> bool:
     if sha256_file(path) != want:
         return False
     settled = started - identity[4] / 1e9 >= SETTLED_S
-    if identity[2] >= CHECKED_MIN_BYTES and settled and _identity(path) == identity:
+    if identity[2] >= CHECKED_MIN_BYTES and settled and file_identity(path) == identity:
         try:
             tmp = checked.with_name(f".{checked.name}.{socket.gethostname()}-{os.getpid()}.tmp")
             write_json(record, tmp)

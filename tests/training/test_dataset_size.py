@@ -86,3 +86,21 @@ def test_repeats_train_and_key_their_own_checkpoints(tiny_kolors, tmp_path):
     result = train_lora(TrainJob(tiny_kolors, folders["rep"], tmp_path / "out", work_dir=tmp_path / "work"),
                         settings)
     assert len(result.losses) == 2 and (tmp_path / "work" / keys["rep"]).is_dir()
+
+
+def test_an_init_lora_replaced_under_its_name_keys_other_checkpoints(tiny_kolors, tmp_path):
+    """train.init_lora names a file: a rerun after that file was replaced (its content tracked by
+    the rules) must start from the new file, not resume the old start's checkpoints."""
+    from kolors_story.models.kolors_folder import KolorsFolder
+    from kolors_story.training.loop import run_fingerprint
+    from kolors_fixtures import write_training_folder
+
+    lora = tmp_path / "start.safetensors"
+    lora.write_bytes(b"one start")
+    settings = TrainSettings(steps=2, resolution=32, precision="fp32", rank=4, init_lora=str(lora))
+    examples = read_metadata(write_training_folder(tmp_path / "data", [(40, 40)] * 2, ["水墨画", "山水"]))
+    kolors = KolorsFolder(tiny_kolors)
+    before = run_fingerprint(settings, kolors, examples)
+    assert run_fingerprint(settings, kolors, examples) == before
+    lora.write_bytes(b"another start")
+    assert run_fingerprint(settings, kolors, examples) != before

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from kolors_story.models import devices
 from kolors_story.errors import UserError
+from kolors_story.files import sha256_file
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.prompt_embeddings import Embedding, release
@@ -131,6 +132,8 @@ def run_fingerprint(settings: TrainSettings, folder: KolorsFolder, examples: lis
     """Checkpoints are resumed only by a run with the same settings, model, data and process count."""
     h = hashlib.sha256(settings.fingerprint().encode())
     h.update(folder.fingerprint("unet").encode())
+    if settings.init_lora:  # the settings name the file; a file replaced under that name is another start
+        h.update(sha256_file(Path(settings.init_lora)).encode())
     for ex in examples:
         repeats = f"\x1f{ex.repeats}" if ex.repeats != 1 else ""  # runs without repeats keep their fingerprint
         h.update(f"{ex.digest}\x1f{ex.caption}{repeats}\x1e".encode())
