@@ -379,6 +379,14 @@ def encode_inputs(wildcards):
             "datasets": [f"{SHARED}/data/{f}/dataset" for f in job["filters"]]}
 
 
+def encode_steps(wildcards):
+    """[training folder, one optimizer step of the strictest training on it] of the folders the
+    encode job reads: a folder too small is refused there, before ChatGLM loads (a param of
+    build_metadata would rebuild the folder, and rerun every training sharing it, on each change)."""
+    job = PLAN.encodings[wildcards.key]
+    return [[f"{SHARED}/data/{f}/dataset", step] for f in job["filters"] if (step := PLAN.step_examples(f))]
+
+
 # ---------------------------------------------------------------- of the LoRA rules
 LORA_FILES = {
     "lora": "pytorch_lora_weights.safetensors",

@@ -19,6 +19,7 @@ rule encode_texts:
     params:
         texts=lambda wc: PLAN.encodings[wc.key]["texts"],  # + the captions of the datasets (inputs)
         precision=lambda wc: PLAN.encodings[wc.key]["precision"],
+        steps=encode_steps,  # batch_size x gradient_accumulation x processes per dataset
         cache_dir=CACHE,
     resources:
         gpu=1,

@@ -7,10 +7,8 @@ from kolors_story.host.rule_runner import run_rule
 
 
 def main(snakemake):
-    # step: what one optimizer step of the strictest training on this folder takes (None: no check)
     csv_path = build_training_folder(read_rows(Path(snakemake.input.rows)), Path(snakemake.output[0]),
-                                     truncate_long_captions=snakemake.params.truncate,
-                                     step=snakemake.params.get("step"))
+                                     truncate_long_captions=snakemake.params.truncate)
     logging.info("training metadata: %s", csv_path)
 
 

@@ -126,3 +126,20 @@ def test_a_local_model_folders_weights_and_a_use_lora_file_are_tracked(own_style
         assert planned(own_style, "--until", "import_lora")[0] == {"prepare_model": 1, "import_lora": 1}
     finally:
         (own_style / "mine.yaml").write_text(yaml.safe_dump({"dataset": {"path": "style"}}), encoding="utf-8")
+
+
+def test_a_dataset_too_small_for_the_batch_is_refused_before_chatglm_loads(own_style):
+    """One image with train.batch_size 4: refused by encode_texts before it loads ChatGLM (no
+    training, no encoder), naming the count and the keys."""
+    one = own_style / "one"
+    one.mkdir()
+    image = sorted((own_style / "style").glob("*.jpg"))[0]
+    shutil.copy2(image, one / image.name)
+    small = {"run": "small", "dataset": {"path": "one"}, "train": {"batch_size": 4}}
+    (own_style / "small.yaml").write_text(yaml.safe_dump(small), encoding="utf-8")
+    proc = snakemake(own_style, "--cores", "1", "--configfile", "demo/config.yaml", "small.yaml", "--until", "encode_texts")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rule encode_texts" in out, out[-3000:]
+    log = next((own_style / "results/shared/logs/encode_texts").glob("*.log")).read_text(encoding="utf-8")
+    assert "holds 1 image(s) after filtering" in log and "train.batch_size 4" in log, log[-2000:]
+    assert "prompt embeddings" not in log  # nothing encoded: ChatGLM never loaded

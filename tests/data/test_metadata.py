@@ -143,21 +143,25 @@ def test_rows_whose_ids_meet_as_file_names_name_both_files_and_the_rename(rows, 
         "dataset.path, e.g. to 'sub/edge_2.jpg', and rerun.")
 
 
-def test_a_dataset_smaller_than_one_step_is_refused_here_naming_count_keys_and_fix(rows, tmp_path):
-    """build_metadata knows the count first: refused there, before encode_texts loads ChatGLM."""
+def test_a_dataset_smaller_than_one_step_is_refused_naming_count_keys_and_fix(rows, tmp_path):
+    """encode_texts' check (before ChatGLM loads) on the folder build_metadata wrote."""
+    from kolors_story.training.data import check_step_fits
+
+    def folder(picked: list[dict]) -> Path:
+        return build_training_folder(picked, tmp_path / str(len(list(tmp_path.iterdir())))).parents[1]
+
     step = {"batch_size": 4, "gradient_accumulation": 1, "processes": 1}
+    one = folder(rows[:1])
     with pytest.raises(UserError) as info:
-        build_training_folder(rows[:1], tmp_path, step=step)
+        check_step_fits(one, step)
     message = str(info.value)
-    assert message.startswith("The dataset holds 1 image(s) after filtering, fewer than one optimizer step takes: "
-                              "train.batch_size 4 x train.gradient_accumulation 1 x train.processes 1 = 4.")
+    assert message.startswith(f"The dataset {one} holds 1 image(s) after filtering, fewer than one optimizer step "
+                              "takes: train.batch_size 4 x train.gradient_accumulation 1 x train.processes 1 = 4.")
     assert "so that their product is at most 1" in message and "add images" in message
-    assert not (tmp_path / "train").exists()  # refused before anything is written
     two_gpus = {"batch_size": 1, "gradient_accumulation": 2, "processes": 2}
     with pytest.raises(UserError, match=r"train.processes 2 = 4\..*at most 3"):
-        build_training_folder(rows[:3], tmp_path, step=two_gpus)
+        check_step_fits(folder(rows[:3]), two_gpus)
     # kohya repeats count as the trainer counts them: 2 images x 2 repeats fill a step of 4
-    assert build_training_folder([{**r, "repeats": 2} for r in rows[:2]], tmp_path, step=step).is_file()
+    check_step_fits(folder([{**r, "repeats": 2} for r in rows[:2]]), step)
     with pytest.raises(UserError, match=r"1 image\(s\) \(3 examples per epoch with their repeats\)"):
-        build_training_folder([{**rows[0], "repeats": 3}], tmp_path, step=step)
-    assert build_training_folder(rows[:1], tmp_path, step=None).is_file()  # no training reads it: no check
+        check_step_fits(folder([{**rows[0], "repeats": 3}]), step)

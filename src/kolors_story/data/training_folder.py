@@ -58,7 +58,7 @@ def cut_captions(dataset: Path) -> list[dict[str, str]]:
 def too_small_for_a_step(images: int, per_epoch: int, step: dict, where: str) -> UserError | None:
     """The refusal of a dataset smaller than one optimizer step (`step`: {batch_size,
     gradient_accumulation, processes}), None when it is large enough; `where` starts the message.
-    The trainer (training.data.check_dataset_size) and build_metadata say it alike."""
+    The trainer (training.data.check_dataset_size) and encode_texts (check_step_fits) say it alike."""
     per_step = step["batch_size"] * step["gradient_accumulation"] * step["processes"]
     if per_epoch >= per_step:
         return None
@@ -71,25 +71,17 @@ def too_small_for_a_step(images: int, per_epoch: int, step: dict, where: str) ->
     )
 
 
-def check_enough_for_a_step(rows: list[dict], step: dict | None) -> None:
-    """Refuse rows fewer than one optimizer step of the strictest training that reads them
-    (JobPlan.step_examples), as the trainer would, but before ChatGLM and the UNet load."""
-    error = too_small_for_a_step(len(rows), sum(map(row_repeats, rows)), step, "The dataset") if step else None
-    if error:
-        raise error
-
-
-def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False,
-                          step: dict | None = None) -> Path:
+def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_captions: bool = False) -> Path:
     """Write `out_dir/train/<id>.jpg` and `out_dir/train/metadata.csv`; return the csv path.
 
     The folder is rebuilt from scratch so no image of an earlier run lingers. An empty caption
-    is refused: pandas reads it back as NaN, which the trainer cannot tokenise. So is a dataset
-    smaller than one optimizer step (`step`, see check_enough_for_a_step).
+    is refused: pandas reads it back as NaN, which the trainer cannot tokenise. A dataset smaller
+    than one optimizer step is refused by encode_texts (training.data.check_step_fits), before
+    ChatGLM loads: a param here would rebuild the folder, and rerun every training that shares it,
+    whenever the strictest batch size changes.
     """
     if not rows:
         raise UserError("No rows to train on; the filter kept no images (see its stats and filter.ops).")
-    check_enough_for_a_step(rows, step)
     check_caption_lengths(rows, truncate_long_captions)
     train = Path(out_dir) / "train"
     if train.exists():

@@ -60,11 +60,21 @@ def examples_per_epoch(examples: list[Example]) -> int:
 
 def check_dataset_size(examples: list[Example], settings: TrainSettings, processes: int, csv_path: Path) -> None:
     """Refuse a dataset smaller than one optimizer step (batch_size x gradient_accumulation x
-    processes examples): every step would show images more than once. build_metadata refuses
-    it first (with the plan's train settings); this guards a folder given by hand."""
+    processes examples): every step would show images more than once. encode_texts refuses it
+    first (check_step_fits, with the plan's train settings); this guards a folder given by hand."""
     step = {"batch_size": settings.batch_size, "gradient_accumulation": settings.gradient_accumulation,
             "processes": processes}
     error = too_small_for_a_step(len(examples), examples_per_epoch(examples), step, f"training data: {csv_path}")
+    if error:
+        raise error
+
+
+def check_step_fits(dataset_dir: Path, step: dict) -> None:
+    """Refuse a training folder smaller than one optimizer step of the strictest training that
+    reads it (JobPlan.step_examples): encode_texts' check, where the workflow first has the count
+    and before ChatGLM or the UNet loads."""
+    examples = read_metadata(dataset_dir)
+    error = too_small_for_a_step(len(examples), examples_per_epoch(examples), step, f"The dataset {dataset_dir}")
     if error:
         raise error
 
