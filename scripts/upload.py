@@ -2,7 +2,7 @@ import json
 import logging
 from pathlib import Path
 
-from kolors_story.outputs.publishing import upload_bundle
+from kolors_story.outputs.hub_upload import upload_bundle
 from kolors_story.host.rule_runner import run_rule
 
 

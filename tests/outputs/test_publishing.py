@@ -16,7 +16,8 @@ from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime
-from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, ModelCard, build_bundle, modelscope_token, upload_bundle
+from kolors_story.outputs.hub_upload import modelscope_token, upload_bundle
+from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, ModelCard, build_bundle
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 
@@ -206,7 +207,7 @@ def test_upload_checks_arguments_before_network(tmp_path: Path, monkeypatch: pyt
 UPLOAD_SCRIPT = """
 import sys
 from kolors_story.errors import UserError
-from kolors_story.outputs.publishing import upload_bundle
+from kolors_story.outputs.hub_upload import upload_bundle
 try:
     upload_bundle(sys.argv[1], "someone/kolors-test")
 except UserError as err:

@@ -1,0 +1,83 @@
+"""Upload of the bundle folder (publishing.build_bundle) to a ModelScope model repo.
+
+The token comes from env MODELSCOPE_API_TOKEN only, never from config or params (Snakemake stores
+params as plain text), and never appears in returned values, logs or errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from kolors_story.errors import UserError
+from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+
+TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def modelscope_token() -> str:
+    """The ModelScope token from env MODELSCOPE_API_TOKEN (the only place it is read from)."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UserError(
+            f"Uploading needs a ModelScope access token in the environment variable {TOKEN_ENV}: "
+            f"create one at https://modelscope.cn/my/myaccesstoken, then `export {TOKEN_ENV}=...` "
+            "before running snakemake (never put it in config.yaml). Or set `upload.enabled: false`."
+        )
+    return token
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _check_upload_args(bundle_dir: Path, repo_id: str, visibility: str) -> None:
+    if not repo_id or not _REPO_ID.match(repo_id):
+        raise UserError(
+            f"ModelScope repo id {repo_id!r} is not of the form owner/name; set config key "
+            "`upload.repo_id`, e.g. your-name/kolors-ink-lora."
+        )
+    if visibility not in ("public", "private"):
+        raise UserError(
+            f"Visibility {visibility!r} is not public or private; fix config key `upload.visibility`."
+        )
+    for name in (LORA_WEIGHT_NAME, "README.md"):
+        path = Path(bundle_dir) / name
+        if not path.is_file():
+            raise UserError(f"Bundle file {path} does not exist; build the bundle before uploading.")
+
+
+def upload_bundle(
+    bundle_dir: Path,
+    repo_id: str,
+    visibility: str = "public",
+    commit_message: str = "Upload Kolors style LoRA bundle",
+) -> dict:
+    """Create the model repo if needed and push the bundle folder; return {repo_id, url}.
+
+    Hub failures become a UserError naming the repo id, with the token scrubbed out and the
+    original exception not chained (its traceback could carry request details).
+    """
+    from modelscope.hub.api import HubApi  # heavy import; only the upload step needs it
+
+    bundle_dir = Path(bundle_dir)
+    _check_upload_args(bundle_dir, repo_id, visibility)
+    token = modelscope_token()
+    try:
+        api = HubApi(token=token)
+        api.login(token)
+        api.create_repo(repo_id, visibility=visibility, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(bundle_dir), commit_message=commit_message)
+        endpoint = str(api.endpoint).rstrip("/")
+    except Exception as exc:  # noqa: BLE001 - every hub failure is reported the same way
+        detail = _scrub(f"{type(exc).__name__}: {exc}", token)
+        failure = UserError(
+            f"Upload of {bundle_dir} to ModelScope repo {repo_id} failed ({detail}). Check the "
+            f"network, that the token in {TOKEN_ENV} is valid with write access, and that you own "
+            "`upload.repo_id`; then rerun."
+        )
+    else:
+        return {"repo_id": repo_id, "url": f"{endpoint}/models/{repo_id}", "visibility": visibility}
+    raise failure from None
