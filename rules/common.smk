@@ -391,13 +391,14 @@ def encode_steps(wildcards):
 LORA_FILES = {
     "lora": "pytorch_lora_weights.safetensors",
     "diffsynth": "diffsynth_lora.ckpt",
+    "comfyui": "comfyui_lora.safetensors",  # kohya keys: ComfyUI's LoraLoaderModelOnly (docs/lora-formats.md)
     "loss_csv": "loss.csv",
     "loss_png": "loss.png",
     "validation_csv": "validation.csv",
     "validation_png": "validation.png",
     "summary": "training_summary.json",
 }
-IMPORTED_FILES = {k: LORA_FILES[k] for k in ("lora", "diffsynth")}
+IMPORTED_FILES = {k: LORA_FILES[k] for k in ("lora", "diffsynth", "comfyui")}
 
 
 def init_lora_content(wildcards):

@@ -1,4 +1,5 @@
-# The LoRA: trained on the Kolors UNet (GPU), or imported from a file (train.use_lora); keyed by
+# The LoRA: trained on the Kolors UNet (GPU), or imported from a file (train.use_lora: diffusers,
+# DiffSynth or kohya/ComfyUI), written in all three formats; keyed by
 # the filter job, the model and the training settings, so variants that differ only in how they
 # generate share one training. Its caption and validation-prompt embeddings come from rule
 # encode_texts' file (ancient(): an edited scene prompt re-encodes, but retrains nothing).
@@ -12,6 +13,7 @@ rule import_lora:
     output:
         lora=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['lora']}",
         diffsynth=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['diffsynth']}",
+        comfyui=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['comfyui']}",
     params:
         diffsynth_alpha=lambda wc: PLAN.imports[wc.key]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
         content=lambda wc: content_param(PLAN.imports[wc.key]["use_lora"]),  # the file replaced: imported again
@@ -59,7 +61,8 @@ rule train_lora:
 
 
 rule copy_lora:
-    """The variant's LoRA in both formats, copied from its training (or import) job."""
+    """The variant's LoRA in every format (diffusers, DiffSynth, ComfyUI), copied from its training
+    (or import) job."""
     input:
         **{name: variant_lora_source(name) for name in IMPORTED_FILES},
     output:

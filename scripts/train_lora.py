@@ -16,7 +16,7 @@ def main(snakemake):
     write_loss_log(result.losses, Path(out.loss_csv), Path(out.loss_png))
     write_validation_log(result.validations, result.picked_step, Path(out.validation_csv), Path(out.validation_png))
     write_summary(result, Path(out.summary))
-    convert_lora(result.lora_file, Path(inp.model), diffsynth_file=Path(out.diffsynth))
+    convert_lora(result.lora_file, Path(inp.model), diffsynth_file=Path(out.diffsynth), comfyui_file=Path(out.comfyui))
 
 
 run_rule(main, snakemake)

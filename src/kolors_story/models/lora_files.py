@@ -1,6 +1,7 @@
-"""Kolors UNet LoRA files: read and write diffusers and DiffSynth-Studio 1.1 formats.
+"""Kolors UNet LoRA files: read and write diffusers, DiffSynth-Studio 1.1 and kohya/ComfyUI formats.
 
-Two formats meet here (../shared/FACTS.md):
+Three formats meet here (../shared/FACTS.md, docs/lora-formats.md); the kohya/ComfyUI key rules
+live in kohya_lora, and this module stays the one entry point (read_lora reads all of them):
 
 * diffusers: `pytorch_lora_weights.safetensors`, keys `unet.<module>.lora.down.weight` /
   `.lora.up.weight` (or peft's `.lora_A.weight` / `.lora_B.weight`), the peft LoraConfig (r,
@@ -17,6 +18,10 @@ Two formats meet here (../shared/FACTS.md):
   lora_alpha=1.0)`) adds `lora_alpha * B @ A`, so with its default the scale is 1, whatever
   rank/alpha the LoRA was trained with. Readers give such a file the alpha they are told
   (config `train.diffsynth_alpha`), else alpha = rank (DiffSynth's scale 1).
+* kohya/ComfyUI (`comfyui_lora.safetensors`): `lora_unet_<module, dots as underscores>` +
+  `.lora_down.weight` / `.lora_up.weight` / `.alpha`, update up @ down * alpha / rank (1.0 without
+  `.alpha`). Read also with SGM module names, lora_A/B, ComfyUI's `diffusion_model.` keys and
+  diffusers' old processor names; `lora_te_` keys are reported and skipped.
 
 Module names are translated with DiffSynth's own `SDXLUNetStateDictConverter.from_diffusers`, run
 over this UNet's parameter names, so the map is exactly the one DiffSynth uses for Kolors.
@@ -27,8 +32,8 @@ and alpha (scale = alpha / rank).
 from __future__ import annotations
 
 import importlib.util
-
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -39,8 +44,12 @@ import torch
 
 from kolors_story.errors import UserError
 from kolors_story.files import ensure_space
+from kolors_story.models import kohya_lora
+
+log = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_WEIGHT_NAME = "comfyui_lora.safetensors"  # kohya keys, what ComfyUI's LoraLoader reads
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _SHOWN = 5  # offending keys named in an error message
 
@@ -59,9 +68,11 @@ class LoraWeights:
     state: dict[str, torch.Tensor]
     rank: int
     alpha: float
-    source_format: Literal["diffusers", "diffsynth"] = "diffusers"
+    # kohya/comfyui/processor: the spellings ComfyUI reads (kohya_lora.FORMATS)
+    source_format: Literal["diffusers", "diffsynth", "kohya", "comfyui", "processor"] = "diffusers"
     target_modules: tuple[str, ...] = ()  # LoraConfig target_modules; () = the full module names
     diffsynth_names: dict[str, str] = field(default_factory=dict, repr=False)  # module -> DiffSynth
+    skipped: tuple[str, ...] = ()  # text-encoder keys of a kohya file, left out
 
     @property
     def scale(self) -> float:
@@ -214,7 +225,8 @@ def _fail(path: Path, problem: str, keys: list[str]) -> UserError:
     shown = ", ".join(keys[:_SHOWN]) + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
     return UserError(
         f"LoRA file {path} is not a LoRA of this Kolors UNet: {problem}: {shown}. Use a LoRA "
-        f"trained on Kolors (diffusers or DiffSynth-Studio format) for the UNet it was made for."
+        f"trained on Kolors (diffusers, DiffSynth-Studio or kohya/ComfyUI format) for the UNet it "
+        f"was made for."
     )
 
 
@@ -236,8 +248,9 @@ def _parse_keys(tensors: dict[str, torch.Tensor], path: Path) -> tuple[dict[str,
         raise UserError(
             f"LoRA file {path} holds no LoRA tensors (no lora_A/lora_B or lora.down/lora.up keys; "
             f"first keys: {', '.join(list(tensors)[:_SHOWN]) or 'none'}). "
-            + ("Kohya/A1111-style LoRAs are not supported; convert it to diffusers format first."
-               if kohya else "Give a diffusers or DiffSynth-Studio LoRA file.")
+            + ("Its lora_down/lora_up keys carry no prefix ComfyUI's SDXL key map knows (lora_unet_, "
+               "diffusion_model.)." if kohya else
+               "Give a diffusers, DiffSynth-Studio or kohya/ComfyUI (lora_unet_) LoRA file.")
         )
     if unparsed:
         raise _fail(path, "keys that are not LoRA weights", unparsed)
@@ -258,14 +271,21 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
     """
     path = Path(path)
     tensors, metadata = _load_tensors(path)
+    modules = _lora_able_modules(unet)
+    converted = _read_kohya(tensors, unet, modules, path)
+    if converted is not None:  # now peft keys under diffusers names, each layer's scale folded in
+        tensors, metadata = converted.state, {}
     parsed, diffusers_style = _parse_keys(tensors, path)
 
-    modules = _lora_able_modules(unet)
     # DiffSynth-Studio's names need DiffSynth itself; where it is not installed (the offline GPU
     # host) only diffusers naming reads, and a DiffSynth file is refused as naming no layer.
     module_map = _module_map(unet) if importlib.util.find_spec("diffsynth") else {}
-    source, rename = _naming(parsed, diffusers_style, metadata, modules, module_map, path)
+    source, rename = _naming(parsed, diffusers_style or converted is not None, metadata, modules,
+                             module_map, path)
     state, written_as = _diffusers_state(parsed, tensors, rename, modules, path)
+    if converted is not None:  # errors name the keys as the file spells them
+        source = converted.format
+        written_as = {k: converted.written_as.get(v, v) for k, v in written_as.items()}
     adapted = list(dict.fromkeys(k.rsplit(".lora_", 1)[0] for k in state))
     rank = _one_rank(adapted, state, written_as, modules, path)
 
@@ -278,7 +298,36 @@ def read_lora(path: Path, unet: torch.nn.Module, alpha: float | None = None,
     if alpha is not None:
         lora_alpha = float(alpha)
     ds_names = {m: ds for m, ds in module_map.items() if m in set(adapted)}
-    return LoraWeights(state, rank, lora_alpha, source, _target_modules(adapted, unet), ds_names)
+    skipped = tuple(converted.skipped) if converted is not None else ()
+    return LoraWeights(state, rank, lora_alpha, source, _target_modules(adapted, unet), ds_names, skipped)
+
+
+def _read_kohya(tensors: dict[str, torch.Tensor], unet: torch.nn.Module, modules: dict,
+                path: Path) -> kohya_lora.Converted | None:
+    """A file in one of ComfyUI's spellings (kohya, ComfyUI's own, diffusers' processor names) in
+    peft layout; None for diffusers/DiffSynth files. Every key must map onto a layer of `unet`:
+    otherwise UserError naming the first unmapped keys and the format recognised. Text-encoder
+    keys are logged and skipped (Kolors' ChatGLM takes no LoRA here)."""
+    fmt = kohya_lora.recognise(list(tensors))
+    if fmt is None:
+        return None
+    names = list(modules)
+    converted, unmapped = kohya_lora.to_peft(tensors, fmt, names, kohya_lora.sgm_names(names, unet.config))
+    label = kohya_lora.FORMATS[fmt]
+    if unmapped:
+        raise UserError(
+            f"LoRA file {path} is a {label} LoRA, but these keys map onto no Linear/Conv2d layer of "
+            f"this Kolors UNet (ComfyUI's SDXL key map): {kohya_lora.shown(unmapped)}. Use a LoRA "
+            f"trained on Kolors; an SDXL or SD1.5 LoRA does not fit it."
+        )
+    if converted.skipped:
+        log.warning("LoRA file %s (%s): %d text-encoder keys skipped, Kolors' ChatGLM text encoder "
+                    "takes no LoRA here: %s", path, label, len(converted.skipped),
+                    kohya_lora.shown(converted.skipped))
+    if not converted.state:
+        raise UserError(f"LoRA file {path} holds only text-encoder keys ({kohya_lora.shown(converted.skipped)}); "
+                        f"a Kolors style LoRA adapts the UNet (lora_unet_ keys).")
+    return converted
 
 
 def _naming(parsed: dict, diffusers_style: bool, metadata: dict, modules: dict, module_map: dict,
@@ -424,6 +473,26 @@ def write_diffusers_lora(weights: LoraWeights, out_dir: Path) -> Path:
     return path
 
 
+def write_comfyui_lora(weights: LoraWeights, out_path: Path) -> Path:
+    """Write the kohya/ComfyUI file (`lora_unet_<module>` + `.lora_down/.lora_up.weight`,
+    `.alpha` = rank, the scale folded into lora_up): ComfyUI's LoraLoader (through
+    ComfyUI-Kolors-MZ), diffusers' kohya conversion and DiffSynth's SDXLLoRAFromCivitai (caller
+    alpha 1.0) all apply up @ down, our diffusers file's update. The kohya metadata names rank and
+    alpha; equal tensors give the same bytes."""
+    from safetensors.torch import save_file
+
+    weights = folded(weights)
+    state = kohya_lora.kohya_state(weights.state, weights.rank)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_space(out_path.parent, sum(t.numel() * t.element_size() for t in state.values()), "the ComfyUI LoRA file")
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(weights.rank),
+            "ss_network_alpha": str(weights.rank)}
+    save_file(state, str(out_path), metadata=meta)
+    _sort_safetensors_metadata(out_path)
+    return out_path
+
+
 def write_diffsynth_lora(weights: LoraWeights, out_path: Path, unet: torch.nn.Module | None = None) -> Path:
     """Write a DiffSynth-Studio 1.1 LoRA (`.ckpt`, top-level `blocks.N....lora_A.default.weight`
     tensors). The scale alpha/rank is folded into lora_B, so DiffSynth's default lora_alpha=1.0
@@ -528,17 +597,20 @@ def unet_skeleton(model_dir: Path) -> torch.nn.Module:
 
 
 def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
-                 diffsynth_file: Path | None = None, diffsynth_alpha: float | None = None) -> LoraWeights:
-    """Read a LoRA (diffusers or DiffSynth-Studio; a DiffSynth file at `diffsynth_alpha`, see
+                 diffsynth_file: Path | None = None, diffsynth_alpha: float | None = None,
+                 comfyui_file: Path | None = None) -> LoraWeights:
+    """Read a LoRA (diffusers, DiffSynth-Studio at `diffsynth_alpha`, kohya/ComfyUI; see
     read_lora) of this model's UNet and write it in the requested formats."""
     weights = read_lora(Path(src), unet_skeleton(model_dir), diffsynth_alpha=diffsynth_alpha)
     if diffusers_dir is not None:
         write_diffusers_lora(weights, Path(diffusers_dir))
     if diffsynth_file is not None:
         write_diffsynth_lora(weights, Path(diffsynth_file))
+    if comfyui_file is not None:
+        write_comfyui_lora(weights, Path(comfyui_file))
     return weights
 
 
-__all__ = ["LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
+__all__ = ["COMFYUI_WEIGHT_NAME", "LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
            "diffsynth_key_map", "folded", "full_size_unet", "read_lora", "unet_skeleton",
-           "write_diffsynth_lora", "write_diffusers_lora"]
+           "write_comfyui_lora", "write_diffsynth_lora", "write_diffusers_lora"]
