@@ -12,8 +12,9 @@ def main(snakemake):
     scores = json.loads(Path(snakemake.input.scores).read_text(encoding="utf-8"))
     params = snakemake.params
     card = ModelCard.from_params(params.bundle, params.base_model, params.run, params.repo_id)
+    others = {fmt: Path(snakemake.input[fmt]) for fmt in ("diffsynth", "comfyui") if fmt in snakemake.input.keys()}
     out = build_bundle(Path(snakemake.output[0]), Path(snakemake.input.lora), [Path(p) for p in snakemake.input.panels],
-                       records, scores, Path(snakemake.input.story), card)
+                       records, scores, Path(snakemake.input.story), card, other_loras=others)
     logging.info("bundle ready at %s", out)
 
 

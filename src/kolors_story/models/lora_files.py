@@ -221,6 +221,17 @@ def _metadata_config(metadata: dict[str, str], path: Path) -> dict | None:
     return unet or None
 
 
+def lora_rank(path: Path) -> int:
+    """The rank of a safetensors LoRA (diffusers, peft or kohya keys), from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if key.endswith((".lora.down.weight", ".lora_A.weight", ".lora_down.weight")):
+                return int(f.get_slice(key).get_shape()[0])
+    raise UserError(f"LoRA file {path} holds no lora down/A weight to read its rank from.")
+
+
 def _fail(path: Path, problem: str, keys: list[str]) -> UserError:
     shown = ", ".join(keys[:_SHOWN]) + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
     return UserError(
@@ -612,5 +623,5 @@ def convert_lora(src: Path, model_dir: Path, diffusers_dir: Path | None = None,
 
 
 __all__ = ["COMFYUI_WEIGHT_NAME", "LORA_WEIGHT_NAME", "LoraWeights", "adapter_metadata", "apply_to_unet", "convert_lora",
-           "diffsynth_key_map", "folded", "full_size_unet", "read_lora", "unet_skeleton",
+           "diffsynth_key_map", "folded", "full_size_unet", "lora_rank", "read_lora", "unet_skeleton",
            "write_comfyui_lora", "write_diffsynth_lora", "write_diffusers_lora"]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.models.lora_files import LORA_WEIGHT_NAME, lora_rank
+from kolors_story.outputs.bundle_formats import bundle_names, file_stem, tools_section
 from kolors_story.render.candidates_file import CandidateRecord
 from kolors_story.files import share_as_umask_allows, write_json
 
@@ -219,7 +220,9 @@ def _table_row(r: dict) -> str:
             f"{r['width']}x{r['height']} | {_md_cell(anchors)} | {_fmt_score(r['score'])} |")
 
 
-def _model_card(card: ModelCard, records: list[dict], mean: float, threshold: float) -> str:
+def _model_card(card: ModelCard, records: list[dict], mean: float, threshold: float,
+                names: dict[str, str], rank: int | None) -> str:
+    """README.md: names is format -> file in the bundle, rank the LoRA's (for DiffSynth's line)."""
     title, base_model, trigger_words, run_name = card.title, card.base_model, card.trigger_words, card.run_name
     passes = mean >= threshold
     rows = [_table_row(r) for r in records]
@@ -232,7 +235,8 @@ def _model_card(card: ModelCard, records: list[dict], mean: float, threshold: fl
         f"(run `{run_name}`), with the illustrated story it rendered.",
         "",
         f"- Base model: `{base_model}`",
-        f"- LoRA weights: `{LORA_WEIGHT_NAME}` (diffusers format, UNet attention layers)",
+        f"- LoRA weights: {', '.join(f'`{n}` ({f})' for f, n in names.items())}: UNet layers, one "
+        "update in each tool's format (table below)",
         f"- Loads with `KolorsPipeline.load_lora_weights` in diffusers >= {MIN_DIFFUSERS} (the first "
         "release with KolorsPipeline), with peft installed. The LoRA scale (alpha / rank) is folded "
         "into the weights and the metadata says lora_alpha = rank, so loaders that ignore the "
@@ -242,6 +246,8 @@ def _model_card(card: ModelCard, records: list[dict], mean: float, threshold: fl
         "## Usage",
         "",
         _usage_snippet(base_model, records, card.repo_id),
+        "",
+        *tools_section(names, rank, [r["lora_scale"] for r in records]),
         "",
         "## Story",
         "",
@@ -294,15 +300,21 @@ def build_bundle(
     scores: dict,
     story_image: Path,
     card: ModelCard,
+    other_loras: dict[str, Path] | None = None,
 ) -> Path:
     """Write the ModelScope model folder; an existing `out_dir` is replaced as a whole.
 
-    `panels` are the scenes' panel images in story order, `records` their scene jobs' candidate
-    records (candidates_file.read_record); `scores` is the scores.json summary (write_scores'
-    return).
+    `lora_file` is the diffusers file, `other_loras` the run's other formats the bundle carries
+    ("diffsynth", "comfyui": config bundle.formats); `panels` are the scenes' panel images in
+    story order, `records` their scene jobs' candidate records (candidates_file.read_record);
+    `scores` is the scores.json summary (write_scores' return).
     """
     out_dir = Path(out_dir)
-    _require_file(lora_file, "LoRA weights", "run the training step first")
+    sources = {"diffusers": Path(lora_file), **{f: Path(p) for f, p in (other_loras or {}).items()}}
+    for fmt, path in sources.items():
+        _require_file(path, f"LoRA weights ({fmt})", "run the training step first")
+    names = bundle_names(list(sources), file_stem(card.repo_id, card.run_name))
+    rank = lora_rank(sources["diffusers"]) if "diffsynth" in names else None  # for the baseline's LoraConfig
     _require_file(story_image, "Story image", "run the compose step first")
     _check_panels(panels, records)
     per_image, mean, threshold = _per_image_scores(scores)
@@ -311,16 +323,17 @@ def build_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shutil.copyfile(lora_file, tmp_dir / LORA_WEIGHT_NAME)
+        for fmt, name in names.items():
+            shutil.copyfile(sources[fmt], tmp_dir / name)
         (tmp_dir / "panels").mkdir()
         for panel, row in zip(panels, rows):
             _copy_png(Path(panel), tmp_dir / row["image"])
         _copy_png(Path(story_image), tmp_dir / "story.png")
         prompts = {"title": card.title, "base_model": card.base_model, "trigger_words": card.trigger_words,
                    "run": card.run_name, "mean_score": mean, "threshold": threshold,
-                   "passes": mean >= threshold, "scenes": rows}
+                   "passes": mean >= threshold, "lora_files": names, "scenes": rows}
         write_json(prompts, tmp_dir / "prompts.json")
-        (tmp_dir / "README.md").write_text(_model_card(card, rows, mean, threshold), encoding="utf-8")
+        (tmp_dir / "README.md").write_text(_model_card(card, rows, mean, threshold, names, rank), encoding="utf-8")
         share_as_umask_allows(tmp_dir)  # mkdtemp made the folder 0700
         _replace_dir(tmp_dir, out_dir)
     finally:
