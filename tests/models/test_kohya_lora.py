@@ -280,3 +280,17 @@ def test_init_lora_starts_training_from_a_kohya_file(trained):
     a, b = dict(from_kohya.named_parameters()), dict(from_diffusers.named_parameters())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert from_kohya.peft_config["default"].r == 4
+
+
+def test_the_train_jobs_early_check_reads_on_the_meta_skeleton_as_on_the_unet(trained, tiny_kolors, tmp_path):
+    """scripts/train_lora.py checks train.init_lora on unet_skeleton (meta, no weights loaded)
+    before the trainer loads anything: the same layers read, the same refusal."""
+    _, comfyui_file, _ = trained
+    skeleton = lora_files.unet_skeleton(tiny_kolors)
+    assert sorted(lora_files.read_lora(comfyui_file, skeleton).state) == sorted(
+        lora_files.read_lora(comfyui_file, build_unet(0)).state)
+    file = load_file(comfyui_file)
+    file["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 8)
+    save_file(file, tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="down_blocks_7_attentions_0_proj_in"):
+        lora_files.read_lora(tmp_path / "bad.safetensors", skeleton)
