@@ -19,9 +19,10 @@ from kolors_story.plan.config import (
     validate_config,
 )
 from kolors_story.errors import UserError
+from kolors_story.modelscope_endpoint import HubDownload, StillNeeded
 from snakemake.logging import logger
 from kolors_story.plan.content_digest import changes, digest, listing
-from kolors_story.plan.job_plan import IMAGE_KEYS, data_key, plan_jobs
+from kolors_story.plan.job_plan import IMAGE_KEYS, data_key, download_key, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
 from kolors_story.plan.prompts import cut_texts
@@ -103,7 +104,7 @@ RUN_DIR = "results/{run}"
 LEADERBOARD = "★ Leaderboard"
 CACHE = "resources/cache"  # content-keyed caches (text embeddings, latents, prompts); not outputs
 ENV = "../envs/kolors-story.yaml"
-NETWORK_RETRIES = 2  # jobs that download or upload try again after a failure (a dropped connection)
+NETWORK_RETRIES = 2  # the upload job tries again after a failure (a dropped connection)
 try:  # the trainer takes every core; --report, --lint and --dry-run work without --cores
     ALL_CORES = workflow.cores
 except WorkflowError:
@@ -207,9 +208,30 @@ for _name, _variant in VARIANTS.items():  # refuse a missing local folder at par
         model_folder(_ref, _key + (f" (sweep variant '{_name}')" if SWEEP else ""))
 
 
-# ModelScope ids whose folder is not there yet: id -> the folder it downloads to
-MODEL_DOWNLOADS = {r: model_dir(r) for c in VARIANTS.values() for r in model_refs(c).values()
-                   if not is_local_model(r) and not os.path.isdir(model_dir(r))}
+def hub_downloads(config):
+    """Every ModelScope download the variant implies, whether there or not: its models (Kolors,
+    scorer, captioner, local prompt writer) go to their folder under resources/modelscope; its
+    dataset to a folder it is read from with dataset.source: local (the modelscope source asks the
+    hub even when MsDataset.load's cache holds it, so that cache does not help a host offline)."""
+    items = [HubDownload("model", ref, model_dir(ref), key) for key, ref in model_refs(config).items()
+             if not is_local_model(ref)]
+    ds = config["dataset"]
+    if ds["source"] == "modelscope":
+        items.append(HubDownload("dataset", ds["id"], f"resources/datasets/{ds['id']}", "dataset.path"))
+    return items
+
+
+def downloaded(item, config):
+    """Whether the run needs no download for `item`: a model's folder is there; a dataset's download
+    job has written its rows (Snakemake then runs no job that asks the hub for it)."""
+    if item.kind == "model":
+        return os.path.isdir(item.folder)
+    return os.path.isfile(f"{SHARED}/download/{download_key(config)}/rows.jsonl")
+
+
+# Every hub download the run still needs, computed once: whichever download job fails first offline
+# names them all (a param Snakemake does not compare: see StillNeeded).
+STILL_NEEDED = StillNeeded(d for c in VARIANTS.values() for d in hub_downloads(c) if not downloaded(d, c))
 MODEL_REFS = {(n, job_key(c["models"][n])): c["models"][n] for c in VARIANTS.values() for n in ("kolors", "aesthetic")}
 
 

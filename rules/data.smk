@@ -28,11 +28,12 @@ rule download_dataset:
         dataset=download_settings,
         content=dataset_content,  # a local folder's files: an edited, added or removed one reruns the chain
         content_cache=CONTENT_CACHE,
+        needed=STILL_NEEDED,  # every hub download of the run: offline, one failure names them all
     log:
         f"{SHARED}/logs/download_dataset/{{key}}.log",
     benchmark:
         f"{SHARED}/benchmarks/download_dataset/{{key}}.tsv"
-    retries: NETWORK_RETRIES if any(c["dataset"]["source"] == "modelscope" for c in VARIANTS.values()) else 0
+    # No Snakemake retries: offline, the job must fail once; the hub client retries its own requests
     conda:
         ENV
     script:

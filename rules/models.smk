@@ -7,7 +7,7 @@ rule download_model:
     params:
         model_id=lambda wc: f"{wc.owner}/{wc.name}",
         config_key=_key_for_model_id,
-        needed=lambda wc: MODEL_DOWNLOADS,  # all of them: offline, one failure names every id
+        needed=STILL_NEEDED,  # every hub download of the run: offline, one failure names them all
     wildcard_constraints:
         owner="[^/]+",
         name="[^/]+",

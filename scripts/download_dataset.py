@@ -24,7 +24,7 @@ def main(snakemake):
             ds["id"], ds["subset"], ds["split"], images, ds["caption_column"],
             ds["caption_template"], ds["default_caption"], ds["max_images"],
             cache_dir=Path("resources/modelscope/datasets"), image_column=ds["image_column"],
-            background=background, report=report,
+            background=background, report=report, needed=snakemake.params.needed,
         )
     # The files read, by content: the next plan names what changed (rules/common.smk, dataset_content)
     files = listing(Path(ds["path"]), Path(snakemake.params.content_cache)) if ds["source"] == "local" else {}

@@ -756,3 +756,16 @@ def test_equal_stems_still_get_numbered_ids(tmp_path):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         _image(tmp_path / name)
     assert [r["id"] for r in collect_local_rows(tmp_path)] == ["a", "a_2", "a_3"]
+
+
+def test_offline_the_dataset_job_names_every_download_the_run_still_needs(closed_endpoint, tmp_path):
+    from kolors_story.modelscope_endpoint import HubDownload, StillNeeded
+
+    needed = StillNeeded([HubDownload("dataset", "AI-ModelScope/lowres_anime", "resources/datasets/AI-ModelScope/lowres_anime", "dataset.path"),
+                          HubDownload("model", "Kwai-Kolors/Kolors-diffusers", "resources/modelscope/Kwai-Kolors/Kolors-diffusers", "models.kolors")])
+    with pytest.raises(UserError) as info:
+        download_modelscope_dataset("AI-ModelScope/lowres_anime", "default", "train", tmp_path / "images", None,
+                                    "{caption}", "二次元", 2, tmp_path / "cache", needed=needed)
+    message = str(info.value)
+    _assert_names_id_and_fix(message)
+    assert message.endswith(needed.text()) and "models.kolors" in message

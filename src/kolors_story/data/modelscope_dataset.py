@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from kolors_story import modelscope_endpoint
 from kolors_story.errors import UserError
+from kolors_story.modelscope_endpoint import StillNeeded
 from kolors_story.data.rows import DEFAULT_CAPTION_KEY, JPEG_QUALITY, SourceReport
 from kolors_story.data.text_files import apply_template, check_caption_template
 from kolors_story.data.images import RGB, WHITE, BadImage, bad_image, load_rgb, strict_decoding, upright_rgb
@@ -24,12 +25,14 @@ from kolors_story.data.images import RGB, WHITE, BadImage, bad_image, load_rgb, 
 _hub_endpoint, _offline_reason = modelscope_endpoint.endpoint, modelscope_endpoint.offline_reason
 
 
-def _hub_error(dataset_id: str, reason: str) -> UserError:
+def _hub_error(dataset_id: str, reason: str, needed: StillNeeded | None = None) -> UserError:
+    """The download's failure; offline, with every hub download the run still needs (`needed`)."""
     return UserError(
         f"Could not load ModelScope dataset {dataset_id!r} (dataset.id): {reason}. "
         "Check dataset.id, dataset.subset and dataset.split; without network access, set "
         "`dataset.source: local` and `dataset.path` to a folder of images "
         "(captions from metadata.csv/metadata.jsonl or <name>.txt sidecars)."
+        + (f"\n{needed.text()}" if needed else "")
     )
 
 
@@ -40,7 +43,8 @@ def _msdataset_load(dataset_id: str, subset: str | None, split: str, cache_dir: 
     return MsDataset.load(dataset_id, subset_name=subset, split=split, cache_dir=str(cache_dir))
 
 
-def _load_modelscope_dataset(dataset_id: str, subset: str | None, split: str, cache_dir: Path) -> Any:
+def _load_modelscope_dataset(dataset_id: str, subset: str | None, split: str, cache_dir: Path,
+                             needed: StillNeeded | None = None) -> Any:
     """MsDataset.load, with every failure turned into the UserError that names the id and the fix.
 
     Not only modelscope's own errors: the download goes through datasets, huggingface_hub,
@@ -51,7 +55,7 @@ def _load_modelscope_dataset(dataset_id: str, subset: str | None, split: str, ca
     try:
         reason = _offline_reason()
         if reason:
-            raise _hub_error(dataset_id, reason)
+            raise _hub_error(dataset_id, reason, needed)
         return _msdataset_load(dataset_id, subset, split, cache_dir)
     except UserError:
         raise
@@ -146,16 +150,17 @@ def download_modelscope_dataset(
     image_column: str = "image",
     background: RGB = WHITE,
     report: SourceReport | None = None,
+    needed: StillNeeded | None = None,
 ) -> list[dict]:
     """Load a ModelScope dataset and save its images as `out_images_dir/<index>.jpg` rows.
 
     Captions come from `caption_column`, else `default_caption` (the challenge baseline gave
     every image "二次元"). Any failure of the download is a UserError that names the id and
-    `dataset.source: local`; without network it comes within seconds. Records whose image does
-    not decode are dropped into `report`.
+    `dataset.source: local`; without network it comes within seconds and names every hub download
+    of the run in `needed` too. Records whose image does not decode are dropped into `report`.
     """
     check_caption_template(caption_template)
-    dataset = _load_modelscope_dataset(dataset_id, subset, split, cache_dir)
+    dataset = _load_modelscope_dataset(dataset_id, subset, split, cache_dir, needed)
     try:
         total = len(dataset)
     except TypeError:  # streaming datasets have no length

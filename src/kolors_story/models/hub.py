@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kolors_story.errors import UserError
 from kolors_story.files import ensure_space
-from kolors_story.modelscope_endpoint import offline_reason
+from kolors_story.modelscope_endpoint import HubDownload, StillNeeded, offline_reason
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +57,16 @@ DOWNLOAD_ATTEMPTS = 3  # a dropped connection mid-download is retried here, not 
 RETRY_WAIT_S = 5.0
 
 
-def download_model(model_id: str, out_dir: Path, config_key: str, needed: dict[str, str] | None = None) -> Path:
+def download_model(model_id: str, out_dir: Path, config_key: str, needed: StillNeeded | None = None) -> Path:
     """snapshot_download a ModelScope model into out_dir. The hub is asked first whether it can be
-    reached at all: offline, this fails in seconds, naming every id of the run that still needs a
-    download (`needed`: id -> its folder) and the config key to point at a local copy."""
+    reached at all: offline, this fails in seconds, naming every hub download of the run that is not
+    there yet (`needed`, the same list in every download job) and the config key of each."""
     from modelscope import snapshot_download
 
     if reason := offline_reason():
-        missing = "; ".join(f"{mid} -> {folder}" for mid, folder in sorted((needed or {model_id: str(out_dir)}).items()))
+        needed = needed or StillNeeded([HubDownload("model", model_id, str(out_dir), config_key)])
         raise UserError(
-            f"{config_key}: cannot download ModelScope model '{model_id}': no network ({reason}). "
-            f"Models this run still needs: {missing}. Download them on a machine with network "
-            f"(modelscope download --model ID --local_dir FOLDER) into those folders, or set "
-            f"{config_key} to a local folder (a path starting with /, ./ or resources/)."
+            f"{config_key}: cannot download ModelScope model '{model_id}': no network ({reason}).\n{needed.text()}"
         )
     if (size := _model_size(model_id)) is not None:
         ensure_space(Path(out_dir), size, f"the download of {model_id}")

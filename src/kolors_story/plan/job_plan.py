@@ -87,6 +87,11 @@ def _dataset_settings(dataset: dict) -> dict:
     return {k: v for k, v in dataset.items() if k != "truncate_long_captions" or v}
 
 
+def download_key(config: dict) -> str:
+    """The key of the variant's download job (results/shared/download/<key>)."""
+    return job_key({"dataset": _dataset_settings(config["dataset"])})
+
+
 def caption_settings(config: dict) -> dict:
     """What a variant's captions depend on: what makes each image's caption (CaptionSettings.identity:
     not how the server is reached), how the template joins them, with the trigger words and the
