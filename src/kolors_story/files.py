@@ -1,6 +1,7 @@
 """The file helpers every layer shares: a file's sha256, a JSON file as the project writes them,
-free space checked before a large write (with the one message for a full disk), and the mode a
-shared results/ folder needs (share_as_umask_allows)."""
+free space checked before a large write (with the one message for a full disk), the mode a
+shared results/ folder needs (share_as_umask_allows), and the one reader and writer of a
+safetensors header (read_safetensors_header, safetensors_header_bytes)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +104,71 @@ def ensure_space(path: Path, need: int, what: str, margin: float = 1.1) -> None:
     10% margin): a clear line now instead of a half-written file and a cryptic error later."""
     if shutil.disk_usage(_existing(path)).free < need * margin:
         raise NoSpace(no_space_message(path, int(need * margin), what))
+
+
+# ---------------------------------------------------------------- safetensors headers
+# The format: an 8-byte little-endian length, that many bytes of JSON (each tensor's dtype, shape
+# and data_offsets relative to the data section; "__metadata__": str -> str), then the data.
+SAFETENSORS_METADATA = "__metadata__"
+
+
+class NotSafetensors(ValueError):
+    """Bytes that do not start with a safetensors header; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors file's header: its JSON `fields` as stored (tensors and metadata, in file
+    order) and `length`, the JSON's byte count with its padding."""
+
+    fields: dict[str, Any]
+    length: int
+
+    @property
+    def data_start(self) -> int:
+        """Where the data section starts, counted from the file's first byte."""
+        return 8 + self.length
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.fields.get(SAFETENSORS_METADATA) or {})
+
+    def data_end(self) -> int:
+        """Where the header says the data ends, counted from the file's first byte; KeyError,
+        TypeError or IndexError for a tensor entry without data_offsets."""
+        ends = (t["data_offsets"][1] for k, t in self.fields.items() if k != SAFETENSORS_METADATA)
+        return self.data_start + max(ends, default=0)
+
+
+def read_safetensors_header(source: Path | bytes) -> SafetensorsHeader:
+    """The header of a safetensors file (only its head is read) or of its bytes; NotSafetensors
+    when it is shorter than 8 bytes, names a length past its end, or is not a JSON object."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _parse_header(len(source), bytes(source[:8]), lambda n: bytes(source[8:8 + n]))
+    size = Path(source).stat().st_size
+    with open(source, "rb") as handle:
+        return _parse_header(size, handle.read(8), handle.read)
+
+
+def _parse_header(size: int, head: bytes, read: Callable[[int], bytes]) -> SafetensorsHeader:
+    """The header of a `size`-byte file given its first 8 bytes and a reader of what follows."""
+    if len(head) < 8:
+        raise NotSafetensors(f"unreadable header ({size}-byte file, shorter than its 8-byte length)")
+    length = int.from_bytes(head, "little")
+    if length > size - 8:  # checked before reading: a bogus length must not allocate it
+        raise NotSafetensors(f"header of {length} bytes in a {size}-byte file")
+    try:
+        fields = json.loads(read(length))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise NotSafetensors(f"unreadable header ({type(exc).__name__})") from exc
+    if not isinstance(fields, dict):
+        raise NotSafetensors(f"unreadable header (a JSON {type(fields).__name__}, not an object)")
+    return SafetensorsHeader(fields, length)
+
+
+def safetensors_header_bytes(fields: dict[str, Any]) -> bytes:
+    """The 8-byte length and the header as safetensors writes it: compact JSON, UTF-8 unescaped,
+    padded with spaces to a multiple of 8 bytes (the data stays 8-byte aligned)."""
+    text = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text

@@ -26,14 +26,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from kolors_story.errors import UserError
-from kolors_story.files import sha256_file, write_json
+from kolors_story.files import NotSafetensors, read_safetensors_header, sha256_file, write_json
 
 SUFFIX = ".seal.json"
 CHECKED_SUFFIX = ".checked.json"  # beside a seal: the identity of the file last found matching it
@@ -154,16 +153,13 @@ def safetensors_damage(path: Path) -> str | None:
     header, and data exactly as long as the header's largest offset."""
     size = path.stat().st_size
     try:
-        with open(path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size - 8:
-                return f"not a safetensors file: header of {header_len} bytes in a {size}-byte file"
-            header = json.loads(handle.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        end = read_safetensors_header(path).data_end()
+    except NotSafetensors as exc:
+        return f"not a safetensors file: {exc}"
+    except (KeyError, TypeError, IndexError) as exc:  # a tensor entry without data_offsets
         return f"not a safetensors file: unreadable header ({type(exc).__name__})"
-    if 8 + header_len + end != size:
-        return f"truncated: {size} bytes, its header says {8 + header_len + end}"
+    if end != size:
+        return f"truncated: {size} bytes, its header says {end}"
     return None
 
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kolors_story.errors import UserError
+from kolors_story.files import NotSafetensors, read_safetensors_header
 
 DIFFUSERS_ID = "Kwai-Kolors/Kolors-diffusers"
 WEIGHTED_PARTS = ("unet", "vae", "text_encoder")
@@ -94,19 +94,11 @@ def _candidates(folder: Path, part: str) -> list[PartWeights]:
 
 def _safetensors_truncated(path: Path) -> bool:
     """A safetensors file shorter than its header says (a download cut short)."""
-    size = path.stat().st_size
-    if size < 8:
+    try:
+        header = read_safetensors_header(path)
+    except NotSafetensors:
         return True
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > size - 8:
-            return True
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            return True
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    return size < 8 + header_len + max(ends, default=0)
+    return path.stat().st_size < header.data_end()
 
 
 def _weight_problems(folder: Path, weights: PartWeights) -> list[str]:

@@ -43,7 +43,9 @@ from typing import Literal
 import torch
 
 from kolors_story.errors import UserError
-from kolors_story.files import ensure_space
+from kolors_story.files import (
+    SAFETENSORS_METADATA, ensure_space, read_safetensors_header, safetensors_header_bytes,
+)
 from kolors_story.models import kohya_lora
 
 log = logging.getLogger(__name__)
@@ -450,14 +452,12 @@ def _sort_safetensors_metadata(path: Path) -> None:
     Rust HashMap, in an order that changes from process to process. Tensor data is untouched
     (its offsets are relative to the end of the header)."""
     raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    meta = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads its header to a multiple of 8 bytes
+    header = read_safetensors_header(raw)
+    fields = dict(header.fields)
+    meta = fields.pop(SAFETENSORS_METADATA, None)
+    ordered = ({SAFETENSORS_METADATA: dict(sorted(meta.items()))} if meta else {}) | fields
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    tmp.write_bytes(safetensors_header_bytes(ordered) + raw[header.data_start:])
     tmp.replace(path)
 
 

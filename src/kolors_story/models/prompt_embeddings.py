@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kolors_story.errors import UserError
+from kolors_story.files import SAFETENSORS_METADATA, safetensors_header_bytes
 from kolors_story.models.devices import compute_in_fp32, emulates_bf16, runtime_dtype
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
@@ -136,16 +137,14 @@ def _write_safetensors(path: Path, dtype: torch.dtype, layout: list[tuple[str, t
     bytes are save_file's (tests compare them)."""
     if [name for name, _ in layout] != sorted(name for name, _ in layout):
         raise ValueError("the layout must be in name order")
-    header: dict[str, Any] = {"__metadata__": metadata}
+    header: dict[str, Any] = {SAFETENSORS_METADATA: metadata}
     offset, itemsize = 0, torch.empty((), dtype=dtype).element_size()
     for name, shape in layout:
         end = offset + math.prod(shape) * itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
-    encoded = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        f.write(safetensors_header_bytes(header))
         for (name, shape), tensor in zip(layout, tensors, strict=True):
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
                 raise ValueError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the layout says {shape} {dtype}")

@@ -10,7 +10,6 @@ entry found cut, flipped or unreadable is dropped, logged and made again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save_file
 
-from kolors_story.files import ensure_space, share_as_umask_allows
+from kolors_story.files import (
+    SAFETENSORS_METADATA, ensure_space, read_safetensors_header, safetensors_header_bytes, share_as_umask_allows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,10 @@ def _add_digest(path: Path) -> None:
     """Rewrite a fresh safetensors file with the sha256 of its data section in its metadata (the
     data bytes stay as save_file laid them out; only the header grows)."""
     raw = path.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + header_len])
-    data = raw[8 + header_len:]
-    header["__metadata__"] = {**(header.get("__metadata__") or {}), _DIGEST: hashlib.sha256(data).hexdigest()}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the data 8-byte aligned
-    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    header = read_safetensors_header(raw)
+    data = raw[header.data_start:]
+    fields = {**header.fields, SAFETENSORS_METADATA: {**header.metadata, _DIGEST: hashlib.sha256(data).hexdigest()}}
+    path.write_bytes(safetensors_header_bytes(fields) + data)
 
 
 def _writer_id() -> str:
@@ -80,13 +78,12 @@ class TensorCache:
         """An entry's tensors, or None after dropping an entry that is not what was written."""
         raw = path.read_bytes()
         try:
-            header_len = int.from_bytes(raw[:8], "little")
-            meta = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
-            want = meta.get(_DIGEST)
-            if want is not None and hashlib.sha256(raw[8 + header_len:]).hexdigest() != want:
+            header = read_safetensors_header(raw)
+            want = header.metadata.get(_DIGEST)
+            if want is not None and hashlib.sha256(raw[header.data_start:]).hexdigest() != want:
                 raise ValueError("its data does not match the sha256 it was written with")
             return load(raw)
-        except Exception as exc:  # noqa: BLE001 (a cut file fails in json, safetensors or the digest)
+        except Exception as exc:  # noqa: BLE001 (a cut file fails in its header, safetensors or the digest)
             log.warning("cache entry %s is damaged (%s: %s); dropped, making it again", path,
                         type(exc).__name__, str(exc)[:120])
             path.unlink(missing_ok=True)
