@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from kolors_story.data.training_folder import write_metadata
 from kolors_story.models.random_kolors import build_tiny_kolors
 
 
@@ -45,9 +45,6 @@ def write_training_folder(root: Path, sizes: list[tuple[int, int]], captions: li
     rows = []
     for i, ((w, h), text) in enumerate(zip(sizes, captions)):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "train" / f"{i}.jpg")
-        rows.append({"file_name": f"{i}.jpg", "text": text})
-    with open(root / "train" / "metadata.csv", "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+        rows.append((f"{i}.jpg", text, 1))
+    write_metadata(root / "train" / "metadata.csv", rows)
     return root

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, dropped_text
@@ -104,7 +105,7 @@ def build_training_folder(rows: list[dict], out_dir: Path, truncate_long_caption
         except (OSError, BadImage) as exc:
             raise UserError(f"row {row['id']!r}: cannot read image {row['image']} ({exc}); rerun the filter_dataset step.") from exc
         records.append((name, text, row_repeats(row)))
-    return _write_metadata(train / "metadata.csv", records)
+    return write_metadata(train / "metadata.csv", records)
 
 
 def _file_of(row: dict) -> str:
@@ -121,12 +122,14 @@ def row_repeats(row: dict) -> int:
     return repeats
 
 
-def _write_metadata(csv_path: Path, records: list[tuple[str, str, int]]) -> Path:
-    """metadata.csv: file_name,text; a third column `repeats` only when some image repeats, so a
-    dataset without repeats keeps the file DiffSynth-Studio reads, byte for byte."""
+def write_metadata(csv_path: Path, records: Sequence[tuple[str, str, int]]) -> Path:
+    """metadata.csv from (file_name, text, repeats) records: file_name,text; a third column
+    `repeats` only when some image repeats, so a dataset without repeats keeps the file
+    DiffSynth-Studio reads, byte for byte. The one writer of the file (the GPU check's dataset and
+    the tests' folders too)."""
     repeats = any(n != 1 for _, _, n in records)
-    with csv_path.open("w", encoding="utf-8", newline="") as fh:
+    with Path(csv_path).open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["file_name", "text", "repeats"] if repeats else ["file_name", "text"])
         writer.writerows(records if repeats else [(name, text) for name, text, _ in records])
-    return csv_path
+    return Path(csv_path)

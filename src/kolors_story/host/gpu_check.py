@@ -172,9 +172,9 @@ def build_models(args: argparse.Namespace, phases: Phases) -> tuple[Path, Path]:
 
 def write_dataset(root: Path, images: int, resolution: int) -> Path:
     """train/metadata.csv + smooth random images at the training size (DiffSynth's layout)."""
-    import csv
-
     from PIL import Image
+
+    from kolors_story.data.training_folder import write_metadata
 
     (root / "train").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -184,11 +184,8 @@ def write_dataset(root: Path, images: int, resolution: int) -> Path:
         pixels = torch.nn.functional.interpolate(low[None], size=(resolution, resolution), mode="bicubic")[0]
         array = (pixels.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
         Image.fromarray(array).save(root / "train" / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]})
-    with open(root / "train" / "metadata.csv", "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
+        rows.append((f"{i}.png", CAPTIONS[i % len(CAPTIONS)], 1))
+    write_metadata(root / "train" / "metadata.csv", rows)
     return root
 
 
