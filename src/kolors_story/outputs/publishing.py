@@ -18,6 +18,7 @@ from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.lora_files import LORA_WEIGHT_NAME, lora_rank
 from kolors_story.outputs.bundle_formats import bundle_names, file_stem, tools_section
 from kolors_story.render.candidates_file import CandidateRecord
+from kolors_story.render.samplers import scheduler_code
 from kolors_story.files import share_as_umask_allows, write_json
 
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
@@ -120,22 +121,6 @@ def _is_local(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
 
 
-# Each sampler of scenes.make_scheduler as code for the snippet: (import, scheduler line).
-_SCHEDULER_CODE = {
-    "euler": ("from diffusers import EulerDiscreteScheduler",
-              "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)"),
-    "dpmpp_2m": ("from diffusers import DPMSolverMultistepScheduler",
-                 "pipe.scheduler = DPMSolverMultistepScheduler.from_config(\n"
-                 '    pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)'),
-    # DiffSynth's DDIM (the challenge baseline's sampler), not diffusers' DDIMScheduler: it needs
-    # this project's package installed (src/kolors_story/render/diffsynth_ddim.py).
-    "ddim": ("# sampler ddim: DiffSynth-Studio's DDIM, from the kolors_story package (pip install the\n"
-             "# kolors_story project); diffusers' DDIMScheduler samples other timesteps\n"
-             "from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler",
-             "pipe.scheduler = DiffSynthDDIMScheduler.from_scheduler_config(pipe.scheduler.config)"),
-}
-
-
 def _snippet_row(rows: list[dict]) -> dict:
     """The panel the snippet renders: the first one stock diffusers reproduces, if any."""
     return next((r for r in rows if r["stock_diffusers"]), rows[0])
@@ -154,7 +139,7 @@ def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> st
     """Stock diffusers code that renders one panel again from prompts.json (bitwise on the
     recipe's device type and dtype): sampler, LoRA scale, size, steps, CFG, seeds, prompts."""
     row = _snippet_row(rows)
-    scheduler_import, scheduler_line = _SCHEDULER_CODE[row["sampler"]]
+    scheduler_import, scheduler_line = scheduler_code(row["sampler"])
     base_line, variant = _base_lines(base_model)
     caveat = [] if row["stock_diffusers"] else [
         "# Every panel of this story shares attention with character anchors (prompts.json:",

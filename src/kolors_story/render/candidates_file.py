@@ -126,7 +126,7 @@ class PanelRecipe:
     seed: int
     width: int
     height: int
-    sampler: str  # scenes.make_scheduler: euler, dpmpp_2m or ddim (diffsynth_ddim)
+    sampler: str  # a name of samplers.SAMPLERS: euler, dpmpp_2m or ddim (diffsynth_ddim)
     steps: int
     guidance_scale: float
     lora_scale: float

@@ -19,6 +19,7 @@ from PIL import Image
 from kolors_story.models import devices
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.render.panel_choice import needs_scorer
+from kolors_story.render.samplers import make_scheduler
 from kolors_story.render.candidates_file import (
     AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime, write_record,
 )
@@ -79,25 +80,6 @@ class Scene:
     @property
     def prompts(self) -> tuple[str, ...]:
         return (self.prompt, *self.alternatives)
-
-
-def make_scheduler(name: str, base_config: dict):
-    """Kolors' own betas (1100 steps, scaled_linear) with the chosen sampling algorithm."""
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(base_config)
-    if name == "ddim":
-        # The challenge baseline's sampler, step for step (diffusers' DDIMScheduler with Kolors'
-        # "leading" spacing and steps_offset 1 samples other timesteps): see diffsynth_ddim.py.
-        from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler
-
-        return DiffSynthDDIMScheduler.from_scheduler_config(base_config)
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(
-            base_config, algorithm_type="dpmsolver++", solver_order=2
-        )
-    raise ValueError(f"unknown sampler {name!r}; use euler, ddim or dpmpp_2m")
 
 
 def pipeline_dtype(settings: SamplerSettings, device: torch.device) -> torch.dtype:
