@@ -130,11 +130,9 @@ class Phases:
         tmp.replace(self.out)
 
     def release(self) -> None:
-        import gc
+        from diffusers.training_utils import free_memory
 
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory()  # gc, then the accelerator's cache
 
 
 def _reusable(folder: Path) -> bool:

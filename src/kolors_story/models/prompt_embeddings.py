@@ -13,7 +13,6 @@ released before the caller loads the UNet.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -68,12 +67,6 @@ def encode_prompts(
     prompt_embeds = output.hidden_states[-2].permute(1, 0, 2).clone()
     pooled = output.hidden_states[-1][-1, :, :].clone()
     return prompt_embeds, pooled
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -270,7 +263,9 @@ class _Encoder:
     def close(self) -> None:
         if self.model is not None:
             self.model = None
-            release(self.device)
+            from diffusers.training_utils import free_memory  # imported here: a second of imports
+
+            free_memory()  # gc, then the accelerator's cache: the UNet loads next
 
 
 class PromptEmbeddings(_ForPipeline):

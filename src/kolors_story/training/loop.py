@@ -20,7 +20,7 @@ from kolors_story.errors import UserError
 from kolors_story.files import sha256_file
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.models.prompt_embeddings import Embedding, release
+from kolors_story.models.prompt_embeddings import Embedding
 from kolors_story.training.data import (
     BatchOrder, Example, assign_sizes, check_dataset_size, crop_origin, examples_per_epoch, load_pixels,
     read_metadata, size_conditioning,
@@ -340,8 +340,10 @@ def prepare_batches(
     needs_vae = settings.crop == "random" or validating
     vae = load_vae() if needs_vae else None
     if not needs_vae:
+        from diffusers.training_utils import free_memory
+
         load_vae.cache_clear()
-        release(device)
+        free_memory()
     return Batches(examples, texts, latents, vae, settings, device, folder.latent_geometry(), num_timesteps)
 
 
