@@ -558,12 +558,22 @@ def apply_to_unet(weights: LoraWeights, unet: torch.nn.Module, adapter_name: str
         raise RuntimeError(
             f"adapter targets {sorted(injected ^ set(weights.modules))[:_SHOWN]} differ from the LoRA's layers"
         )
-    with torch.no_grad():
-        for module in weights.modules:
-            layer = unet.get_submodule(module)
-            for ab, sub in (("A", layer.lora_A), ("B", layer.lora_B)):
-                param = sub[adapter_name].weight
-                param.data = weights.state[f"{module}.lora_{ab}.weight"].to(param.device, torch.float32).clone()
+    for module in weights.modules:  # float32 first: peft made the layers in the UNet's dtype
+        layer = unet.get_submodule(module)
+        layer.lora_A[adapter_name].to(torch.float32)
+        layer.lora_B[adapter_name].to(torch.float32)
+    load_lora_state(unet, weights.state, adapter_name)
+
+
+def load_lora_state(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Copy adapter tensors in peft naming (`<module>.lora_A.weight`) into the UNet's existing
+    adapter, exactly (peft's set_peft_model_state_dict: each into its parameter's dtype and device)."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"checkpoint has LoRA keys this adapter lacks: {unexpected[:3]}")
 
 
 # ---------------------------------------------------------------- full-size layout

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME  # noqa: F401 (the training package's name for it)
+from kolors_story.models.lora_files import LORA_WEIGHT_NAME, load_lora_state  # noqa: F401 (the training package's names)
 from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,6 @@ def lora_state(unet) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}
-
-
-def load_lora_state(unet, state: dict[str, torch.Tensor]) -> None:
-    """Copy checkpointed adapter tensors into the UNet's existing adapter, exactly."""
-    from peft.utils import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(unet, state)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise ValueError(f"checkpoint has LoRA keys this adapter lacks: {unexpected[:3]}")
 
 
 def save_lora(unet, out_dir: Path) -> Path:
