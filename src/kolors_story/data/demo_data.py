@@ -91,17 +91,16 @@ def _jpeg_bytes(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def _phash(data: bytes) -> bytes:
-    """64-bit perceptual hash as imagededup's PHash computes it (Data-Juicer's phash dedup).
+    """64-bit perceptual hash by imagededup's PHash, the code Data-Juicer's phash dedup runs.
 
     Data-Juicer drops a duplicate only when the hashes are equal, and a resize flips a bit now
     and then; the demo uses this to pick a source whose resized copy is a true phash duplicate.
     """
+    from imagededup.methods import PHash  # here: imagededup imports torch, only this needs it
+
     with Image.open(io.BytesIO(data)) as img:
-        gray = np.asarray(img.convert("RGB").resize((32, 32), Image.Resampling.LANCZOS).convert("L"), dtype=np.float64)
-    n = np.arange(32)
-    basis = np.cos(np.pi * np.outer(n, 2 * n + 1) / 64)  # DCT-II rows; scale is irrelevant to the sign test
-    coef = (basis @ gray @ basis.T)[:8, :8].ravel()
-    return np.packbits(coef >= np.median(coef[1:])).tobytes()
+        array = np.asarray(img.convert("RGB"))
+    return bytes.fromhex(PHash(verbose=False).encode_image(image_array=array))
 
 
 def _resized_copy(img: Image.Image, size: int) -> bytes:
