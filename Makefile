@@ -43,8 +43,11 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) >/dev/null; \
 	else echo "note: no chromium; the report's browser test will be skipped (apt-get install -y $(BROWSER_PACKAGES))"; fi
 
+# The suite in up to 4 processes (one per core): most tests hold one core (one torch thread), and a
+# file's tests stay in one process, so a file's module fixtures (the demo run) are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The demo through profiles/slurm on a real single-node SLURM started here (root, Debian: installs
 # slurmctld/slurmd/slurmdbd/munge/mariadb-server if missing), compared byte for byte with a local

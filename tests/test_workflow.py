@@ -31,8 +31,9 @@ SCENES = ["s1_class", "s2_sleepy", "s3_dream", "s4_prince", "s5_talk", "s6_ride"
 DEMO_VARIANTS = ("demo", "demo-scale0.5", "demo-outline", "demo-captions", "demo-compile")  # demo/sweep.yaml
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MODELSCOPE_API_TOKEN"}
+def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in `workdir`, offline, without the caller's ModelScope token (`env` adds to it)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "MODELSCOPE_API_TOKEN"}, **(env or {})}
     env["HF_HUB_OFFLINE"] = "1"
     proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
@@ -95,7 +96,8 @@ def test_demo_writes_every_output(demo_run):
     out = demo_run / "results" / "demo"
     for name in ["story.png", "contact_sheet.png", "lora/diffsynth_lora.ckpt", "scores.csv", "scores.json", "lora/pytorch_lora_weights.safetensors",
                  "lora/loss.csv", "lora/loss.png", "bundle/README.md", "manifest.json", "config.yaml",
-                 "data/filter_stats.json", "data/dropped.png", "timings.png"]:
+                 "data/filter_stats.json", "data/dropped.png", "timings.png", "lora/comfyui_lora.safetensors",
+                 "bundle/pytorch_lora_weights.safetensors", "bundle/diffsynth_lora.ckpt", "bundle/demo_comfyui.safetensors"]:
         assert (out / name).is_file(), name
     assert (shared_dir(demo_run, "demo", "filter") / "dataset/train/metadata.csv").is_file()
     assert sorted(p.stem for p in (out / "scenes").glob("*.png")) == sorted(SCENES)
@@ -374,6 +376,33 @@ def test_missing_model_folder_is_refused_naming_the_key(demo_run):
     bad = override(demo_run, "nomodel", {"models": {"kolors": "/nonexistent/kolors"}})
     proc = snakemake(demo_run, "-n", "--configfile", "demo/config.yaml", bad, check=False)
     assert proc.returncode != 0 and "models.kolors" in proc.stdout + proc.stderr
+
+
+def test_the_upload_rule_sends_the_bundle_byte_for_byte_to_a_hub_double(demo_run, tmp_path):
+    """The upload rule with the real modelscope client against the hub double (tests/modelscope_double.py):
+    every bundle file arrives as it is, the token is in no log, and a rerun uploads nothing again."""
+    from modelscope_double import HubState, start_hub
+
+    token = "ms-workflow-0123456789abcdef-secret"
+    state = HubState(tokens={token: ("alice", {"alice"})})
+    server, endpoint = start_hub(state)
+    env = {"MODELSCOPE_API_TOKEN": token, "MODELSCOPE_ENDPOINT": endpoint,
+           "MODELSCOPE_HOME": str(tmp_path / "mshome"), "MODELSCOPE_CACHE": str(tmp_path / "mscache")}
+    up = override(demo_run, "uploaded", {"run": "uploaded", "upload": {"enabled": True, "repo_id": "alice/ink"}})
+    try:
+        snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml", up, env=env)
+        bundle = demo_run / "results/uploaded/bundle"
+        sent = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+        assert state.repos["alice/ink"] == sent and "pytorch_lora_weights.safetensors" in sent
+        for log in (demo_run / "results/uploaded/logs").glob("*.log"):
+            assert token not in log.read_text(encoding="utf-8"), log
+        commits = len(state.commits)
+        again = snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml",
+                          up, env=env)
+        assert "Nothing to be done" in again.stdout + again.stderr and len(state.commits) == commits
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_upload_without_token_fails_before_any_job(demo_run):
