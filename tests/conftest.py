@@ -1,8 +1,7 @@
 """Fixtures more than one test folder uses."""
 
 import pytest
-
-CLOSED_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+from closed_endpoint import CLOSED_ENDPOINT
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import CLOSED_ENDPOINT
+from closed_endpoint import CLOSED_ENDPOINT
 from workflow_copy import copy_workflow
 
 from kolors_story.modelscope_endpoint import HubDownload, StillNeeded

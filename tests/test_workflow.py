@@ -378,33 +378,6 @@ def test_missing_model_folder_is_refused_naming_the_key(demo_run):
     assert proc.returncode != 0 and "models.kolors" in proc.stdout + proc.stderr
 
 
-def test_the_upload_rule_sends_the_bundle_byte_for_byte_to_a_hub_double(demo_run, tmp_path):
-    """The upload rule with the real modelscope client against the hub double (tests/modelscope_double.py):
-    every bundle file arrives as it is, the token is in no log, and a rerun uploads nothing again."""
-    from modelscope_double import HubState, start_hub
-
-    token = "ms-workflow-0123456789abcdef-secret"
-    state = HubState(tokens={token: ("alice", {"alice"})})
-    server, endpoint = start_hub(state)
-    env = {"MODELSCOPE_API_TOKEN": token, "MODELSCOPE_ENDPOINT": endpoint,
-           "MODELSCOPE_HOME": str(tmp_path / "mshome"), "MODELSCOPE_CACHE": str(tmp_path / "mscache")}
-    up = override(demo_run, "uploaded", {"run": "uploaded", "upload": {"enabled": True, "repo_id": "alice/ink"}})
-    try:
-        snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml", up, env=env)
-        bundle = demo_run / "results/uploaded/bundle"
-        sent = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
-        assert state.repos["alice/ink"] == sent and "pytorch_lora_weights.safetensors" in sent
-        for log in (demo_run / "results/uploaded/logs").glob("*.log"):
-            assert token not in log.read_text(encoding="utf-8"), log
-        commits = len(state.commits)
-        again = snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml",
-                          up, env=env)
-        assert "Nothing to be done" in again.stdout + again.stderr and len(state.commits) == commits
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_upload_without_token_fails_before_any_job(demo_run):
     up = override(demo_run, "upload", {"upload": {"enabled": True, "repo_id": "me/ink-lora"}})
     proc = snakemake(demo_run, "--cores", "1", "--configfile", "demo/config.yaml", up, check=False)
@@ -699,3 +672,33 @@ def test_captions_land_in_metadata_and_only_what_changed_is_captioned_again(demo
     (new,) = set(caption_logs(work)) - before
     assert "1 image(s) sent to the captioner" in caption_logs(work)[new]
     assert planned_jobs(work, mine, "--until", "caption_images") == {}
+
+
+# ---------------------------------------------------------------- the upload, last (see its docstring)
+def test_the_upload_rule_sends_the_bundle_byte_for_byte_to_a_hub_double(demo_run, tmp_path):
+    """The upload rule with the real modelscope client against the hub double (tests/modelscope_double.py):
+    every bundle file arrives as it is, the token is in no log, and a rerun uploads nothing again.
+    Last in this file: a run of one variant rewrites the shared encode job's texts (its param), so
+    the sweep's plans that earlier tests check would change after it."""
+    from modelscope_double import HubState, start_hub
+
+    token = "ms-workflow-0123456789abcdef-secret"
+    state = HubState(tokens={token: ("alice", {"alice"})})
+    server, endpoint = start_hub(state)
+    env = {"MODELSCOPE_API_TOKEN": token, "MODELSCOPE_ENDPOINT": endpoint,
+           "MODELSCOPE_HOME": str(tmp_path / "mshome"), "MODELSCOPE_CACHE": str(tmp_path / "mscache")}
+    up = override(demo_run, "uploaded", {"run": "uploaded", "upload": {"enabled": True, "repo_id": "alice/ink"}})
+    try:
+        snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml", up, env=env)
+        bundle = demo_run / "results/uploaded/bundle"
+        sent = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted(bundle.rglob("*")) if p.is_file()}
+        assert state.repos["alice/ink"] == sent and "pytorch_lora_weights.safetensors" in sent
+        for log in (demo_run / "results/uploaded/logs").glob("*.log"):
+            assert token not in log.read_text(encoding="utf-8"), log
+        commits = len(state.commits)
+        again = snakemake(demo_run, "results/uploaded/upload.json", "--cores", "1", "--configfile", "demo/config.yaml",
+                          up, env=env)
+        assert "Nothing to be done" in again.stdout + again.stderr and len(state.commits) == commits
+    finally:
+        server.shutdown()
+        server.server_close()
