@@ -450,6 +450,13 @@ def variant_lora_source(name):
 CURVES = {k: v for k, v in LORA_FILES.items() if k not in IMPORTED_FILES}
 
 
+def bundle_loras(wildcards):
+    """The run's LoRA files the bundle carries: bundle.formats (the diffusers file always)."""
+    formats = variant_config(wildcards)["bundle"]["formats"]
+    return {name: f"{RUN_DIR.format(run=wildcards.run)}/lora/{LORA_FILES[name]}" for name in ("lora", "diffsynth", "comfyui")
+            if name == "lora" or name in formats}
+
+
 # ---------------------------------------------------------------- of the anchor, scene and panel rules
 def job_lora_file(job):
     """The LoRA file a keyed generation job reads (from its train or import job)."""

@@ -25,13 +25,6 @@ rule score_images:
         "../scripts/score_images.py"
 
 
-def bundle_loras(wildcards):
-    """The run's LoRA files the bundle carries: bundle.formats (the diffusers file always)."""
-    formats = variant_config(wildcards)["bundle"]["formats"]
-    return {name: f"{RUN_DIR.format(run=wildcards.run)}/lora/{LORA_FILES[name]}" for name in ("lora", "diffsynth", "comfyui")
-            if name == "lora" or name in formats}
-
-
 rule bundle:
     input:
         unpack(bundle_loras),
