@@ -31,7 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_S = 5.0  # issue 27: planning a rerun over a 10,000-image folder on a 2-core machine
 WORKFLOW_PARTS = ["Snakefile", "config.yaml", "rules", "scripts", "schemas", "demo", "profiles", "envs", "report"]
-CONTENT_CACHE = "resources/cache/content"  # rules/common.smk
+sys.path.insert(0, str(ROOT / "src"))  # runnable without `pip install -e .`
+from kolors_story.plan.content_digest import CACHE_FOLDER as CONTENT_CACHE  # noqa: E402  (what the rules use)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

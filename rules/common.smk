@@ -18,10 +18,11 @@ from kolors_story.plan.config import (
     scene_settings,
     validate_config,
 )
+from snakemake.logging import logger
+
 from kolors_story.errors import UserError
 from kolors_story.modelscope_endpoint import HubDownload, StillNeeded
-from snakemake.logging import logger
-from kolors_story.plan.content_digest import changes, digest, listing
+from kolors_story.plan.content_digest import CACHE_FOLDER as CONTENT_CACHE, changes, digest, listing
 from kolors_story.plan.job_plan import IMAGE_KEYS, data_key, download_key, plan_jobs
 from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 from kolors_story.plan.sweep import SHARED as SHARED_NAME, expand_sweep, job_key
@@ -155,7 +156,7 @@ def model_folder(ref, key):
 # content digest param (kolors_story.plan.content_digest): an edited, added, removed or renamed
 # file changes it, and Snakemake reruns a job whose params changed, then everything after it.
 # Folders that rules build, and ModelScope ids, are outputs that Snakemake tracks itself.
-CONTENT_CACHE = "resources/cache/content"  # each file's sha256 by its identity: a rerun hashes only what changed
+# CONTENT_CACHE holds each file's sha256 by its identity: a rerun hashes only what changed.
 
 
 @functools.cache

@@ -30,6 +30,7 @@ from kolors_story.seals import SETTLED_S, file_identity
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+CACHE_FOLDER = "resources/cache/content"  # the workflow's cache of per-file hashes (relative to its folder)
 Listing = dict[str, str]  # relative name (/-separated) -> sha256
 LOUD_BYTES = 1 << 30  # hashing more than this at once is said in the log (a model folder's first plan)
 
