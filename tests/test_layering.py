@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "kolors_story"
-SHARED = {"errors", "files", "dotted", "seals", "modelscope_endpoint", "chatglm_tokens"}  # the package root's modules: anyone may use them; they use nothing
+SHARED = {"errors", "files", "dotted", "seals", "modelscope_endpoint", "chatglm_tokens", "run_files"}  # the package root's modules: anyone may use them; they use nothing
 EVERYTHING = {"models", "data", "render", "training", "outputs", "writing", "plan", "host"}
 MAY_IMPORT = {
     "models": {"models"},
