@@ -28,7 +28,9 @@ configfile: "config.yaml"
 report: "report/workflow.rst"
 
 
+include: "rules/paths.smk"
 include: "rules/common.smk"
+include: "rules/inputs.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
 include: "rules/prompts.smk"

@@ -20,10 +20,10 @@ rule download_dataset:
     input:
         dataset_input,
     output:
-        rows=f"{SHARED}/download/{{key}}/rows.jsonl",
-        images=directory(f"{SHARED}/download/{{key}}/images"),
-        stats=f"{SHARED}/download/{{key}}/download_stats.json",
-        content=f"{SHARED}/download/{{key}}/{DATASET_CONTENT}",
+        rows=download_file("{key}", "rows"),
+        images=directory(download_file("{key}", "images")),
+        stats=download_file("{key}", "stats"),
+        content=download_file("{key}", "content"),
     params:
         dataset=download_settings,
         content=dataset_content,  # a local folder's files: an edited, added or removed one reruns the chain
@@ -42,16 +42,16 @@ rule download_dataset:
 
 rule filter_dataset:
     input:
-        rows=filter_input("rows.jsonl"),
+        rows=filter_input("rows"),
         images=filter_input("images"),
-        download_stats=filter_input("download_stats.json"),
+        download_stats=filter_input("stats"),
     output:
-        rows=f"{SHARED}/data/{{key}}/filtered.jsonl",
-        stats=f"{SHARED}/data/{{key}}/filter_stats.json",
-        dropped=f"{SHARED}/data/{{key}}/dropped.png",
+        rows=filter_file("{key}", "rows"),
+        stats=filter_file("{key}", "stats"),
+        dropped=filter_file("{key}", "dropped"),
     params:
-        ops=lambda wc: PLAN.filters[wc.key]["ops"],
-        num_proc=lambda wc: PLAN.filters[wc.key]["num_proc"],
+        ops=lambda wc: filter_job(wc)["ops"],
+        num_proc=lambda wc: filter_job(wc)["num_proc"],
         work_dir=f"{SHARED}/data/{{key}}/data_juicer",
     log:
         f"{SHARED}/logs/filter_dataset/{{key}}.log",
@@ -72,12 +72,12 @@ rule caption_images:
     input:
         unpack(caption_inputs),
     output:
-        rows=f"{SHARED}/captions/{{key}}/captioned.jsonl",
-        record=f"{SHARED}/captions/{{key}}/{CAPTION_FILES['record']}",
-        page=f"{SHARED}/captions/{{key}}/{CAPTION_FILES['page']}",
+        rows=caption_file("{key}", "rows"),
+        record=caption_file("{key}", "record"),
+        page=caption_file("{key}", "page"),
     params:
         caption=caption_params,  # the API key's variable name, never the key
-        model_content=lambda wc: model_content(caption_job(wc)["caption"].get("model")) if caption_job(wc)["caption"]["backend"] == "data_juicer" else "",
+        model_content=caption_model_content,
         trigger=lambda wc: caption_job(wc)["trigger"],
         default_caption=lambda wc: caption_job(wc)["default_caption"],
         cache_dir=f"{CACHE}/captions",
@@ -97,9 +97,9 @@ rule build_metadata:
     input:
         rows=metadata_rows,
     output:
-        directory(f"{SHARED}/data/{{key}}/dataset"),
+        directory(training_folder("{key}")),
     params:
-        truncate=lambda wc: PLAN.downloads[PLAN.filters[metadata_filter(wc.key)]["download"]]["dataset"].get("truncate_long_captions", False),
+        truncate=truncate_captions,
     log:
         f"{SHARED}/logs/build_metadata/{{key}}.log",
     benchmark:
@@ -113,12 +113,12 @@ rule build_metadata:
 rule copy_data_stats:
     """The variant's filter statistics and dropped images, for its report and manifest."""
     input:
-        stats=lambda wc: f"{SHARED}/data/{variant_jobs(wc).filter}/filter_stats.json",
-        dropped=lambda wc: f"{SHARED}/data/{variant_jobs(wc).filter}/dropped.png",
+        stats=lambda wc: filter_file(variant_jobs(wc).filter, "stats"),
+        dropped=lambda wc: filter_file(variant_jobs(wc).filter, "dropped"),
     output:
-        stats=report(f"{RUN_DIR}/data/filter_stats.json", caption="../report/filter.rst",
+        stats=report(run_data_file("{run}", FILTER_FILES["stats"]), caption="../report/filter.rst",
                      category="{run}", subcategory="Data"),
-        dropped=report(f"{RUN_DIR}/data/dropped.png", caption="../report/dropped.rst",
+        dropped=report(run_data_file("{run}", FILTER_FILES["dropped"]), caption="../report/dropped.rst",
                        category="{run}", subcategory="Data"),
     log:
         f"{RUN_DIR}/logs/copy_data_stats.log",
@@ -131,11 +131,11 @@ rule copy_data_stats:
 rule copy_captions:
     """The variant's captions: each kept image beside its training text and where it came from."""
     input:
-        record=lambda wc: f"{SHARED}/captions/{variant_jobs(wc).captions}/{CAPTION_FILES['record']}",
-        page=lambda wc: f"{SHARED}/captions/{variant_jobs(wc).captions}/{CAPTION_FILES['page']}",
+        record=lambda wc: caption_file(variant_jobs(wc).captions, "record"),
+        page=lambda wc: caption_file(variant_jobs(wc).captions, "page"),
     output:
-        record=f"{RUN_DIR}/data/{CAPTION_FILES['record']}",
-        page=report(f"{RUN_DIR}/data/{CAPTION_FILES['page']}", caption="../report/captions.rst",
+        record=run_data_file("{run}", CAPTION_FILES["record"]),
+        page=report(run_data_file("{run}", CAPTION_FILES["page"]), caption="../report/captions.rst",
                     category="{run}", subcategory="Data"),
     log:
         f"{RUN_DIR}/logs/copy_captions.log",

@@ -15,10 +15,10 @@ rule encode_texts:
     input:
         unpack(encode_inputs),
     output:
-        f"{SHARED}/embeddings/{{key}}/{EMBEDDINGS_FILE}",
+        embeddings_file("{key}"),
     params:
-        texts=lambda wc: PLAN.encodings[wc.key]["texts"],  # + the captions of the datasets (inputs)
-        precision=lambda wc: PLAN.encodings[wc.key]["precision"],
+        texts=lambda wc: encode_job(wc)["texts"],  # + the captions of the datasets (inputs)
+        precision=lambda wc: encode_job(wc)["precision"],
         steps=encode_steps,  # batch_size x gradient_accumulation x processes per dataset
         cache_dir=CACHE,
     resources:

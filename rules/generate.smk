@@ -5,17 +5,19 @@
 # edited) reruns no anchor or scene by itself; each reruns when its own params (its prompt, seed,
 # size, sampler) or its LoRA change. A prompt missing from the file stops the job with the fix
 # (snakemake -R encode_texts). Then each variant's panels, tiled.
+from kolors_story.plan.job_plan import IMAGE_KEYS
+from kolors_story.render.candidates_file import FORMAT as RECORD_FORMAT
 
 
 rule render_anchor:
     input:
         unpack(anchor_inputs),
     output:
-        f"{SHARED}/anchors/{{character}}/{{key}}.safetensors",
+        anchor_file("{character}", "{key}"),
     params:
-        anchor=lambda wc: PLAN.anchors[wc.key]["anchor"],
-        sampler=lambda wc: PLAN.anchors[wc.key]["sampler"],
-        consistency=lambda wc: PLAN.anchors[wc.key]["consistency"],
+        anchor=lambda wc: anchor_job(wc)["anchor"],
+        sampler=lambda wc: anchor_job(wc)["sampler"],
+        consistency=lambda wc: anchor_job(wc)["consistency"],
         cache_dir=CACHE,
         record_format=RECORD_FORMAT,  # the anchor's metadata follows the record's format
     resources:
@@ -23,7 +25,7 @@ rule render_anchor:
     log:
         f"{SHARED}/logs/render_anchor/{{character}}/{{key}}.log",
     benchmark:
-        f"{SHARED}/benchmarks/render_anchor/{{character}}/{{key}}.tsv"
+        gpu_benchmark("render_anchor", "{key}", "{character}")
     conda:
         ENV
     script:
@@ -34,12 +36,12 @@ rule generate_scene:
     input:
         unpack(generate_inputs),
     output:
-        panel=f"{SHARED}/scenes/{{scene}}/{{key}}/panel.png",
-        candidates=directory(f"{SHARED}/scenes/{{scene}}/{{key}}/candidates"),
+        panel=scene_file("{scene}", "{key}", "panel"),
+        candidates=directory(scene_file("{scene}", "{key}", "candidates")),
     params:
-        scene=lambda wc: PLAN.scenes[wc.key]["scene"],
-        sampler=lambda wc: PLAN.scenes[wc.key]["sampler"],
-        consistency=lambda wc: PLAN.scenes[wc.key]["consistency"],
+        scene=lambda wc: scene_job(wc)["scene"],
+        sampler=lambda wc: scene_job(wc)["sampler"],
+        consistency=lambda wc: scene_job(wc)["consistency"],
         cache_dir=CACHE,
         record_format=RECORD_FORMAT,  # a new candidates.json shape reruns the job, never refuses
     resources:
@@ -47,7 +49,7 @@ rule generate_scene:
     log:
         f"{SHARED}/logs/generate_scene/{{scene}}/{{key}}.log",
     benchmark:
-        f"{SHARED}/benchmarks/generate_scene/{{scene}}/{{key}}.tsv"
+        gpu_benchmark("generate_scene", "{key}", "{scene}")
     conda:
         ENV
     script:
@@ -57,14 +59,14 @@ rule generate_scene:
 rule copy_scene:
     """The variant's panel and its candidates, copied from the scene job that rendered them."""
     input:
-        panel=lambda wc: f"{scene_job_dir(wc)}/panel.png",
-        candidates=lambda wc: f"{scene_job_dir(wc)}/candidates",
+        panel=variant_scene_file("panel"),
+        candidates=variant_scene_file("candidates"),
     output:
-        panel=report(f"{RUN_DIR}/scenes/{{scene}}.png", caption="../report/scene.rst",
+        panel=report(run_panel("{run}", "{scene}"), caption="../report/scene.rst",
                      category="{run}", subcategory="Panels", labels=panel_labels),
-        candidates=directory(f"{RUN_DIR}/candidates/{{scene}}"),
+        candidates=directory(run_candidates("{run}", "{scene}")),
     params:
-        scene=lambda wc: {k: SCENES[wc.run][wc.scene][k] for k in IMAGE_KEYS},  # for the report's caption
+        scene=lambda wc: {k: plan().scenes[wc.run][wc.scene][k] for k in IMAGE_KEYS},  # for the report's caption
     log:
         f"{RUN_DIR}/logs/copy_scene/{{scene}}.log",
     conda:
@@ -78,14 +80,14 @@ rule compose_story:
         panels=variant_panels,
         candidates=variant_candidates,
     output:
-        story=report(f"{RUN_DIR}/story.png", caption="../report/story.rst", category="{run}",
+        story=report(run_file("{run}", "story"), caption="../report/story.rst", category="{run}",
                      subcategory="Story"),
-        contact_sheet=report(f"{RUN_DIR}/contact_sheet.png", caption="../report/contact_sheet.rst",
+        contact_sheet=report(run_file("{run}", "contact_sheet"), caption="../report/contact_sheet.rst",
                              category="{run}", subcategory="Story"),
     params:
         layout=lambda wc: variant_config(wc)["layout"],
         title=lambda wc: variant_config(wc)["story"]["title"],
-        captions=lambda wc: [SCENES[wc.run][s]["caption"] for s in variant_scenes(wc)],
+        captions=lambda wc: [plan().scenes[wc.run][s]["caption"] for s in variant_scenes(wc)],
     log:
         f"{RUN_DIR}/logs/compose_story.log",
     benchmark:

@@ -6,7 +6,7 @@ rule download_model:
         directory("resources/modelscope/{owner}/{name}"),
     params:
         model_id=lambda wc: f"{wc.owner}/{wc.name}",
-        config_key=_key_for_model_id,
+        config_key=key_for_model_id,
         needed=STILL_NEEDED,  # every hub download of the run: offline, one failure names them all
     wildcard_constraints:
         owner="[^/]+",
@@ -65,7 +65,7 @@ rule prepare_model:
     input:
         lambda wc: model_folder(MODEL_REFS[(wc.model_name, wc.key)], f"models.{wc.model_name}"),
     output:
-        f"{SHARED}/models/{{model_name}}/{{key}}.json",
+        f"{SHARED}/models/{{model_name}}/{{key}}.json",  # model_check()
     params:
         ref=lambda wc: MODEL_REFS[(wc.model_name, wc.key)],
         config_key=lambda wc: f"models.{wc.model_name}",

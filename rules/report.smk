@@ -1,5 +1,6 @@
 # Per variant: the challenge score, the ModelScope bundle (and opt-in upload), the manifest.
 # Across a sweep's variants: the leaderboard.
+from kolors_story.plan.prompts import cut_texts
 
 
 rule score_images:
@@ -8,12 +9,12 @@ rule score_images:
         panels=variant_panels,
         candidates=variant_candidates,
     output:
-        csv=report(f"{RUN_DIR}/scores.csv", caption="../report/scores.rst", category="{run}",
+        csv=report(run_file("{run}", "scores_csv"), caption="../report/scores.rst", category="{run}",
                    subcategory="Scores"),
-        json=f"{RUN_DIR}/scores.json",
+        json=run_file("{run}", "scores"),
     params:
         threshold=lambda wc: variant_config(wc)["score"]["threshold"],
-        characters=lambda wc: {s: v["characters"] for s, v in SCENES[wc.run].items()},
+        characters=lambda wc: {s: v["characters"] for s, v in plan().scenes[wc.run].items()},
         compare=lambda wc: variant_config(wc)["generate"]["consistency"]["enabled"] and variant_config(wc)["generate"]["consistency"]["compare"],
     log:
         f"{RUN_DIR}/logs/score_images.log",
@@ -30,12 +31,12 @@ rule bundle:
         unpack(bundle_loras),
         panels=variant_panels,
         candidates=variant_candidates,
-        story=f"{RUN_DIR}/story.png",
-        scores=f"{RUN_DIR}/scores.json",
+        story=run_file("{run}", "story"),
+        scores=run_file("{run}", "scores"),
     output:
-        directory(f"{RUN_DIR}/bundle"),
+        directory(run_file("{run}", "bundle")),
     params:
-        scenes=lambda wc: list(SCENES[wc.run].values()),
+        scenes=lambda wc: list(plan().scenes[wc.run].values()),
         bundle=lambda wc: variant_config(wc)["bundle"],
         base_model=lambda wc: variant_config(wc)["models"]["kolors"],
         run=lambda wc: wc.run,
@@ -52,9 +53,9 @@ rule bundle:
 
 rule upload:
     input:
-        f"{RUN_DIR}/bundle",
+        run_file("{run}", "bundle"),
     output:
-        f"{RUN_DIR}/upload.json",
+        run_file("{run}", "upload"),
     params:
         repo_id=lambda wc: variant_config(wc)["upload"]["repo_id"],
         visibility=lambda wc: variant_config(wc)["upload"]["visibility"],
@@ -73,15 +74,15 @@ rule manifest:
         panels=variant_panels,
         candidates=variant_candidates,
     output:
-        manifest=f"{RUN_DIR}/manifest.json",
-        config=report(f"{RUN_DIR}/config.yaml", caption="../report/config.rst", category="{run}",
+        manifest=run_file("{run}", "manifest"),
+        config=report(run_file("{run}", "config"), caption="../report/config.rst", category="{run}",
                       subcategory="Config"),
-        timings=report(f"{RUN_DIR}/timings.png", caption="../report/timings.rst", category="{run}",
+        timings=report(run_file("{run}", "timings"), caption="../report/timings.rst", category="{run}",
                        subcategory="Timings"),
     params:
         config=variant_config,
         seeds=lambda wc: {"train": variant_config(wc)["train"]["seed"],
-                          **{s: v["seed"] for s, v in SCENES[wc.run].items()}},
+                          **{s: v["seed"] for s, v in plan().scenes[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
         jobs=lambda wc: {k: v for k, v in vars(variant_jobs(wc)).items() if k != "captions" or v},  # none: as before
         cut_texts=lambda wc: cut_texts(variant_config(wc)),  # story.truncate_long_prompts: what was cut
@@ -98,12 +99,12 @@ rule manifest:
 rule compare_runs:
     """Every variant of the sweep ranked by its mean score: results/leaderboard.csv and .png."""
     input:
-        scores=[f"results/{v}/scores.json" for v in VARIANTS],
-        stories=[f"results/{v}/story.png" for v in VARIANTS],
-        configs=[f"results/{v}/config.yaml" for v in VARIANTS],
+        scores=[run_file(v, "scores") for v in VARIANTS],
+        stories=[run_file(v, "story") for v in VARIANTS],
+        configs=[run_file(v, "config") for v in VARIANTS],
     output:
-        csv="results/leaderboard.csv",
-        png=report("results/leaderboard.png", caption="../report/leaderboard.rst", category=LEADERBOARD),
+        csv=LEADERBOARD_FILES["csv"],
+        png=report(LEADERBOARD_FILES["png"], caption="../report/leaderboard.rst", category=LEADERBOARD),
     params:
         variants=list(VARIANTS),
     log:

@@ -11,12 +11,10 @@ rule import_lora:
     input:
         unpack(import_inputs),
     output:
-        lora=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['lora']}",
-        diffsynth=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['diffsynth']}",
-        comfyui=f"{SHARED}/imported/{{key}}/{IMPORTED_FILES['comfyui']}",
+        **{name: f"{lora_dir('{key}', imported=True)}/{file}" for name, file in LORA_FORMAT_FILES.items()},
     params:
-        diffsynth_alpha=lambda wc: PLAN.imports[wc.key]["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
-        content=lambda wc: content_param(PLAN.imports[wc.key]["use_lora"]),  # the file replaced: imported again
+        diffsynth_alpha=lambda wc: import_job(wc)["diffsynth_alpha"],  # a DiffSynth .ckpt stores no alpha
+        content=lambda wc: content_param(import_job(wc)["use_lora"]),  # the file replaced: imported again
     log:
         f"{SHARED}/logs/import_lora/{{key}}.log",
     benchmark:
@@ -39,21 +37,21 @@ rule train_lora:
     input:
         unpack(train_inputs),
     output:
-        **{name: f"{SHARED}/lora/{{key}}/{file}" for name, file in LORA_FILES.items()},
+        **{name: f"{lora_dir('{key}', imported=False)}/{file}" for name, file in LORA_FILES.items()},
     params:
-        train=lambda wc: PLAN.trainings[wc.key]["train"],
-        processes=lambda wc: PLAN.trainings[wc.key]["processes"],
+        train=lambda wc: training_job(wc)["train"],
+        processes=lambda wc: training_job(wc)["processes"],
         init_lora=init_lora_content,  # the init_lora file replaced under its name: trained again
         cache_dir=CACHE,
-        work_dir=f"{SHARED}/lora/{{key}}/work",
+        work_dir=f"{lora_dir('{key}', imported=False)}/work",
     threads: ALL_CORES
     resources:
-        gpu=lambda wc: PLAN.trainings[wc.key]["processes"],
-        mem_mb=lambda wc: TRAIN_MEM_MB["base"] + TRAIN_MEM_MB["per_process"] * PLAN.trainings[wc.key]["processes"],
+        gpu=lambda wc: training_job(wc)["processes"],
+        mem_mb=lambda wc: TRAIN_MEM_MB["base"] + TRAIN_MEM_MB["per_process"] * training_job(wc)["processes"],
     log:
         f"{SHARED}/logs/train_lora/{{key}}.log",
     benchmark:
-        f"{SHARED}/benchmarks/train_lora/{{key}}.tsv"
+        gpu_benchmark("train_lora", "{key}")
     conda:
         ENV
     script:
@@ -64,9 +62,9 @@ rule copy_lora:
     """The variant's LoRA in every format (diffusers, DiffSynth, ComfyUI), copied from its training
     (or import) job."""
     input:
-        **{name: variant_lora_source(name) for name in IMPORTED_FILES},
+        **{name: variant_lora_source(name) for name in LORA_FORMAT_FILES},
     output:
-        **{name: f"{RUN_DIR}/lora/{file}" for name, file in IMPORTED_FILES.items()},
+        **{name: run_lora_file("{run}", name) for name in LORA_FORMAT_FILES},
     log:
         f"{RUN_DIR}/logs/copy_lora.log",
     conda:
@@ -78,15 +76,15 @@ rule copy_lora:
 rule copy_training_curves:
     """The training curves and summary of a trained variant's LoRA."""
     input:
-        **{name: variant_lora_source(name) for name in CURVES},
+        **{name: variant_lora_source(name) for name in TRAINING_CURVE_FILES},
     output:
-        loss_csv=f"{RUN_DIR}/lora/{CURVES['loss_csv']}",
-        loss_png=report(f"{RUN_DIR}/lora/{CURVES['loss_png']}", caption="../report/loss.rst",
+        loss_csv=run_lora_file("{run}", "loss_csv"),
+        loss_png=report(run_lora_file("{run}", "loss_png"), caption="../report/loss.rst",
                         category="{run}", subcategory="Training"),
-        validation_csv=f"{RUN_DIR}/lora/{CURVES['validation_csv']}",
-        validation_png=report(f"{RUN_DIR}/lora/{CURVES['validation_png']}", caption="../report/validation.rst",
+        validation_csv=run_lora_file("{run}", "validation_csv"),
+        validation_png=report(run_lora_file("{run}", "validation_png"), caption="../report/validation.rst",
                               category="{run}", subcategory="Training"),
-        summary=f"{RUN_DIR}/lora/{CURVES['summary']}",
+        summary=run_lora_file("{run}", "summary"),
     log:
         f"{RUN_DIR}/logs/copy_training_curves.log",
     conda:

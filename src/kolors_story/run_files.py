@@ -21,14 +21,35 @@ TRAINING_CURVE_FILES = {
 }
 LORA_FILES = {**LORA_FORMAT_FILES, **TRAINING_CURVE_FILES}  # what a training job writes
 
+# A keyed job's files, by the rule's output name.
+DOWNLOAD_FILES = {
+    "rows": "rows.jsonl",
+    "images": "images",
+    "stats": "download_stats.json",
+    "content": "content.json",  # the local files it read and their sha256: the next plan names what changed
+}
+FILTER_FILES = {"rows": "filtered.jsonl", "stats": "filter_stats.json", "dropped": "dropped.png"}  # stats, dropped: results/<run>/data/ too
+CAPTION_FILES = {"rows": "captioned.jsonl", "record": "captions.jsonl", "page": "captions.html"}
+RUN_CAPTION_FILES = ("record", "page")  # the ones results/<run>/data/ holds too
+TRAINING_FOLDER = "dataset"  # build_metadata's: metadata.csv and the images
 EMBEDDINGS_FILE = "embeddings.safetensors"  # an encode job's texts, results/shared/embeddings/<key>/
-DATASET_CONTENT = "content.json"  # beside a download job's rows: the files it read and their sha256
-CAPTION_FILES = {"record": "captions.jsonl", "page": "captions.html"}  # a caption job's; results/<run>/data/ too
+SCENE_FILES = {"panel": "panel.png", "candidates": "candidates"}
 WRITTEN_FILE = "scenes.yaml"  # the prompt writer's scenes, results/shared/prompts/<key>/
 TRANSCRIPT_FILE = "prompt_writer.jsonl"  # every request and raw reply of the writing; results/<run>/ too
+WRITER_FILES = {"scenes": WRITTEN_FILE, "transcript": TRANSCRIPT_FILE}
 
-# results/<run>/: what rule all asks of every run (more with captions, a writer or an upload).
-RUN_OUTPUTS = ("story.png", "scores.csv", "scores.json", f"lora/{LORA_WEIGHT_NAME}", "bundle", "manifest.json",
-               "config.yaml")
-UPLOAD_RECORD = "upload.json"
-WRITTEN_PROMPTS = "prompts.yaml"  # results/<run>/: the writer's scenes, to paste into story.scenes
+# results/<run>/'s own files (beside data/, lora/, scenes/<id>.png, candidates/<id>/), by output name.
+RUN_FILES = {
+    "story": "story.png",
+    "contact_sheet": "contact_sheet.png",
+    "scores_csv": "scores.csv",
+    "scores": "scores.json",
+    "bundle": "bundle",
+    "manifest": "manifest.json",
+    "config": "config.yaml",  # the variant's resolved config: what reproduces it
+    "timings": "timings.png",
+    "upload": "upload.json",
+    "prompts": "prompts.yaml",  # the writer's scenes, to paste into story.scenes
+    "transcript": TRANSCRIPT_FILE,
+}
+RUN_OUTPUTS = ("story", "scores_csv", "scores", "bundle", "manifest", "config")  # what rule all asks of every run
