@@ -84,7 +84,7 @@ rule manifest:
         seeds=lambda wc: {"train": variant_config(wc)["train"]["seed"],
                           **{s: v["seed"] for s, v in plan().scenes[wc.run].items()}},
         benchmark_labels=lambda wc: list(gpu_benchmarks(wc)),
-        jobs=lambda wc: {k: v for k, v in vars(variant_jobs(wc)).items() if k != "captions" or v},  # none: as before
+        jobs=lambda wc: {k: v for k, v in vars(variant_jobs(wc)).items() if k != "captions" or v},  # no captioner: no key
         cut_texts=lambda wc: cut_texts(variant_config(wc)),  # story.truncate_long_prompts: what was cut
     log:
         f"{RUN_DIR}/logs/manifest.log",

@@ -297,8 +297,8 @@ class PromptEmbeddings(_ForPipeline):
     def native(self, texts: list[str]) -> Iterator[Embedding]:
         """Each of the distinct `texts`' (prompt_embeds, pooled), on the CPU in the encoder's dtype,
         in their order: from the cache, or encoded as it comes (ChatGLM loaded at the first text the
-        cache lacks, once, and released after the last). Cache entries of older runs hold float32
-        (the same values: the key has the dtype)."""
+        cache lacks, once, and released after the last). A cache entry may hold float32 (the same
+        values: the key has the dtype)."""
         cached = sum(1 for text in texts if self.cache and self.cache.has(self._key(text)))
         log.info("prompt embeddings: %d distinct, %d cached, %d to encode", len(texts), cached, len(texts) - cached)
         encoder = _Encoder(self.folder, self.dtype, self.device)

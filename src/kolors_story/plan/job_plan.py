@@ -64,8 +64,8 @@ class JobPlan:
 
 
 def sampler_settings(config: dict) -> dict:
-    """The generate keys a scene or anchor job renders by. compile_backend only with compile on:
-    it came later, and an eager job's key (its images) must not change with it."""
+    """The generate keys a scene or anchor job renders by. compile_backend only with compile on: an
+    eager job's images do not depend on it, so neither does its key."""
     gen = config["generate"]
     return {k: v for k, v in gen.items() if k not in NOT_SAMPLER and (k != "compile_backend" or gen["compile"])}
 
@@ -82,8 +82,8 @@ def train_params(train: dict) -> dict:
 
 
 def _dataset_settings(dataset: dict) -> dict:
-    """The dataset settings that key the download job. truncate_long_captions came later: at its
-    default it is left out, so the keys (and the trainings behind them) of earlier runs hold."""
+    """The dataset settings that key the download job. truncate_long_captions only where it is on:
+    at its default the key (and every training behind it) is that of a config that never names it."""
     return {k: v for k, v in dataset.items() if k != "truncate_long_captions" or v}
 
 
@@ -103,7 +103,7 @@ def caption_settings(config: dict) -> dict:
 
 def data_key(jobs: VariantJobs) -> str:
     """The key of the variant's training folder (results/shared/data/<key>/dataset): its caption
-    job's where it captions, else its filter job's (as before captions existed)."""
+    job's where it captions, else its filter job's (the filter's rows are its texts)."""
     return jobs.captions or jobs.filter
 
 
