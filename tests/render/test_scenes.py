@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from kolors_story.render.scenes import (
-    RenderInputs, SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings, make_scheduler,
-    load_style_lora, render, render_scene,
+    RenderInputs, SamplerSettings, Scene, candidate_seeds, load_pipeline, pipeline_and_embeddings_per_prompt,
+    make_scheduler, load_style_lora, render, render_scene,
 )
 from kolors_story.render.candidates_file import read_record
 from kolors_story.models.aesthetic import AestheticScorer
@@ -70,7 +70,7 @@ def test_scene_embeddings_are_the_pipelines_own_and_render_the_same_panel(tiny_k
     scene = Scene("a", "水墨画", "丑陋", seed=1, width=32, height=32)
     full = load_pipeline(tiny_kolors, SamplerSettings(steps=2), CPU)
     reference = full.encode_prompt(prompt=scene.prompt, device=CPU, negative_prompt=scene.negative_prompt)
-    pipe, embeds = pipeline_and_embeddings(tiny_kolors, SamplerSettings(steps=2), scene, CPU)
+    pipe, [embeds] = pipeline_and_embeddings_per_prompt(tiny_kolors, SamplerSettings(steps=2), scene, CPU)
     assert pipe.text_encoder is None
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     for name, tensor in zip(names, reference):
@@ -88,7 +88,7 @@ def test_training_and_scene_jobs_share_one_prompt_cache(tiny_kolors, training_fo
 
     encode_texts(KolorsFolder(tiny_kolors), ["水墨画", ""], tmp_path, CPU, torch.float32)
     with caplog.at_level("INFO", logger="kolors_story.models.prompt_embeddings"):
-        pipeline_and_embeddings(tiny_kolors, SamplerSettings(steps=2), Scene("s", "水墨画"), CPU, tmp_path)
+        pipeline_and_embeddings_per_prompt(tiny_kolors, SamplerSettings(steps=2), Scene("s", "水墨画"), CPU, tmp_path)
     assert "2 cached, 0 to encode" in caplog.text
     assert len(list((tmp_path / "text").rglob("*.safetensors"))) == 2
 
@@ -147,8 +147,8 @@ def test_alternative_prompts_compete_with_every_seed_and_the_winner_renders_agai
     assert record.chosen == int(np.argmax(record.scores)) and read_record(tmp_path / "c") == record
     recipe = record.recipe()
     assert recipe.prompt == scene.prompts[record.chosen // 2] and recipe.seed == record.seed
-    pipe, embeds = pipeline_and_embeddings(tiny_kolors, settings, Scene("s1", recipe.prompt, seed=recipe.seed,
-                                                                       width=32, height=32), CPU)
+    pipe, [embeds] = pipeline_and_embeddings_per_prompt(
+        tiny_kolors, settings, Scene("s1", recipe.prompt, seed=recipe.seed, width=32, height=32), CPU)
     load_style_lora(pipe, lora, 1.0, fuse=True)
     again = render(pipe, Scene("s1", recipe.prompt, width=32, height=32), settings, list(recipe.batch_seeds), embeds)
     kept = np.asarray(Image.open(tmp_path / "s1.png"))

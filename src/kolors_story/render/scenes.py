@@ -159,22 +159,15 @@ def warm_up(pipe, scene: "Scene", settings: SamplerSettings, embeds: dict | None
     return seconds
 
 
-def pipeline_and_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
-                            cache_dir: Path | None = None, embeddings: Path | None = None) -> tuple[object, dict]:
-    """The pipeline without its text encoder, and the scene's prompt embeddings (bitwise those of
-    the pipeline's encode_prompt in the encoder's dtype), cast to the pipeline's dtype. From
-    `embeddings` (the encode_texts job's file) ChatGLM is never loaded; without it, ChatGLM is
-    loaded, used and released first, and only when cache_dir lacks the prompt or the negative
-    prompt: the 6B encoder and the UNet never meet."""
-    pipe, embeds = pipeline_and_prompt_embeddings(model_dir, settings, replace(scene, alternatives=()), device,
-                                                  cache_dir, embeddings)
-    return pipe, embeds[0]
-
-
-def pipeline_and_prompt_embeddings(model_dir: Path, settings: SamplerSettings, scene: Scene, device: torch.device,
-                                   cache_dir: Path | None = None,
-                                   embeddings: Path | None = None) -> tuple[object, list[dict]]:
-    """As pipeline_and_embeddings, with the embeddings of every prompt of the scene (scene.prompts)."""
+def pipeline_and_embeddings_per_prompt(model_dir: Path, settings: SamplerSettings, scene: Scene,
+                                       device: torch.device, cache_dir: Path | None = None,
+                                       embeddings: Path | None = None) -> tuple[object, list[dict]]:
+    """The pipeline without its text encoder, and the embeddings of each prompt of the scene
+    (scene.prompts: its prompt, then its alternatives), bitwise those of the pipeline's
+    encode_prompt in the encoder's dtype, cast to the pipeline's dtype. From `embeddings` (the
+    encode_texts job's file) ChatGLM is never loaded; without it, ChatGLM is loaded, used and
+    released first, and only when cache_dir lacks a prompt or the negative prompt: the 6B encoder
+    and the UNet never meet."""
     from kolors_story.models.prompt_embeddings import EmbeddingsFile
 
     folder, dtype = KolorsFolder(model_dir), pipeline_dtype(settings, device)
@@ -250,8 +243,8 @@ def render_scene(
         raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or devices.pick_device()
-    pipe, embeds = pipeline_and_prompt_embeddings(inputs.model_dir, settings, scene, device, inputs.cache_dir,
-                                                  inputs.embeddings)
+    pipe, embeds = pipeline_and_embeddings_per_prompt(inputs.model_dir, settings, scene, device, inputs.cache_dir,
+                                                      inputs.embeddings)
     move_to_device(pipe, device, settings)
     scales = lora_scales(settings)
     fused = len(scales) == 1
@@ -379,8 +372,8 @@ def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings,
     from kolors_story.render.character_sharing import record_anchor, save_anchor
 
     device = device or devices.pick_device()
-    pipe, embeds = pipeline_and_embeddings(inputs.model_dir, settings, scene, device, inputs.cache_dir,
-                                           inputs.embeddings)
+    pipe, [embeds] = pipeline_and_embeddings_per_prompt(inputs.model_dir, settings, scene, device, inputs.cache_dir,
+                                                        inputs.embeddings)
     move_to_device(pipe, device, settings)
     scale = lora_scales(settings)[0]
     load_style_lora(pipe, inputs.lora_file, scale, fuse=True)  # one scale: merged, as a one-scale scene job
