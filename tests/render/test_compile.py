@@ -20,7 +20,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.render import scenes
+from kolors_story.render import panel_choice, scenes
 from kolors_story.render.candidates_file import read_record
 from kolors_story.render.scenes import (
     Consistency, RenderInputs, SamplerSettings, Scene, candidate_seeds, load_pipeline, load_style_lora, render,
@@ -175,7 +175,7 @@ def test_the_compiled_unet_is_freed_before_the_predictor_loads(tiny_kolors, lora
     """render_scene's `del pipe`, with sharing's step hook installed and the UNet compiled: nothing
     refers to the UNet any more when the candidates are scored (garbage collection off)."""
     unets = []
-    original_share, original_score = scenes.share_anchors, scenes.score_candidates
+    original_share, original_score = scenes.share_anchors, panel_choice.score_candidates
 
     def share(pipe, *args, **kwargs):
         unets.append(weakref.ref(pipe.unet))
@@ -186,7 +186,7 @@ def test_the_compiled_unet_is_freed_before_the_predictor_loads(tiny_kolors, lora
         return original_score(*args, **kwargs)
 
     monkeypatch.setattr(scenes, "share_anchors", share)
-    monkeypatch.setattr(scenes, "score_candidates", score)
+    monkeypatch.setattr(panel_choice, "score_candidates", score)
     consistency = Consistency(max_tokens=16)
     gc.disable()
     try:

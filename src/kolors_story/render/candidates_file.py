@@ -105,6 +105,10 @@ class ConsistencyRecipe:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One image a scene job drew: how (seed, LoRA scale, the batch of its pipeline call, prompt),
+    then, once chosen among, how it scored and where its image is. Drawing makes it with the
+    scores and file None (scenes.draw_candidates); choosing fills them (panel_choice)."""
+
     seed: int
     lora_scale: float
     batch_seeds: tuple[int, ...]  # the seeds of the one pipeline call that drew it, in order

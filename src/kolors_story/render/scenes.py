@@ -3,13 +3,15 @@
 A scene job encodes its prompts with ChatGLM first and drops the text encoder before the UNet and
 VAE go to the GPU: the 6B text encoder and the UNet are never on the device together. With
 best-of-N, the scene renders N candidates (seeds derived from the scene seed), scores each with
-the challenge's aesthetic predictor and keeps the best as the panel.
+the challenge's aesthetic predictor and keeps the best as the panel: render_scene draws every
+candidate (draw_scene), then chooses among them (choose_panel, by panel_choice's rule).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from PIL import Image
 
 from kolors_story.models import devices
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.render.panel_choice import needs_scorer
+from kolors_story.render.panel_choice import needs_scorer, pick_candidate
 from kolors_story.render.samplers import make_scheduler
 from kolors_story.render.candidates_file import (
     AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime, write_record,
@@ -231,89 +233,70 @@ def render_scene(
     out_path: Path,
     candidates_dir: Path | None = None,
     device: torch.device | None = None,
-    anchors: list[Path] = (),
+    anchors: Sequence[Path] = (),
     consistency: Consistency | None = None,
 ) -> CandidateRecord:
     """Render a scene's panel (best of `settings.candidates`), write it, and return the record of
     candidates (written to candidates_dir/candidates.json when given). With anchors (one per
-    character the scene shows), self-attention is shared with them for consistent characters."""
+    character the scene shows), self-attention is shared with them for consistent characters;
+    consistency.compare renders the kept candidate again without, beside the candidates."""
     scored = needs_scorer(settings.candidates, settings.lora_scale, len(scene.prompts))
-    aesthetic_dir = inputs.aesthetic_dir
-    if scored and aesthetic_dir is None:  # refused before any GPU work, not after rendering
+    if scored and inputs.aesthetic_dir is None:  # refused before any GPU work, not after rendering
         raise ValueError("best-of-N (generate.candidates > 1) and a sweep of generate.lora_scale pick "
                          "the panel with the aesthetic predictor (models.aesthetic): pass aesthetic_dir")
     device = device or devices.pick_device()
     pipe, embeds = pipeline_and_embeddings_per_prompt(inputs.model_dir, settings, scene, device, inputs.cache_dir,
                                                       inputs.embeddings)
-    move_to_device(pipe, device, settings)
-    scales = lora_scales(settings)
-    fused = len(scales) == 1
-    load_style_lora(pipe, inputs.lora_file, scales[0], fuse=fused)
     consistency = (consistency or Consistency()) if anchors else None
-    sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
-    if settings.compile:  # the last change to the UNet: LoRA and processors are in
-        warm_up(pipe, scene, settings, embeds[0], candidate_seeds(scene.seed, settings.candidates))
-    images, drawn = render_candidates(pipe, scene, settings, scales, embeds, fused)
-    compare = bool(sharing and consistency.compare and candidates_dir is not None)
+    drawing = draw_scene(pipe, inputs.lora_file, scene, settings, device, embeds, anchors, consistency)
+    compare = bool(drawing.sharing and consistency.compare and candidates_dir is not None)
     if not compare:
         del pipe  # frees the UNet before the predictor loads (sharing's hooks hold the pipeline weakly)
         if settings.compile:
             gc.collect()  # Module.compile's compiled call refers back to the UNet: a cycle
-    weight = sharing.selection_weight if sharing else 0.0
-    chosen, candidates = choose_candidate(images, drawn, aesthetic_dir if scored else None, device,
-                                          anchors if weight else [], weight, candidates_dir)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    images[chosen].save(out_path)
-    record = scene_record(scene, settings, device, fused, candidates, chosen, sharing)
-    kept_prompt = scene.prompts.index(record.recipe().prompt)
+    record = choose_panel(drawing, scene, settings, device, inputs.aesthetic_dir if scored else None, anchors,
+                          Path(out_path), candidates_dir)
     if candidates_dir is not None:
         if compare:
-            record = replace(record, without_consistency=render_without_sharing(
-                pipe, scene, settings, record.seed, None if fused else record.lora_scale, embeds[kept_prompt],
-                Path(candidates_dir)))
+            record = render_without_sharing(pipe, scene, settings, embeds, record, Path(candidates_dir))
         write_record(record, Path(candidates_dir))
-    if len(images) > 1:
-        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f, prompt %d of %d)", scene.id,
-                 ", ".join(f"{s:.3f}" for s in record.scores), chosen, record.seed, record.lora_scale,
-                 kept_prompt + 1, len(scene.prompts))
     return record
 
 
-def choose_candidate(images: list[Image.Image], drawn: list[tuple], aesthetic_dir: Path | None,
-                     device: torch.device, anchors: list[Path], weight: float,
-                     candidates_dir: Path | None) -> tuple[int, tuple[Candidate, ...]]:
-    """The kept candidate's index (the best challenge score, plus `weight` x its similarity to the
-    anchors; the first one when aesthetic_dir is None: nothing to choose), and every candidate's
-    record, its image saved under candidates_dir when given."""
-    scores = similarity = combined = [None] * len(images)
-    chosen = 0
-    if aesthetic_dir is not None:
-        scores, similarity = score_candidates(images, aesthetic_dir, device, anchors)
-        combined = [a + weight * (c or 0.0) for a, c in zip(scores, similarity)]
-        chosen = max(range(len(images)), key=lambda k: combined[k])
-    files = save_candidates(images, candidates_dir) if candidates_dir is not None else [None] * len(images)
-    return chosen, tuple(
-        Candidate(seed, scale, batch, score=s, anchor_similarity=a, selection_score=c, file=f, prompt=alternative)
-        for (seed, scale, batch, alternative), s, a, c, f in zip(drawn, scores, similarity, combined, files))
+@dataclass(frozen=True)
+class Drawing:
+    """A scene's candidates as drawn, in rendering order (images[k] is candidates[k]'s), before
+    anything scores them."""
+
+    images: tuple[Image.Image, ...]
+    candidates: tuple[Candidate, ...]  # how each was drawn; scores and files still None
+    lora_fused: bool  # the one LoRA scale is merged into the UNet; several: adapters switched
+    sharing: ConsistencyRecipe | None  # attention shared with the anchors, as the record says it
 
 
-def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, fused: bool,
-                 candidates: tuple[Candidate, ...], chosen: int, sharing) -> CandidateRecord:
-    """What candidates.json keeps of a rendered scene: its recipe, every candidate, the choice."""
-    return CandidateRecord(
-        scene=scene.id, prompt=scene.prompt, negative_prompt=scene.negative_prompt or "", width=scene.width,
-        height=scene.height, sampler=settings.sampler, steps=settings.steps,
-        guidance_scale=settings.guidance_scale, precision=settings.precision,
-        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type, lora_fused=fused,
-        candidates=candidates, chosen=chosen, consistency=sharing, runtime=Runtime.current(device))
+def draw_scene(pipe, lora_file: Path, scene: Scene, settings: SamplerSettings, device: torch.device,
+               embeds: list[dict], anchors: Sequence[Path], consistency: Consistency | None) -> Drawing:
+    """Every candidate of the scene on `pipe` (its text encoder already dropped; `embeds`: one per
+    prompt of scene.prompts): the pipeline to the device, the style LoRA in, attention shared with
+    the anchors, the UNet compiled last, then the candidates drawn."""
+    move_to_device(pipe, device, settings)
+    scales = lora_scales(settings)
+    # Several scales switch adapters between candidates: an unfuse is not bitwise.
+    fused = len(scales) == 1
+    load_style_lora(pipe, lora_file, scales[0], fuse=fused)
+    sharing = share_anchors(pipe, scene, anchors, consistency) if anchors else None
+    if settings.compile:  # the last change to the UNet: LoRA and processors are in
+        warm_up(pipe, scene, settings, embeds[0], candidate_seeds(scene.seed, settings.candidates))
+    images, candidates = draw_candidates(pipe, scene, settings, scales, embeds, fused)
+    return Drawing(tuple(images), tuple(candidates), fused, sharing)
 
 
-def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: list[dict],
-                      fused: bool = False) -> tuple[list[Image.Image], list[tuple]]:
-    """Every (LoRA scale, prompt, seed) candidate (`embeds`: one per prompt of scene.prompts), and
-    per image its seed, scale, the seeds of the pipeline call that drew it (what renders it again
-    bit for bit) and its prompt when it is an alternative. fused: the one scale is already merged
-    into the UNet."""
+def draw_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: list[float], embeds: list[dict],
+                    fused: bool = False) -> tuple[list[Image.Image], list[Candidate]]:
+    """Every (LoRA scale, prompt, seed) candidate, in that nesting (`embeds`: one per prompt of
+    scene.prompts), and per image how it was drawn: its seed, scale, the seeds of the pipeline call
+    that drew it (what renders it again bit for bit) and its prompt when it is an alternative.
+    fused: the one scale is already merged into the UNet."""
     seeds = candidate_seeds(scene.seed, settings.candidates)
     log.info("scene %s: %d candidate(s) from seed %d, %dx%d, %s %d steps, CFG %.1f, LoRA scale(s) %s, %d prompt(s)",
              scene.id, len(seeds) * len(scales) * len(embeds), scene.seed, scene.width, scene.height,
@@ -326,11 +309,11 @@ def render_candidates(pipe, scene: Scene, settings: SamplerSettings, scales: lis
             alternative = scene.prompts[k] if k else None  # None: the scene's own prompt
             for batch in candidate_batches(settings, seeds):
                 images += render(pipe, scene, settings, batch, prompt_embeds)
-                drawn += [(seed, scale, tuple(batch), alternative) for seed in batch]
+                drawn += [Candidate(seed, scale, tuple(batch), prompt=alternative) for seed in batch]
     return images, drawn
 
 
-def share_anchors(pipe, scene: Scene, anchors: list[Path], consistency: Consistency) -> ConsistencyRecipe:
+def share_anchors(pipe, scene: Scene, anchors: Sequence[Path], consistency: Consistency) -> ConsistencyRecipe:
     """Turn on attention sharing with the scene's anchors; what the record says about it."""
     from kolors_story.render.character_sharing import enable_sharing, load_anchor
 
@@ -343,26 +326,51 @@ def share_anchors(pipe, scene: Scene, anchors: list[Path], consistency: Consiste
                              selection_weight=consistency.selection_weight, anchors=recipes)
 
 
-def save_candidates(images: list[Image.Image], folder: Path) -> list[str]:
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(images):
-        image.save(Path(folder) / f"{k}.png")
-    return [f"{k}.png" for k in range(len(images))]
+def choose_panel(drawing: Drawing, scene: Scene, settings: SamplerSettings, device: torch.device,
+                 aesthetic_dir: Path | None, anchors: Sequence[Path], out_path: Path,
+                 candidates_dir: Path | None) -> CandidateRecord:
+    """The panel picked among the drawn candidates (panel_choice.pick_candidate; aesthetic_dir
+    None: the only one), written to out_path, and the scene's record; each candidate's image is
+    saved under candidates_dir when given."""
+    sharing = drawing.sharing
+    weight = sharing.selection_weight if sharing else 0.0
+    chosen, candidates = pick_candidate(drawing.images, drawing.candidates, aesthetic_dir, device,
+                                        anchors if weight else [], weight, candidates_dir)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    drawing.images[chosen].save(out_path)
+    record = scene_record(scene, settings, device, drawing.lora_fused, candidates, chosen, sharing)
+    if len(candidates) > 1:
+        log.info("scene %s: scores %s -> candidate %d (seed %d, LoRA scale %.2f, prompt %d of %d)", scene.id,
+                 ", ".join(f"{s:.3f}" for s in record.scores), chosen, record.seed, record.lora_scale,
+                 scene.prompts.index(record.recipe().prompt) + 1, len(scene.prompts))
+    return record
 
 
-def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, seed: int, scale: float | None,
-                           embeds: dict, out_dir: Path) -> str:
-    """The kept candidate's seed and LoRA scale rendered with attention sharing off: that panel as
-    it would look without the option, everything else equal (the with/without comparison).
-    scale None: the LoRA is fused at the panel's scale already."""
+def scene_record(scene: Scene, settings: SamplerSettings, device: torch.device, fused: bool,
+                 candidates: tuple[Candidate, ...], chosen: int, sharing: ConsistencyRecipe | None) -> CandidateRecord:
+    """What candidates.json keeps of a rendered scene: its recipe, every candidate, the choice."""
+    return CandidateRecord(
+        scene=scene.id, prompt=scene.prompt, negative_prompt=scene.negative_prompt or "", width=scene.width,
+        height=scene.height, sampler=settings.sampler, steps=settings.steps,
+        guidance_scale=settings.guidance_scale, precision=settings.precision,
+        dtype=str(pipeline_dtype(settings, device)).removeprefix("torch."), device=device.type, lora_fused=fused,
+        candidates=candidates, chosen=chosen, consistency=sharing, runtime=Runtime.current(device))
+
+
+def render_without_sharing(pipe, scene: Scene, settings: SamplerSettings, embeds: list[dict],
+                           record: CandidateRecord, out_dir: Path) -> CandidateRecord:
+    """The kept candidate (its seed, LoRA scale and prompt) rendered again with attention sharing
+    off: that panel as it would look without the option, everything else equal (the with/without
+    comparison). Returns the record naming that file."""
     from kolors_story.render.character_sharing import disable
 
     disable(pipe)
-    if scale is not None:
-        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
-    render(pipe, scene, settings, [seed], embeds)[0].save(out_dir / WITHOUT_CONSISTENCY)
-    log.info("scene %s: rendered seed %d without consistency for the comparison", scene.id, seed)
-    return WITHOUT_CONSISTENCY
+    if not record.lora_fused:  # fused: merged at the panel's scale already
+        pipe.set_adapters([ADAPTER], adapter_weights=[record.lora_scale])
+    kept_prompt = scene.prompts.index(record.recipe().prompt)
+    render(pipe, scene, settings, [record.seed], embeds[kept_prompt])[0].save(out_dir / WITHOUT_CONSISTENCY)
+    log.info("scene %s: rendered seed %d without consistency for the comparison", scene.id, record.seed)
+    return replace(record, without_consistency=WITHOUT_CONSISTENCY)
 
 
 def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings, consistency: Consistency,
@@ -393,26 +401,6 @@ def render_anchor(inputs: RenderInputs, scene: Scene, settings: SamplerSettings,
 def lora_scales(settings: SamplerSettings) -> list[float]:
     scale = settings.lora_scale
     return [float(x) for x in scale] if isinstance(scale, (list, tuple)) else [float(scale)]
-
-
-def score_candidates(images: list[Image.Image], aesthetic_dir: Path | None, device: torch.device,
-                     anchors: list[Path] = ()) -> tuple[list[float], list[float | None]]:
-    """Aesthetic score of each candidate and, given anchors, its mean CLIP cosine similarity to the
-    anchor images of the scene's characters (same vision tower, no extra model)."""
-    from kolors_story.models.aesthetic import AestheticScorer, cosine
-
-    if aesthetic_dir is None:
-        raise ValueError("best-of-N needs the aesthetic predictor (aesthetic_dir)")
-    scorer = AestheticScorer(Path(aesthetic_dir), device=str(device))
-    scored = [scorer.score_and_embed(image) for image in images]
-    if not anchors:
-        return [s for s, _ in scored], [None] * len(images)
-    refs = []
-    for path in anchors:
-        with Image.open(Path(path).with_suffix(".png")) as image:
-            refs.append(scorer.score_and_embed(image)[1])
-    similarity = [sum(cosine(e, r) for r in refs) / len(refs) for _, e in scored]
-    return [s for s, _ in scored], similarity
 
 
 __all__ = ["SamplerSettings", "Scene", "candidate_seeds", "compile_unet", "load_pipeline", "load_style_lora",
