@@ -23,7 +23,7 @@ if str(ROOT / "src") not in sys.path:  # runnable without `pip install -e .`
 GIB = 2**30
 
 # Kwai-Kolors/Kolors-diffusers unet/config.json (the parts that shape the network).
-from kolors_story.models.lora_files import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402,F401  (one copy)
+from kolors_story.models.kolors_configs import KOLORS_UNET_CONFIG as KOLORS_UNET  # noqa: E402,F401  (one copy)
 
 KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
 

@@ -1,7 +1,7 @@
 import logging
 from pathlib import Path
 
-from kolors_story.models.lora_files import convert_lora
+from kolors_story.models.lora.any_format import convert_lora
 from kolors_story.host.rule_runner import run_rule
 
 

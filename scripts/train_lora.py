@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from kolors_story.models.lora_files import convert_lora, read_lora, unet_skeleton
+from kolors_story.models.kolors_configs import unet_skeleton
+from kolors_story.models.lora.any_format import convert_lora, read_lora
 from kolors_story.host.rule_runner import run_rule
 from kolors_story.training import TrainJob, TrainSettings, write_loss_log, write_validation_log
 from kolors_story.host.training_launch import train

@@ -203,14 +203,14 @@ def test_the_lora_owner_reads_a_diffusers_file_without_diffsynth(checked, monkey
     the DiffSynth names, which it cannot know there, are missing)."""
     import importlib.util
 
-    from kolors_story.models import lora_files
+    from kolors_story.models.lora.any_format import read_lora
     from kolors_story.models.random_kolors import build_unet
 
     lora = checked[2] / "lora" / "pytorch_lora_weights.safetensors"
-    full = lora_files.read_lora(lora, build_unet(0))
+    full = read_lora(lora, build_unet(0))
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffsynth" else find_spec(name, *a))
-    plain = lora_files.read_lora(lora, build_unet(0))
+    plain = read_lora(lora, build_unet(0))
     assert (plain.rank, plain.alpha, plain.target_modules) == (full.rank, full.alpha, full.target_modules)
     assert list(plain.state) == list(full.state) and all(plain.state[k].equal(full.state[k]) for k in full.state)
     assert full.diffsynth_names and not plain.diffsynth_names

@@ -10,10 +10,15 @@ import torch
 import yaml
 
 from kolors_story.errors import UserError
-from kolors_story.models import lora_files
+from kolors_story.models.lora.any_format import read_lora
+from kolors_story.models.lora.diffsynth_format import write_diffsynth_lora
+from kolors_story.models.lora.diffusers_format import write_diffusers_lora
+from kolors_story.models.lora.kohya_format import write_comfyui_lora
+from kolors_story.models.lora.weights import LoraWeights
 from kolors_story.models.random_kolors import build_unet
 from kolors_story.outputs.publishing import ModelCard, build_bundle
 from kolors_story.plan.config import load_schema, validate_config
+from kolors_story.run_files import COMFYUI_LORA_NAME, DIFFSYNTH_LORA_NAME
 from test_publishing import make_inputs  # fake panels, records and scores (this folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +34,11 @@ def run_loras(tmp_path_factory) -> dict[str, Path]:
         if name.endswith((".to_q", ".to_v")):
             state[f"{name}.lora_A.weight"] = torch.randn(8, layer.in_features, generator=gen)
             state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, 8, generator=gen)
-    weights = lora_files.LoraWeights(state, 8, 4.0, target_modules=("to_q", "to_v"))
+    weights = LoraWeights(state, 8, 4.0, target_modules=("to_q", "to_v"))
     out = tmp_path_factory.mktemp("lora")
-    return {"lora": lora_files.write_diffusers_lora(weights, out),
-            "diffsynth": lora_files.write_diffsynth_lora(weights, out / "diffsynth_lora.ckpt", unet),
-            "comfyui": lora_files.write_comfyui_lora(weights, out / lora_files.COMFYUI_WEIGHT_NAME)}
+    return {"lora": write_diffusers_lora(weights, out),
+            "diffsynth": write_diffsynth_lora(weights, out / DIFFSYNTH_LORA_NAME, unet),
+            "comfyui": write_comfyui_lora(weights, out / COMFYUI_LORA_NAME)}
 
 
 def build(tmp_path: Path, run_loras: dict, formats: tuple[str, ...], repo_id: str | None) -> Path:
@@ -66,9 +71,9 @@ def test_each_formats_strength_in_the_card_is_what_its_file_applies(run_loras):
     """The card's 1.0 everywhere holds: the ComfyUI file's up @ down * alpha / rank and the
     DiffSynth file's B @ A (lora_alpha 1.0) equal the diffusers file's update at its own scale."""
     unet = build_unet(0)
-    reference = lora_files.read_lora(run_loras["lora"], unet)
+    reference = read_lora(run_loras["lora"], unet)
     for fmt in ("diffsynth", "comfyui"):
-        other = lora_files.read_lora(run_loras[fmt], unet)  # DiffSynth at diffsynth_alpha None: scale 1
+        other = read_lora(run_loras[fmt], unet)  # DiffSynth at diffsynth_alpha None: scale 1
         assert other.scale == reference.scale == 1.0
         assert all(torch.equal(other.state[k], reference.state[k]) for k in reference.state), fmt
 

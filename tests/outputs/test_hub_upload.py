@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.run_files import LORA_WEIGHT_NAME
 from modelscope_double import HubState, start_hub
 
 TOKEN = "ms-fake-0123456789abcdef-secret"

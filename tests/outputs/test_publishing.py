@@ -17,7 +17,8 @@ from PIL import Image
 from kolors_story.errors import UserError
 from kolors_story.render.candidates_file import AnchorRecipe, Candidate, CandidateRecord, ConsistencyRecipe, Runtime
 from kolors_story.outputs.hub_upload import modelscope_token, upload_bundle
-from kolors_story.outputs.publishing import LORA_WEIGHT_NAME, ModelCard, build_bundle
+from kolors_story.outputs.publishing import ModelCard, build_bundle
+from kolors_story.run_files import LORA_WEIGHT_NAME
 
 FAKE_TOKEN = "ms-fake-0123456789abcdef-secret"
 

@@ -75,7 +75,7 @@ def peft_layers(state: dict[str, torch.Tensor], scale: float) -> dict[str, Layer
 def file_layers(lora_file: Path, unet: torch.nn.Module) -> dict[str, Layer]:
     """The saved file as the project's LoRA owner reads a diffusers file: fp32 tensors, the scale
     its metadata gives (alpha = rank without metadata, as diffusers does)."""
-    from kolors_story.models.lora_files import read_lora
+    from kolors_story.models.lora.any_format import read_lora
 
     weights = read_lora(Path(lora_file), unet)
     return peft_layers(weights.state, weights.scale)

@@ -32,7 +32,7 @@ from kolors_story.render.scenes import (
     Consistency, RenderInputs, SamplerSettings, Scene, load_style_lora, move_to_device, pipeline_and_embeddings,
     pipeline_dtype, render, render_anchor,
 )
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.run_files import LORA_WEIGHT_NAME
 from kolors_story.render.candidates_file import AnchorRecipe, PanelRecipe, Runtime
 
 log = logging.getLogger(__name__)

@@ -256,7 +256,7 @@ def building(dtype: torch.dtype, device: torch.device | str = "cpu"):
 def build_full_unet(seed: int = 0, dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu"):
     from diffusers import UNet2DConditionModel
 
-    from kolors_story.models.lora_files import KOLORS_UNET_CONFIG
+    from kolors_story.models.kolors_configs import KOLORS_UNET_CONFIG
 
     torch.manual_seed(seed)
     with building(dtype, device):

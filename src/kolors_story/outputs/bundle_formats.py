@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import re
 
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.run_files import DIFFSYNTH_LORA_NAME, LORA_WEIGHT_NAME
 
 FORMATS = ("diffusers", "diffsynth", "comfyui")  # schema bundle.formats' items
-DIFFSYNTH_NAME = "diffsynth_lora.ckpt"
 BASELINE_RANK, BASELINE_ALPHA = 16, 2.0  # the baseline rendered its .ckpt with LoraConfig(r=16, lora_alpha=2.0)
 
 
@@ -26,7 +25,7 @@ def file_stem(repo_id: str | None, run_name: str) -> str:
 
 def bundle_names(formats: list[str], stem: str) -> dict[str, str]:
     """format -> file name in the bundle, for the formats asked for (diffusers always)."""
-    names = {"diffusers": LORA_WEIGHT_NAME, "diffsynth": DIFFSYNTH_NAME, "comfyui": f"{stem}_comfyui.safetensors"}
+    names = {"diffusers": LORA_WEIGHT_NAME, "diffsynth": DIFFSYNTH_LORA_NAME, "comfyui": f"{stem}_comfyui.safetensors"}
     return {f: names[f] for f in FORMATS if f in formats or f == "diffusers"}
 
 

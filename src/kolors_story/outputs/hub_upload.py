@@ -14,7 +14,7 @@ from typing import Iterator
 from pathlib import Path
 
 from kolors_story.errors import UserError
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME
+from kolors_story.run_files import LORA_WEIGHT_NAME
 
 TOKEN_ENV = "MODELSCOPE_API_TOKEN"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -15,17 +15,18 @@ from PIL import Image
 
 from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME, lora_rank
+from kolors_story.models.lora.any_format import lora_rank
 from kolors_story.outputs.bundle_formats import bundle_names, file_stem, tools_section
 from kolors_story.render.candidates_file import CandidateRecord
 from kolors_story.render.samplers import scheduler_code
 from kolors_story.files import share_as_umask_allows, write_json
+from kolors_story.run_files import LORA_WEIGHT_NAME
 
 # Oldest diffusers whose KolorsPipeline.load_lora_weights loads this file at its strength (read
 # in diffusers' release tags): KolorsPipeline arrived in 0.30.0 with the SDXL LoRA mixin, which
 # then touched text_encoder_2 only for text_encoder_2 keys (0.33.0 moved Kolors to the SD mixin);
 # the safetensors metadata is read only from 0.34.0, and without it alpha = rank, which the
-# folded file (lora_files.folded) already states.
+# folded file (models.lora.weights.folded) already states.
 MIN_DIFFUSERS = "0.30.0"
 PASS_THRESHOLD = 6.0
 _SAFE_ID = re.compile(r"^[\w.-]+$")

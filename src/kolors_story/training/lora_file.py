@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.models.lora_files import LORA_WEIGHT_NAME, load_lora_state  # noqa: F401 (the training package's names)
+from kolors_story.models.lora.weights import load_lora_state  # noqa: F401 (the training package's names)
+from kolors_story.run_files import LORA_WEIGHT_NAME  # noqa: F401
 from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,12 @@ def add_lora(unet, settings: TrainSettings) -> list[torch.nn.Parameter]:
 
     unet.requires_grad_(False)
     if settings.init_lora:
-        from kolors_story.models import lora_files
+        from kolors_story.models.lora.any_format import read_lora
+        from kolors_story.models.lora.weights import apply_to_unet
 
         # a DiffSynth .ckpt stores no alpha: it starts at train.diffsynth_alpha
-        weights = lora_files.read_lora(Path(settings.init_lora), unet, diffsynth_alpha=settings.diffsynth_alpha)
-        lora_files.apply_to_unet(weights, unet)
+        weights = read_lora(Path(settings.init_lora), unet, diffsynth_alpha=settings.diffsynth_alpha)
+        apply_to_unet(weights, unet)
         log.info("starting from LoRA %s (%s format, rank %d, alpha %g)", settings.init_lora,
                  weights.source_format, weights.rank, weights.alpha)
     else:
@@ -45,13 +47,14 @@ def lora_state(unet) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet, out_dir: Path) -> Path:
-    """The run's diffusers LoRA file (lora_files.write_diffusers_lora): alpha/rank folded into
+    """The run's diffusers LoRA file (models.lora.diffusers_format): alpha/rank folded into
     lora_B and lora_alpha = r in its metadata, so stock load_lora_weights applies the trained
     scale whether or not it reads the metadata; equal tensors give the same bytes. Only this file
     is folded: checkpoints keep the peft tensors (lora_state), so a resumed run is unchanged."""
     from peft.utils import get_peft_model_state_dict
 
-    from kolors_story.models import lora_files
+    from kolors_story.models.lora.diffusers_format import write_diffusers_lora
+    from kolors_story.models.lora.weights import LoraWeights
 
     config = unet.peft_config["default"]
     if (config.rank_pattern or config.alpha_pattern or config.use_rslora or config.use_dora
@@ -59,6 +62,5 @@ def save_lora(unet, out_dir: Path) -> Path:
         raise ValueError("save_lora writes plain single-rank LoRAs with listed target modules only")
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in get_peft_model_state_dict(unet).items()}
-    weights = lora_files.LoraWeights(state, config.r, float(config.lora_alpha),
-                                  target_modules=tuple(sorted(config.target_modules)))
-    return lora_files.write_diffusers_lora(weights, Path(out_dir))
+    weights = LoraWeights(state, config.r, float(config.lora_alpha), target_modules=tuple(sorted(config.target_modules)))
+    return write_diffusers_lora(weights, Path(out_dir))

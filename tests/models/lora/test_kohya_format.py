@@ -11,14 +11,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kolors_story.errors import UserError
-from kolors_story.models import kohya_lora, lora_files
+from kolors_story.models.kolors_configs import full_size_unet, unet_skeleton
+from kolors_story.models.lora import kohya_format
+from kolors_story.models.lora.any_format import convert_lora, read_lora
+from kolors_story.models.lora.diffsynth_format import diffsynth_key_map
+from kolors_story.models.lora.diffusers_format import write_diffusers_lora
+from kolors_story.models.lora.kohya_format import write_comfyui_lora
+from kolors_story.models.lora.weights import LoraWeights, lora_able_modules
 from kolors_story.models.random_kolors import build_unet
+from kolors_story.run_files import COMFYUI_LORA_NAME, LORA_WEIGHT_NAME
 from kolors_story.training import TrainSettings, add_lora, save_lora
 
 ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 
 
-def random_weights(unet, rank: int, alpha: float, seed: int) -> lora_files.LoraWeights:
+def random_weights(unet, rank: int, alpha: float, seed: int) -> LoraWeights:
     """A LoRA on every attention projection of `unet` (meta or real), random A and B."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -26,7 +33,7 @@ def random_weights(unet, rank: int, alpha: float, seed: int) -> lora_files.LoraW
         if ATTENTION.search(name):
             state[f"{name}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.1
             state[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.1
-    return lora_files.LoraWeights(state, rank, alpha, target_modules=("to_k", "to_out.0", "to_q", "to_v"))
+    return LoraWeights(state, rank, alpha, target_modules=("to_k", "to_out.0", "to_q", "to_v"))
 
 
 def comfyui_delta(file: dict[str, torch.Tensor], base: str) -> torch.Tensor:
@@ -46,11 +53,11 @@ def diffusers_delta(file: dict[str, torch.Tensor], module: str) -> torch.Tensor:
 def full_size(tmp_path_factory):
     """Both files of a rank-4, alpha-2 LoRA (scale 0.5) on all 560 attention layers of the real
     Kolors UNet config (meta tensors: names and shapes only)."""
-    unet = lora_files.full_size_unet()
+    unet = full_size_unet()
     weights = random_weights(unet, rank=4, alpha=2.0, seed=0)
     out = tmp_path_factory.mktemp("full")
-    diffusers_file = lora_files.write_diffusers_lora(weights, out)
-    comfyui_file = lora_files.write_comfyui_lora(weights, out / lora_files.COMFYUI_WEIGHT_NAME)
+    diffusers_file = write_diffusers_lora(weights, out)
+    comfyui_file = write_comfyui_lora(weights, out / COMFYUI_LORA_NAME)
     return unet, weights, load_file(diffusers_file), load_file(comfyui_file)
 
 
@@ -81,13 +88,13 @@ def test_sgm_names_are_the_ones_diffsynth_maps_to_the_same_parameter():
     from_diffusers(diffusers name) must give the same DiffSynth parameter."""
     from diffsynth.models.sdxl_unet import SDXLUNetStateDictConverter
 
-    unet = lora_files.full_size_unet()
-    modules = list(lora_files._lora_able_modules(unet))
-    sgm = kohya_lora.sgm_names(modules, unet.config)
+    unet = full_size_unet()
+    modules = list(lora_able_modules(unet))
+    sgm = kohya_format.sgm_names(modules, unet.config)
     assert set(modules) - set(sgm) == {"encoder_hid_proj"}  # Kolors' text projection: not in SGM's SDXL
     assert sgm["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"] == \
         "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    ds_of_diffusers = lora_files.diffsynth_key_map(list(unet.state_dict()))
+    ds_of_diffusers = diffsynth_key_map(list(unet.state_dict()))
     civitai = {f"model.diffusion_model.{s}.weight": torch.empty(0) for s in sgm.values()}
     ds_of_sgm = SDXLUNetStateDictConverter().from_civitai(civitai)
     ds_of_sgm = ds_of_sgm[0] if isinstance(ds_of_sgm, tuple) else ds_of_sgm
@@ -120,7 +127,7 @@ def test_diffsynth_loader_maps_every_key_onto_its_kolors_unet(full_size, monkeyp
     merged = merged[0] if isinstance(merged, tuple) else merged
     ds_params = dict(ds_unet.named_parameters())
     assert len(merged) == 560 and set(merged) <= set(ds_params)
-    to_ds = lora_files.diffsynth_key_map(list(unet.state_dict()))
+    to_ds = diffsynth_key_map(list(unet.state_dict()))
     for module in weights.modules:
         update = merged[to_ds[f"{module}.weight"]]
         assert update.shape == ds_params[to_ds[f"{module}.weight"]].shape
@@ -153,10 +160,10 @@ def trained(tiny_kolors, tmp_path_factory):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     out = tmp_path_factory.mktemp("trained")
     diffusers_file = save_lora(pipe.unet, out)
-    weights = lora_files.read_lora(diffusers_file, build_unet(0))
-    comfyui_file = lora_files.write_comfyui_lora(weights, out / lora_files.COMFYUI_WEIGHT_NAME)
+    weights = read_lora(diffusers_file, build_unet(0))
+    comfyui_file = write_comfyui_lora(weights, out / COMFYUI_LORA_NAME)
     stock = tiny_pipeline(tiny_kolors)
-    stock.load_lora_weights(str(out), weight_name=lora_files.LORA_WEIGHT_NAME, adapter_name="style")
+    stock.load_lora_weights(str(out), weight_name=LORA_WEIGHT_NAME, adapter_name="style")
     return diffusers_file, comfyui_file, render(stock)
 
 
@@ -175,12 +182,12 @@ def test_stock_diffusers_renders_the_comfyui_file_as_our_diffusers_file(trained,
 def test_our_comfyui_file_imported_renders_the_panel_of_our_diffusers_file(trained, tiny_kolors, tmp_path):
     """Round trip through train.use_lora's path (convert_lora, as rule import_lora runs it)."""
     diffusers_file, comfyui_file, expected = trained
-    weights = lora_files.convert_lora(comfyui_file, tiny_kolors, diffusers_dir=tmp_path)
+    weights = convert_lora(comfyui_file, tiny_kolors, diffusers_dir=tmp_path)
     assert (weights.source_format, weights.rank, weights.scale) == ("kohya", 4, 1.0)
-    again, original = load_file(tmp_path / lora_files.LORA_WEIGHT_NAME), load_file(diffusers_file)
+    again, original = load_file(tmp_path / LORA_WEIGHT_NAME), load_file(diffusers_file)
     assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
     pipe = tiny_pipeline(tiny_kolors)
-    pipe.load_lora_weights(str(tmp_path), weight_name=lora_files.LORA_WEIGHT_NAME, adapter_name="style")
+    pipe.load_lora_weights(str(tmp_path), weight_name=LORA_WEIGHT_NAME, adapter_name="style")
     assert np.array_equal(render(pipe), expected)
 
 
@@ -188,8 +195,8 @@ def test_our_comfyui_file_imported_renders_the_panel_of_our_diffusers_file(train
 def respelled(file: dict[str, torch.Tensor], unet, spelling: str) -> dict[str, torch.Tensor]:
     """Our kohya file in another spelling ComfyUI reads (alpha folded: scale 1, so dropping .alpha
     keeps the strength)."""
-    sgm = kohya_lora.sgm_names(list(lora_files._lora_able_modules(unet)), unet.config)
-    by_flat = {kohya_lora.flat(m): m for m in sgm}
+    sgm = kohya_format.sgm_names(list(lora_able_modules(unet)), unet.config)
+    by_flat = {kohya_format.flat(m): m for m in sgm}
     out = {}
     for key, tensor in file.items():
         base, suffix = key.split(".", 1)
@@ -197,7 +204,7 @@ def respelled(file: dict[str, torch.Tensor], unet, spelling: str) -> dict[str, t
         if spelling == "sgm_AB":  # kohya SGM names, peft suffixes, no .alpha
             if suffix != "alpha":
                 half = "A" if "down" in suffix else "B"
-                out[f"lora_unet_{kohya_lora.flat(sgm[module])}.lora_{half}.weight"] = tensor
+                out[f"lora_unet_{kohya_format.flat(sgm[module])}.lora_{half}.weight"] = tensor
         elif spelling == "comfyui":  # ComfyUI's own LoraSave: diffusion_model.<SGM>, fp16, no alpha
             if suffix != "alpha":
                 out[f"diffusion_model.{sgm[module]}.{suffix}"] = tensor.half()
@@ -215,8 +222,8 @@ def test_every_spelling_comfyui_reads_imports_as_the_same_lora(trained, spelling
     unet = build_unet(0)
     path = tmp_path / "other.safetensors"
     save_file(respelled(load_file(comfyui_file), unet, spelling), path)
-    weights = lora_files.read_lora(path, unet)
-    expected = lora_files.read_lora(diffusers_file, unet)
+    weights = read_lora(path, unet)
+    expected = read_lora(diffusers_file, unet)
     assert weights.source_format == source and weights.scale == 1.0 and weights.modules == expected.modules
     for key, value in expected.state.items():
         if exact:
@@ -234,7 +241,7 @@ def test_alpha_scales_each_layer_and_text_encoder_keys_are_reported(trained, tmp
     file["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(8, 4)
     save_file(file, tmp_path / "te.safetensors")
     with caplog.at_level(logging.WARNING):
-        weights = lora_files.read_lora(tmp_path / "te.safetensors", build_unet(0))
+        weights = read_lora(tmp_path / "te.safetensors", build_unet(0))
     assert weights.skipped == ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
                                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight")
     assert "2 text-encoder keys skipped" in caplog.text and "lora_te_text_model" in caplog.text
@@ -244,7 +251,7 @@ def test_alpha_scales_each_layer_and_text_encoder_keys_are_reported(trained, tmp
     only_te = {k: v for k, v in file.items() if k.startswith("lora_te_")}
     save_file(only_te, tmp_path / "only_te.safetensors")
     with pytest.raises(UserError, match="only text-encoder keys"):
-        lora_files.read_lora(tmp_path / "only_te.safetensors", build_unet(0))
+        read_lora(tmp_path / "only_te.safetensors", build_unet(0))
 
 
 def test_keys_that_map_onto_no_layer_are_refused_naming_them_and_the_format(trained, tmp_path):
@@ -254,7 +261,7 @@ def test_keys_that_map_onto_no_layer_are_refused_naming_them_and_the_format(trai
     file["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale"] = torch.zeros(1, 8)
     save_file(file, tmp_path / "bad.safetensors")
     with pytest.raises(UserError) as err:
-        lora_files.read_lora(tmp_path / "bad.safetensors", build_unet(0))
+        read_lora(tmp_path / "bad.safetensors", build_unet(0))
     message = str(err.value)
     assert "kohya (lora_unet_" in message and "down_blocks_7_attentions_0_proj_in.lora_down.weight" in message
     assert "attn1_to_q.dora_scale" in message
@@ -264,7 +271,7 @@ def test_keys_that_map_onto_no_layer_are_refused_naming_them_and_the_format(trai
     file[f"{base_of(file)}.lora_down.weight"] = torch.zeros(4, 640)
     save_file(file, tmp_path / "sdxl.safetensors")
     with pytest.raises(UserError, match="shapes that do not fit") as err:
-        lora_files.read_lora(tmp_path / "sdxl.safetensors", build_unet(0))
+        read_lora(tmp_path / "sdxl.safetensors", build_unet(0))
     assert base_of(file) in str(err.value)
 
 
@@ -286,11 +293,11 @@ def test_the_train_jobs_early_check_reads_on_the_meta_skeleton_as_on_the_unet(tr
     """scripts/train_lora.py checks train.init_lora on unet_skeleton (meta, no weights loaded)
     before the trainer loads anything: the same layers read, the same refusal."""
     _, comfyui_file, _ = trained
-    skeleton = lora_files.unet_skeleton(tiny_kolors)
-    assert sorted(lora_files.read_lora(comfyui_file, skeleton).state) == sorted(
-        lora_files.read_lora(comfyui_file, build_unet(0)).state)
+    skeleton = unet_skeleton(tiny_kolors)
+    assert sorted(read_lora(comfyui_file, skeleton).state) == sorted(
+        read_lora(comfyui_file, build_unet(0)).state)
     file = load_file(comfyui_file)
     file["lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 8)
     save_file(file, tmp_path / "bad.safetensors")
     with pytest.raises(UserError, match="down_blocks_7_attentions_0_proj_in"):
-        lora_files.read_lora(tmp_path / "bad.safetensors", skeleton)
+        read_lora(tmp_path / "bad.safetensors", skeleton)

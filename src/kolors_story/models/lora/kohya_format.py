@@ -1,28 +1,33 @@
-"""Kohya/ComfyUI LoRA keys for the Kolors UNet: the file ComfyUI loads, and every spelling of
-ComfyUI's SDXL key map read back into peft layout (docs/lora-formats.md has the rule, read in
-ComfyUI's `comfy/lora.py`).
+"""The kohya/ComfyUI LoRA file of the Kolors UNet (`comfyui_lora.safetensors`): written in kohya
+keys, and read back in every spelling of ComfyUI's SDXL key map (docs/lora-formats.md has the
+rule, read in ComfyUI's `comfy/lora.py`).
 
 ComfyUI-Kolors-MZ builds Kolors on ComfyUI's SDXL UNet, so a Kolors LoRA reaches ComfyUI through
 `model_lora_keys_unet`: `lora_unet_<diffusers module, dots as underscores>` (or the same with
 kohya's SGM module names, `lora_unet_input_blocks_4_1_...`), `diffusion_model.<SGM name>` (what
 ComfyUI's own LoraSave writes) and, of diffusers' spellings, only the old attention-processor one
 (`unet.<block>.attn1.processor.to_q_lora.down.weight`). Each layer's update is
-up @ down * (alpha / rank), 1.0 without an `.alpha` key.
-
-This module works on plain tensor dicts (no file I/O, no LoraWeights): lora_files, the one owner of
-LoRA files, calls it to write the kohya file and to read any of these spellings.
+up @ down * (alpha / rank), 1.0 without an `.alpha` key. `lora_te_` keys are reported and skipped:
+Kolors' ChatGLM text encoder takes no LoRA here.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from kolors_story.errors import UserError
+from kolors_story.models.lora.tensor_files import make_room, sort_safetensors_metadata
+from kolors_story.models.lora.weights import LoraWeights, folded, shown
+
+log = logging.getLogger(__name__)
+
 KOHYA_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")  # kohya: CLIP text encoders
-_SHOWN = 5
 
 # the part after the module name: kohya, peft, diffusers' processor and ComfyUI's other spellings
 _SUFFIX = re.compile(
@@ -55,6 +60,25 @@ def kohya_state(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Te
         out[f"{name}.lora_{'down' if half == 'A.weight' else 'up'}.weight"] = tensor.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(rank))
     return out
+
+
+def write_comfyui_lora(weights: LoraWeights, out_path: Path) -> Path:
+    """Write the kohya/ComfyUI file (`lora_unet_<module>` + `.lora_down/.lora_up.weight`,
+    `.alpha` = rank, the scale folded into lora_up): ComfyUI's LoraLoader (through
+    ComfyUI-Kolors-MZ), diffusers' kohya conversion and DiffSynth's SDXLLoRAFromCivitai (caller
+    alpha 1.0) all apply up @ down, our diffusers file's update. The kohya metadata names rank and
+    alpha; equal tensors give the same bytes."""
+    from safetensors.torch import save_file
+
+    weights = folded(weights)
+    state = kohya_state(weights.state, weights.rank)
+    out_path = Path(out_path)
+    make_room(out_path.parent, state, "the ComfyUI LoRA file")
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(weights.rank),
+            "ss_network_alpha": str(weights.rank)}
+    save_file(state, str(out_path), metadata=meta)
+    sort_safetensors_metadata(out_path)
+    return out_path
 
 
 # ---------------------------------------------------------------- SGM names
@@ -131,7 +155,7 @@ FORMATS = {  # recognised format -> how messages name it
 
 def recognise(keys: list[str]) -> str | None:
     """Which of ComfyUI's spellings a file's keys follow (a FORMATS key); None: diffusers or
-    DiffSynth keys, read by lora_files itself."""
+    DiffSynth keys, read by any_format itself."""
     unet_keys = [k for k in keys if not k.startswith(TEXT_ENCODER_PREFIXES)]
     if any(k.startswith((KOHYA_PREFIX, "lycoris_")) for k in unet_keys) or (keys and not unet_keys):
         return "kohya"
@@ -190,8 +214,32 @@ def to_peft(tensors: dict[str, torch.Tensor], fmt: str, modules: list[str],
     return Converted(fmt, state, written_as, skipped), unmapped
 
 
-def shown(keys: list[str]) -> str:
-    return ", ".join(keys[:_SHOWN]) + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+def read_kohya(tensors: dict[str, torch.Tensor], unet: torch.nn.Module, modules: dict,
+               path: Path) -> Converted | None:
+    """A file in one of ComfyUI's spellings (kohya, ComfyUI's own, diffusers' processor names) in
+    peft layout; None for diffusers/DiffSynth files. Every key must map onto a layer of `unet`:
+    otherwise UserError naming the first unmapped keys and the format recognised. Text-encoder
+    keys are logged and skipped (Kolors' ChatGLM takes no LoRA here)."""
+    fmt = recognise(list(tensors))
+    if fmt is None:
+        return None
+    names = list(modules)
+    converted, unmapped = to_peft(tensors, fmt, names, sgm_names(names, unet.config))
+    label = FORMATS[fmt]
+    if unmapped:
+        raise UserError(
+            f"LoRA file {path} is a {label} LoRA, but these keys map onto no Linear/Conv2d layer of "
+            f"this Kolors UNet (ComfyUI's SDXL key map): {shown(unmapped)}. Use a LoRA "
+            f"trained on Kolors; an SDXL or SD1.5 LoRA does not fit it."
+        )
+    if converted.skipped:
+        log.warning("LoRA file %s (%s): %d text-encoder keys skipped, Kolors' ChatGLM text encoder "
+                    "takes no LoRA here: %s", path, label, len(converted.skipped), shown(converted.skipped))
+    if not converted.state:
+        raise UserError(f"LoRA file {path} holds only text-encoder keys ({shown(converted.skipped)}); "
+                        f"a Kolors style LoRA adapts the UNet (lora_unet_ keys).")
+    return converted
 
 
-__all__ = ["FORMATS", "KOHYA_PREFIX", "Converted", "flat", "kohya_state", "recognise", "sgm_names", "to_peft"]
+__all__ = ["FORMATS", "KOHYA_PREFIX", "Converted", "flat", "kohya_state", "read_kohya", "recognise", "sgm_names",
+           "to_peft", "write_comfyui_lora"]

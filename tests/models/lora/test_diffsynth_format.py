@@ -15,12 +15,17 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kolors_story.models import lora_files
 from kolors_story.errors import UserError
+from kolors_story.models.kolors_configs import full_size_unet
+from kolors_story.models.lora.any_format import convert_lora, read_lora
+from kolors_story.models.lora.diffsynth_format import diffsynth_key_map, write_diffsynth_lora
+from kolors_story.models.lora.diffusers_format import write_diffusers_lora
+from kolors_story.models.lora.weights import apply_to_unet
 from kolors_story.models.random_kolors import TEXT_WIDTH, build_unet
+from kolors_story.run_files import LORA_WEIGHT_NAME
 from kolors_story.training import TrainSettings, add_lora, save_lora
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TARGET = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
@@ -47,7 +52,7 @@ def unet_output(unet) -> torch.Tensor:
 def diffsynth_lora(unet, rank: int, seed: int, make=torch.randn) -> dict[str, torch.Tensor]:
     """What DiffSynth's trainer saves: peft tensors under DiffSynth's own UNet names, in its
     UNet's parameter order (layers by block number)."""
-    names = lora_files.diffsynth_key_map(list(unet.state_dict()))
+    names = diffsynth_key_map(list(unet.state_dict()))
     params = unet.state_dict()
     targets = sorted((k for k in params if TARGET.search(k)), key=lambda k: int(names[k].split(".")[1]))
     gen = torch.Generator().manual_seed(seed)
@@ -75,24 +80,24 @@ def trained(tmp_path_factory):
 
 def test_diffusers_to_diffsynth_and_back_keeps_the_unet_output(trained, tmp_path):
     unet, lora_file = trained
-    weights = lora_files.read_lora(lora_file, build_unet(0))
+    weights = read_lora(lora_file, build_unet(0))
     # the published file has alpha/rank (2/4) folded into B and says alpha = rank
     assert (weights.source_format, weights.rank, weights.alpha) == ("diffusers", 4, 4.0)
     key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight"
     trained_b = unet.get_submodule(key[: -len(".lora_B.weight")]).lora_B["default"].weight
     assert torch.equal(weights.state[key], trained_b.detach() * 0.5)
 
-    ckpt = lora_files.write_diffsynth_lora(weights, tmp_path / "epoch=0-step=500.ckpt")
+    ckpt = write_diffsynth_lora(weights, tmp_path / "epoch=0-step=500.ckpt")
     raw = torch.load(ckpt, weights_only=True)
     assert "blocks.7.transformer_blocks.0.attn1.to_out.lora_B.default.weight" in raw
-    imported = lora_files.read_lora(ckpt, build_unet(0))  # no diffsynth_alpha: DiffSynth's scale 1
+    imported = read_lora(ckpt, build_unet(0))  # no diffsynth_alpha: DiffSynth's scale 1
     assert (imported.source_format, imported.rank, imported.alpha) == ("diffsynth", 4, 4.0)
     assert torch.equal(imported.state[key], weights.state[key])
 
-    back = lora_files.read_lora(lora_files.write_diffusers_lora(imported, tmp_path / "back"), build_unet(0))
+    back = read_lora(write_diffusers_lora(imported, tmp_path / "back"), build_unet(0))
     fresh = build_unet(0)
     base = unet_output(fresh)
-    lora_files.apply_to_unet(back, fresh)
+    apply_to_unet(back, fresh)
     expected = unet_output(unet)
     assert (expected - base).abs().max() > 1e-3  # the LoRA matters
     torch.testing.assert_close(unet_output(fresh), expected, rtol=1e-5, atol=1e-6)
@@ -102,18 +107,18 @@ def test_diffsynth_to_diffusers_and_back_gives_identical_tensors(tmp_path):
     unet = build_unet(0)
     original = diffsynth_lora(unet, rank=2, seed=3)
     torch.save(original, tmp_path / "epoch=0-step=500.ckpt")
-    weights = lora_files.read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
+    weights = read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
     assert weights.source_format == "diffsynth" and weights.scale == 1.0
-    diffusers_file = lora_files.write_diffusers_lora(weights, tmp_path / "diffusers")
+    diffusers_file = write_diffusers_lora(weights, tmp_path / "diffusers")
     assert all(k.startswith("unet.") and ".lora." in k for k in load_file(diffusers_file))
-    again = lora_files.read_lora(diffusers_file, unet)
-    out = torch.load(lora_files.write_diffsynth_lora(again, tmp_path / "again.ckpt"), weights_only=True)
+    again = read_lora(diffusers_file, unet)
+    out = torch.load(write_diffsynth_lora(again, tmp_path / "again.ckpt"), weights_only=True)
     assert list(out) == list(original)
     assert all(torch.equal(out[k], original[k]) for k in original)
 
     # a Lightning checkpoint that kept its "state_dict" wrapper reads the same
     torch.save({"state_dict": original, "epoch": 0, "global_step": 500}, tmp_path / "wrapped.ckpt")
-    wrapped = lora_files.read_lora(tmp_path / "wrapped.ckpt", unet)
+    wrapped = read_lora(tmp_path / "wrapped.ckpt", unet)
     assert all(torch.equal(wrapped.state[k], weights.state[k]) for k in weights.state)
 
 
@@ -122,7 +127,7 @@ class DiffSynthView:
 
     def __init__(self, unet):
         self.unet = unet
-        self.names = lora_files.diffsynth_key_map(list(unet.state_dict()))
+        self.names = diffsynth_key_map(list(unet.state_dict()))
 
     def named_parameters(self):
         return [(self.names[k], v) for k, v in self.unet.state_dict().items()]
@@ -148,11 +153,11 @@ def test_converted_diffsynth_lora_loads_in_stock_pipeline_at_diffsynth_scale(tin
     base = render()
     state = diffsynth_lora(pipe.unet, rank=4, seed=5)
     torch.save(state, tmp_path / "epoch=0-step=500.ckpt")
-    weights = lora_files.read_lora(tmp_path / "epoch=0-step=500.ckpt", pipe.unet)
+    weights = read_lora(tmp_path / "epoch=0-step=500.ckpt", pipe.unet)
     out_dir = tmp_path / "converted"
-    lora_files.write_diffusers_lora(weights, out_dir)
+    write_diffusers_lora(weights, out_dir)
 
-    pipe.load_lora_weights(str(out_dir), weight_name=lora_files.LORA_WEIGHT_NAME, adapter_name="style")
+    pipe.load_lora_weights(str(out_dir), weight_name=LORA_WEIGHT_NAME, adapter_name="style")
     config = pipe.unet.peft_config["style"]
     assert (config.r, config.lora_alpha) == (4, 4)
     styled = render()
@@ -192,7 +197,7 @@ def render_np(pipe) -> np.ndarray:
 
 def loaded_with_stock_loader(tiny_kolors, folder):
     pipe = tiny_pipeline(tiny_kolors)
-    pipe.load_lora_weights(str(folder), weight_name=lora_files.LORA_WEIGHT_NAME, adapter_name="style")
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name="style")
     return pipe
 
 
@@ -208,7 +213,7 @@ def test_published_lora_gives_the_same_image_with_or_without_its_metadata(tiny_k
     randomize_lora_b(reference.unet, seed=1)
     expected_image, expected_unet = render_np(reference), unet_output(reference.unet)  # peft at alpha/rank
     saved = save_lora(reference.unet, tmp_path / "saved")
-    stripped = tmp_path / "stripped" / lora_files.LORA_WEIGHT_NAME
+    stripped = tmp_path / "stripped" / LORA_WEIGHT_NAME
     stripped.parent.mkdir()
     save_file(load_file(saved), stripped)  # the same tensors, no metadata
     with safe_open(str(stripped), framework="pt") as f:
@@ -231,7 +236,7 @@ def test_published_lora_gives_the_same_image_with_or_without_its_metadata(tiny_k
     unfolded = convert_state_dict_to_diffusers(get_peft_model_state_dict(reference.unet))
     (tmp_path / "unfolded").mkdir()
     save_file({f"unet.{k}": v.contiguous() for k, v in unfolded.items()},
-              tmp_path / "unfolded" / lora_files.LORA_WEIGHT_NAME)
+              tmp_path / "unfolded" / LORA_WEIGHT_NAME)
     wrong = render_np(loaded_with_stock_loader(tiny_kolors, tmp_path / "unfolded"))
     assert np.abs(wrong - expected_image).max() > 1e-3
 
@@ -255,7 +260,7 @@ def test_our_importers_read_the_trained_strength_from_the_published_file(trained
     unet, lora_file = trained
     expected = unet_output(unet)
     read_back = build_unet(0)
-    lora_files.apply_to_unet(lora_files.read_lora(lora_file, read_back), read_back)
+    apply_to_unet(read_lora(lora_file, read_back), read_back)
     started = build_unet(0)
     add_lora(started, TrainSettings(rank=16, alpha=8.0, init_lora=str(lora_file)))  # the file's rank wins
     assert started.peft_config["default"].r == 4
@@ -280,12 +285,12 @@ def test_imported_diffsynth_lora_is_applied_at_the_configured_alpha(setting, sca
     torch.save(state, ckpt)
 
     # train.use_lora: rule import_lora runs convert_lora with train.diffsynth_alpha
-    weights = lora_files.convert_lora(ckpt, tiny_kolors, diffusers_dir=tmp_path / "diffusers",
+    weights = convert_lora(ckpt, tiny_kolors, diffusers_dir=tmp_path / "diffusers",
                                    diffsynth_file=tmp_path / "diffsynth_lora.ckpt", diffsynth_alpha=setting)
     assert (weights.rank, weights.scale) == (4, scale)
-    written = tmp_path / "diffusers" / lora_files.LORA_WEIGHT_NAME
+    written = tmp_path / "diffusers" / LORA_WEIGHT_NAME
     imported = build_unet(0)
-    lora_files.apply_to_unet(lora_files.read_lora(written, imported), imported)
+    apply_to_unet(read_lora(written, imported), imported)
     expected = diffsynth_merged_output(state, scale)
     torch.testing.assert_close(unet_output(imported), expected, rtol=1e-4, atol=1e-5)
     assert (expected - diffsynth_merged_output(state, 2 * scale)).abs().max() > 1e-3  # the scale matters
@@ -341,7 +346,7 @@ def test_saved_lora_is_byte_identical_across_saves_and_processes(tmp_path):
         runs.append(proc.stdout.split())
     assert runs[0][0] != runs[1][0]  # the unsorted set orders really differ
     assert len({digest for run in runs for digest in run[1:]}) == 1
-    path = tmp_path / "1" / "0" / lora_files.LORA_WEIGHT_NAME
+    path = tmp_path / "1" / "0" / LORA_WEIGHT_NAME
     size = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + size])
     assert list(header["__metadata__"]) == ["format", "lora_adapter_metadata"]
@@ -354,9 +359,9 @@ def test_full_size_kolors_names_match_diffsynth_and_the_baseline_file(tmp_path):
     from diffsynth.models.lora import GeneralLoRAFromPeft, get_lora_loaders
     from diffsynth.models.sdxl_unet import SDXLUNet
 
-    unet = lora_files.full_size_unet()
+    unet = full_size_unet()
     keys = list(unet.state_dict())
-    names = lora_files.diffsynth_key_map(keys)
+    names = diffsynth_key_map(keys)
     assert len(names) == len(set(names.values())) == 1682
     assert names["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"] == \
         "blocks.7.transformer_blocks.0.attn1.to_out.weight"
@@ -375,9 +380,9 @@ def test_full_size_kolors_names_match_diffsynth_and_the_baseline_file(tmp_path):
     layers = {k.rsplit(".lora_", 1)[0] + ".weight" for k in baseline}
     assert [k.rsplit(".lora_", 1)[0] + ".weight" for k in baseline][::2] == [k for k in theirs if k in layers]
     torch.save(baseline, tmp_path / "epoch=0-step=500.ckpt")
-    weights = lora_files.read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
+    weights = read_lora(tmp_path / "epoch=0-step=500.ckpt", unet)
     assert len(weights.state) == 1120 and weights.target_modules == ("to_k", "to_out.0", "to_q", "to_v")
-    exported = torch.load(lora_files.write_diffsynth_lora(weights, tmp_path / "out.ckpt"), weights_only=True)
+    exported = torch.load(write_diffsynth_lora(weights, tmp_path / "out.ckpt"), weights_only=True)
     assert list(exported) == list(baseline)
     # DiffSynth's ModelManager.load_lora picks the first loader that matches: the peft one
     first = next(lo for lo in get_lora_loaders() if lo.match(diffsynth_unet, exported) is not None)
@@ -417,7 +422,7 @@ def test_files_that_are_not_a_lora_of_this_unet_are_refused(make, message, tmp_p
     path = tmp_path / "bad.ckpt"
     torch.save(make(unet), path)
     with pytest.raises(UserError, match=message) as err:
-        lora_files.read_lora(path, unet)
+        read_lora(path, unet)
     assert str(path) in str(err.value)
 
 
@@ -431,4 +436,4 @@ def test_other_unreadable_files_are_refused(tmp_path):
     save_file({"conv_in.weight": torch.zeros(2, 2)}, non_lora)
     for path in (pickled, garbage, non_lora, tmp_path / "missing.ckpt"):
         with pytest.raises(UserError, match=re.escape(str(path))):
-            lora_files.read_lora(path, unet)
+            read_lora(path, unet)
