@@ -62,7 +62,7 @@ def test_the_fp16_loss_scaler_resumes_where_it_was(tiny_kolors, tmp_path):
     """A CPU GradScaler with scaling on, through TrainState's own checkpoint state and resume."""
     from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.loop import TrainState
-    from kolors_story.training.lora_file import lora_state
+    from kolors_story.training.lora_adapter import lora_state
     from kolors_story.training.settings import TrainSettings
 
     settings = TrainSettings(steps=2, resolution=32, precision="fp32", rank=4)
@@ -132,7 +132,7 @@ def test_a_run_resumes_on_the_cpu_from_a_checkpoint_its_gpu_run_wrote(tiny_kolor
     """The whole resume path, not just the file: AdamW moments written on cuda:1 go on on the CPU."""
     from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.loop import TrainState
-    from kolors_story.training.lora_file import lora_state
+    from kolors_story.training.lora_adapter import lora_state
     from kolors_story.training.settings import TrainSettings
 
     settings = TrainSettings(steps=2, resolution=32, precision="fp32", rank=4)

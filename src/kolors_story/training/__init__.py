@@ -2,9 +2,10 @@
 
 Modules: settings (what can be set), data (examples, buckets, crops, batch order), caches and
 encoding (text embeddings and latents computed once, on disk), objective (noise, min-SNR),
-lora_file (the adapter and its diffusers file), checkpoints (exact resume), validation
-(render + challenge score per checkpoint), loop (train_lora), processes (data-parallel ranks under
-accelerate launch), launch (one process or N), report (CSV/PNG).
+lora_adapter (the LoRA on the UNet being trained: added, its state, saved as the run's diffusers
+file), checkpoints (exact resume), validation (render + challenge score per checkpoint), loop
+(train_lora), processes (data-parallel ranks under accelerate launch), launch (one process or N),
+report (CSV/PNG).
 """
 
 from importlib import import_module
@@ -12,8 +13,8 @@ from importlib import import_module
 # Names resolved on first use (PEP 562): importing one module of the package (gpu_check takes
 # training.data) must not load the loop, its validation and the aesthetic predictor with it.
 _EXPORTS = {
-    "encode_latents": "encoding", "LORA_WEIGHT_NAME": "lora_file", "add_lora": "lora_file",
-    "save_lora": "lora_file", "TrainingDiverged": "loop", "TrainResult": "loop", "train_lora": "loop",
+    "encode_latents": "encoding", "add_lora": "lora_adapter", "save_lora": "lora_adapter",
+    "TrainingDiverged": "loop", "TrainResult": "loop", "train_lora": "loop",
     "write_loss_log": "report", "write_validation_log": "report", "TrainSettings": "settings", "TrainJob": "settings",
     "ValidationSettings": "settings",
 }

@@ -20,13 +20,15 @@ from kolors_story.errors import UserError
 from kolors_story.files import sha256_file
 from kolors_story.training import checkpoints as ckpt
 from kolors_story.models.kolors_folder import KolorsFolder
+from kolors_story.models.lora.weights import load_lora_state
 from kolors_story.models.prompt_embeddings import Embedding
+from kolors_story.run_files import LORA_WEIGHT_NAME
 from kolors_story.training.data import (
     BatchOrder, Example, assign_sizes, check_dataset_size, crop_origin, examples_per_epoch, load_pixels,
     read_metadata, size_conditioning,
 )
 from kolors_story.training.encoding import cache_latents, encode_latents, encode_texts
-from kolors_story.training.lora_file import LORA_WEIGHT_NAME, add_lora, lora_state, load_lora_state, save_lora
+from kolors_story.training.lora_adapter import add_lora, lora_state, save_lora
 from kolors_story.training.objective import diffusion_loss, sample_noise
 from kolors_story.training.processes import Processes
 from kolors_story.training.settings import TrainJob, TrainSettings
@@ -347,4 +349,4 @@ def prepare_batches(
     return Batches(examples, texts, latents, vae, settings, device, folder.latent_geometry(), num_timesteps)
 
 
-__all__ = ["LORA_WEIGHT_NAME", "TrainResult", "TrainingDiverged", "train_lora", "precision_dtypes"]
+__all__ = ["TrainResult", "TrainingDiverged", "train_lora", "precision_dtypes"]

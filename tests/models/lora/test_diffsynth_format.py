@@ -243,7 +243,7 @@ def test_published_lora_gives_the_same_image_with_or_without_its_metadata(tiny_k
 
 def test_folding_leaves_the_adapter_and_its_checkpoint_state_alone(trained, tmp_path):
     """Checkpoints store lora_state (peft tensors at alpha/rank); only the published file is folded."""
-    from kolors_story.training.lora_file import lora_state
+    from kolors_story.training.lora_adapter import lora_state
 
     unet, _ = trained
     state = lora_state(unet)

@@ -1,4 +1,5 @@
-"""The LoRA adapter on the UNet: create it, move its tensors in and out, save it for diffusers."""
+"""The LoRA adapter on the UNet being trained: add it (seeded, or from an imported LoRA file),
+take its tensors out for checkpoints, save it as the run's diffusers file."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pathlib import Path
 
 import torch
 
-from kolors_story.models.lora.weights import load_lora_state  # noqa: F401 (the training package's names)
-from kolors_story.run_files import LORA_WEIGHT_NAME  # noqa: F401
 from kolors_story.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
