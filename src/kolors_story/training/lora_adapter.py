@@ -46,7 +46,7 @@ def lora_state(unet) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet, out_dir: Path) -> Path:
-    """The run's diffusers LoRA file (models.lora.diffusers_format): alpha/rank folded into
+    """The run's diffusers LoRA file (kolors_story.models.lora.diffusers_format): alpha/rank folded into
     lora_B and lora_alpha = r in its metadata, so stock load_lora_weights applies the trained
     scale whether or not it reads the metadata; equal tensors give the same bytes. Only this file
     is folded: checkpoints keep the peft tensors (lora_state), so a resumed run is unchanged."""
