@@ -29,7 +29,8 @@ KOLORS_UNET_PARAMS = 2_579_458_820  # FACTS.md, counted on the real config
 
 # The SDXL VAE and ChatGLM3-6B: one copy, beside the tiny configs (num_layers is the only thing
 # the benchmarks change).
-from kolors_story.models.random_kolors import CHATGLM3_6B, SDXL_VAE, building  # noqa: E402,F401
+from kolors_story.models.kolors_configs import CHATGLM3_6B, SDXL_VAE  # noqa: E402,F401
+from kolors_story.models.random_kolors import building  # noqa: E402,F401
 
 CHATGLM3_6B_LAYERS = 28
 CHATGLM3_6B_PARAMS = 6_243_584_000  # 28 layers, embedding + output layer (checked by gpu_memory_estimate)

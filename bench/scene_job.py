@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
 
 from kolors_story.render.character_sharing import disable, enable_sharing, record_anchor  # noqa: E402
 from kolors_story.render.scenes import SamplerSettings, Scene, candidate_seeds, render  # noqa: E402
-from kolors_story.models.random_kolors import KOLORS_SCHEDULER  # noqa: E402
+from kolors_story.models.kolors_configs import KOLORS_SCHEDULER  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "scene_job.json"
 DTYPE = torch.bfloat16

@@ -243,7 +243,7 @@ def unet_side(run: ModeRun):
     """The UNet with a rank --rank LoRA, gradient checkpointing, AdamW and the DDPM schedule."""
     from diffusers import DDPMScheduler
 
-    from kolors_story.models.random_kolors import KOLORS_SCHEDULER
+    from kolors_story.models.kolors_configs import KOLORS_SCHEDULER
     from kolors_story.training import TrainSettings, add_lora
 
     run.phases.start("build_unet")

@@ -16,7 +16,8 @@ import torch
 from kolors_story.errors import UserError
 from kolors_story.models.kolors_folder import KolorsFolder
 from kolors_story.models.prompt_embeddings import encode_prompts
-from kolors_story.models.random_kolors import MODEL_INDEX, SCHEDULER_CONFIG, build_tiny_kolors, kolors_tokenizer_dir
+from kolors_story.models.kolors_configs import MODEL_INDEX, SCHEDULER_CONFIG
+from kolors_story.models.random_kolors import build_tiny_kolors, kolors_tokenizer_dir
 
 # The file list of Kwai-Kolors/Kolors-diffusers (../shared/FACTS.md, "Real repositories").
 REAL_FILES = {

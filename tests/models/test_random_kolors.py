@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kolors_story.models import random_kolors
+from kolors_story.models.kolors_configs import CHATGLM3_6B
 
 REAL_SHARDS = [f"model.fp16-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 REAL_INDEX = "model.safetensors.index.fp16.json"
@@ -21,7 +22,7 @@ def full_size_chatglm_on_meta():
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
 
     with random_kolors.building(torch.float16, "meta"):
-        return ChatGLMModel(ChatGLMConfig(**random_kolors.CHATGLM3_6B), empty_init=False)
+        return ChatGLMModel(ChatGLMConfig(**CHATGLM3_6B), empty_init=False)
 
 
 def shard_files(state_dict: dict, max_shard_size: int) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from kolors_story.render.diffsynth_ddim import DiffSynthDDIMScheduler
 from kolors_story.render.scenes import SamplerSettings, load_pipeline, make_scheduler
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.models.random_kolors import KOLORS_SCHEDULER
+from kolors_story.models.kolors_configs import KOLORS_SCHEDULER
 from kolors_story.training import TrainJob, TrainSettings, train_lora
 from kolors_story.training import loop
 from kolors_story.training.data import Example, assign_sizes, crop_origin, size_conditioning

@@ -12,7 +12,7 @@ from kolors_story.render.scenes import (
 from kolors_story.render.candidates_file import read_record
 from kolors_story.models.aesthetic import AestheticScorer
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
-from kolors_story.models.random_kolors import KOLORS_SCHEDULER
+from kolors_story.models.kolors_configs import KOLORS_SCHEDULER
 from kolors_story.training import TrainJob, TrainSettings, train_lora
 
 CPU = torch.device("cpu")

@@ -102,7 +102,7 @@ def test_bucketing_groups_batches_by_size_and_trains(tiny_kolors, tmp_path):
 def test_min_snr_weighting_damps_low_noise_steps():
     from diffusers import DDPMScheduler
 
-    from kolors_story.models.random_kolors import KOLORS_SCHEDULER
+    from kolors_story.models.kolors_configs import KOLORS_SCHEDULER
 
     sched = DDPMScheduler(num_train_timesteps=1100, beta_start=0.00085, beta_end=0.014,
                           beta_schedule="scaled_linear")
