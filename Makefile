@@ -84,7 +84,7 @@ gpu-check:
 	  export PYTHONPATH=$(GPU_SITE):$(CURDIR)/src KOLORS_TOKENIZER_DIR=$(CURDIR)/$(WHEELHOUSE)/kolors_tokenizer; PYBIN=python3; \
 	elif [ -x $(BIN)/python ]; then PYBIN=$(BIN)/python; \
 	else echo "gpu-check: run 'make env' (online) or copy a wheelhouse/ from 'make wheelhouse PY=3.x' first" >&2; exit 2; fi; \
-	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $$PYBIN -m kolors_story.host.gpu_check $(GPU_CHECK_ARGS)
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $$PYBIN -m kolors_story.tools.gpu_check $(GPU_CHECK_ARGS)
 
 # The real DAG (snakemake itself) on full-size random Kolors weights at 256 px on this CPU: each
 # job's time and peak memory beside the weights it holds (bench/rehearsal.py; docs/gpu-host.md).
@@ -96,4 +96,4 @@ rehearsal: $(STAMP)
 # Wheels (torch excluded) + the Kolors tokenizer for an offline GPU host whose Python is $(PY).
 PY ?= 3.12
 wheelhouse: $(STAMP)
-	$(BIN)/python -m kolors_story.host.wheelhouse --python $(PY) --out $(WHEELHOUSE) $(QUIET_PIP)
+	$(BIN)/kolors-story-wheelhouse --python $(PY) --out $(WHEELHOUSE) $(QUIET_PIP)

@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 
 from kolors_story.data.rows import read_rows, write_rows
-from kolors_story.host.captions_cache import RECORDS, seed_from_results
 from kolors_story.host.rule_runner import run_rule
 from kolors_story.outputs.captions_page import write_captions_page
-from kolors_story.writing.captions import CaptionRun, CaptionSettings, captioner_for
+from kolors_story.writing.captions import RECORDS, CaptionRun, CaptionSettings, captioner_for, seed_from_results
 from kolors_story.writing.reply_cache import ReplyCache
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "kolors_story"
 SHARED = {"errors", "files", "dotted", "seals", "modelscope_endpoint", "chatglm_tokens", "run_files"}  # the package root's modules: anyone may use them; they use nothing
-EVERYTHING = {"models", "data", "render", "training", "outputs", "writing", "plan", "host"}
+EVERYTHING = {"models", "data", "render", "training", "outputs", "writing", "plan", "host", "tools"}
 MAY_IMPORT = {
     "models": {"models"},
     "data": {"data"},
@@ -16,8 +16,9 @@ MAY_IMPORT = {
     "training": {"training", "models", "data"},
     "outputs": {"outputs", "render", "models", "data"},
     "writing": {"writing"},
-    "plan": EVERYTHING,
-    "host": EVERYTHING,
+    "plan": EVERYTHING - {"tools"},
+    "host": EVERYTHING - {"tools"},
+    "tools": EVERYTHING,  # the command-line tools: on top, nothing of the library imports them
 }
 
 

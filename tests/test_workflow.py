@@ -216,7 +216,7 @@ def test_a_demo_panel_renders_again_bit_for_bit_from_its_bundle(demo_run):
     import torch
     from PIL import Image
 
-    from kolors_story.host.reproduce import rerender_panel
+    from kolors_story.tools.reproduce import rerender_panel
 
     bundle = demo_run / "results/demo/bundle"
     rows = {r["id"]: r for r in json.loads((bundle / "prompts.json").read_text(encoding="utf-8"))["scenes"]}

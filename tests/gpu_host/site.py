@@ -11,7 +11,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from kolors_story.host import wheelhouse
+from kolors_story.tools import wheelhouse
 
 PACKAGES = Path(__file__).with_name("packages.txt")
 

@@ -131,7 +131,7 @@ def test_anchor_panels_carry_their_anchor_recipes_and_the_card_says_how_to_rende
          "max_tokens": 256, "runtime": asdict(RUNTIME)}]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert 'if s["id"] == "s1"' in card and "shares attention" not in card  # the stock-reproducible one
-    assert "| s0 |" in card and "| girl | 5.500 |" in card and "python -m kolors_story.host.reproduce" in card
+    assert "| s0 |" in card and "| girl | 5.500 |" in card and "kolors-story-reproduce <this folder>" in card
     only_anchored = bundle(tmp_path / "c", make_inputs(tmp_path / "in2", n=1, consistency=sharing))
     card = (only_anchored / "README.md").read_text(encoding="utf-8")
     assert "shares attention with character anchors" in card and 'if s["id"] == "s0"' in card

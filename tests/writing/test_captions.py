@@ -184,8 +184,8 @@ def test_a_missing_key_names_the_variable_and_the_caption_section(api, monkeypat
 
 def test_a_run_s_captions_record_seeds_an_empty_cache_so_nothing_is_asked_again(blips, tmp_path, capsys):
     """Reproducing in a fresh folder: results/<run>/data/captions.jsonl fills the cache (the command
-    python -m kolors_story.host.captions_cache), and the job then asks the captioner nothing."""
-    from kolors_story.host.captions_cache import main
+    kolors-story-captions-cache), and the job then asks the captioner nothing."""
+    from kolors_story.tools.captions_cache import main
 
     rows = images(tmp_path / "img", 2)
     rows[0].update(caption="桥", caption_from="a.txt", text="桥")
@@ -204,7 +204,7 @@ def test_a_run_s_captions_record_seeds_an_empty_cache_so_nothing_is_asked_again(
 def test_the_caption_job_seeds_its_cache_from_every_run_under_results(blips, tmp_path):
     """What scripts/caption_images.py does first: a fresh folder holding results/<run>/ asks no
     captioner; an unreadable record is skipped (its images are captioned again)."""
-    from kolors_story.host.captions_cache import RECORDS, seed_from_results
+    from kolors_story.writing.captions import RECORDS, seed_from_results
     from kolors_story.writing.reply_cache import ReplyCache
 
     rows = images(tmp_path / "img", 2)

@@ -16,7 +16,7 @@ from werkzeug import Response
 
 from kolors_story.chatglm_tokens import count_tokens
 from kolors_story.errors import UserError
-from kolors_story.host import write_prompts as cli
+from kolors_story.tools import write_prompts as cli
 from kolors_story.plan.config import load_schema, validate_config
 from kolors_story.writing.llm_client import ChatSettings, LLMError
 from kolors_story.writing.reply_cache import ReplyCache

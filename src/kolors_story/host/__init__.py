@@ -1,10 +1,10 @@
 """How jobs run on a host: the rule runner every script goes through (logging, errors, GPU slot,
-peak memory: memory_peak),
-GPU slots shared by the jobs of one host, the multi-process training launcher, the GPU check (and
-its LoRA round trip) and the wheelhouse for an offline GPU host, the Snakemake planning fix, and
-`reproduce` (a panel again from its record), slurm_fit (SLURM requests against sinfo, jobs PENDING
-for ever) and write_prompts (scene prompts from the outline, by a language model) and
-captions_cache (a run's captions put back into the cache, for reproducing it elsewhere).
+peak memory: memory_peak), GPU slots shared by the jobs of one host, the multi-process training
+launcher (training_launch), SLURM requests checked against sinfo (slurm_fit, jobs PENDING for
+ever) and the Snakemake planning fix (snakemake_ancient).
 
-May import every package.
+The command-line tools users run live in kolors_story.tools; the modules here named after the
+tools that were here once (gpu_check, reproduce, ...) only say where each went (moved).
+
+May import every package but tools.
 """

@@ -145,7 +145,7 @@ def _usage_snippet(base_model: str, rows: list[dict], repo_id: str | None) -> st
     caveat = [] if row["stock_diffusers"] else [
         "# Every panel of this story shares attention with character anchors (prompts.json:",
         "# consistency), which stock diffusers does not do: this renders the recipe without them.",
-        "# The panel itself: python -m kolors_story.host.reproduce (see below).",
+        "# The panel itself: kolors-story-reproduce (see below).",
     ]
     threads = [] if row.get("runtime") is None else [  # a CPU render's last bits depend on it
         'torch.set_num_threads(panel["runtime"]["torch_threads"])  # as many threads as the scene job']
@@ -191,7 +191,7 @@ _REPRODUCE = (
     "recipe (`consistency`). The snippet above renders a panel with `stock_diffusers: true` again. "
     "A panel with `consistency` shares self-attention with character anchors, which stock "
     "diffusers cannot do; with the `kolors_story` project installed, "
-    "`python -m kolors_story.host.reproduce <this folder> <Kolors-diffusers folder> <scene id> out.png` "
+    "`kolors-story-reproduce <this folder> <Kolors-diffusers folder> <scene id> out.png` "
     "records the anchors again from their recipes and renders the panel on the torch thread count "
     "each job recorded (`runtime`). Both are bit for bit on the recipe's device type and dtype with "
     "the `runtime` recorded (thread count, library versions, CPU kernels, GPU); elsewhere, the same "

@@ -18,6 +18,7 @@ Data-Juicer's image captioning op or an OpenAI-compatible vision model, writing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import string
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 from kolors_story.chatglm_tokens import MAX_TOKENS, count_tokens, fitting_text
 from kolors_story.errors import UserError
 from kolors_story.files import sha256_file
+from kolors_story.run_files import CAPTION_FILES
 from kolors_story.writing.captioners import DEFAULT_OPENAI_PROMPT, Captioner
 from kolors_story.writing.llm_client import DASHSCOPE_URL, ChatSettings
 from kolors_story.writing.reply_cache import ReplyCache
@@ -234,4 +236,23 @@ def seed_cache(records: list[dict[str, Any]], cache: ReplyCache) -> int:
         if request and caption is not None and cache.get(request) is None:
             cache.put(request, caption)
             added += 1
+    return added
+
+
+RECORDS = Path("data") / CAPTION_FILES["record"]  # a run's captions record, under results/<run>/
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def seed_from_results(results: Path, cache: ReplyCache) -> int:
+    """Every results/<run>/data/captions.jsonl into the cache (entries it lacks only); returns how
+    many were added. A record that cannot be read is skipped with a warning: it only saves calls."""
+    added = 0
+    for path in sorted(Path(results).glob(f"*/{RECORDS}")):
+        try:
+            added += seed_cache(read_records(path), cache)
+        except (OSError, ValueError) as err:
+            log.warning("captions record %s not read (%s); its images are captioned again", path, err)
     return added

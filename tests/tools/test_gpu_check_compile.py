@@ -1,4 +1,4 @@
-"""`python -m kolors_story.host.gpu_check --size tiny --device cpu --compile` on the GPU host's Python
+"""`python -m kolors_story.tools.gpu_check --size tiny --device cpu --compile` on the GPU host's Python
 path (tests/gpu_host): the compiled scene, anchor and consistency scene run on the CPU, with the
 cheap aot_eager backend (generate.compile_backend), and the LoRA round trip still renders eagerly."""
 
@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 RUN = """
 import runpy, sys, json
 sys.argv = ["gpu_check"] + json.loads({args!r})
-runpy.run_module("kolors_story.host.gpu_check", run_name="__main__")
+runpy.run_module("kolors_story.tools.gpu_check", run_name="__main__")
 """
 ARGS = ["--size", "tiny", "--device", "cpu", "--train-steps", "2", "--resolution", "64", "--images", "2",
         "--sample-steps", "2", "--candidates", "2", "--compile", "--compile-backend", "aot_eager"]

@@ -1,4 +1,4 @@
-"""`python -m kolors_story.host.gpu_check` at tiny size on the CPU: the full-size check's code path, its
+"""`python -m kolors_story.tools.gpu_check` at tiny size on the CPU: the full-size check's code path, its
 JSON, and its promise to run on the GPU host: it runs here on a Python path that holds only the
 host image's distributions and the wheelhouse's (tests/gpu_host), so a module the host lacks fails
 this test exactly as it would fail there."""
@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 RUN = """
 import runpy, sys, json
 sys.argv = ["gpu_check"] + json.loads({args!r})
-runpy.run_module("kolors_story.host.gpu_check", run_name="__main__")
+runpy.run_module("kolors_story.tools.gpu_check", run_name="__main__")
 """
 
 
@@ -97,7 +97,7 @@ TINY_LORA_LAYERS = 32  # to_q/k/v/out.0 of attn1 and attn2 in the tiny UNet's 4 
 
 
 def assert_round_trip_holds(trip: dict, loaded_in: "torch.dtype") -> None:
-    from kolors_story.host import lora_round_trip as rt
+    from kolors_story.tools import lora_round_trip as rt
 
     file, loaded = trip["weights"]["file_vs_trained"], trip["weights"]["loaded_vs_file"]
     assert trip["ok"] and trip["problems"] == [], trip["problems"]
@@ -144,7 +144,7 @@ def test_training_validates_as_the_default_run_does(checked):
 
 
 def test_validation_settings_follow_the_default_config(tmp_path):
-    from kolors_story.host import gpu_check
+    from kolors_story.tools import gpu_check
 
     full = gpu_check.validation_settings(gpu_check.parse_args(["--train-steps", "30"]))
     assert (full.every, full.size, full.steps, full.pick_best, len(full.prompts)) == (15, 512, 20, True, 2)
@@ -174,8 +174,8 @@ def round_trip_of(checked):
     """compare_round_trip in this process, on a scene pipeline that loaded `lora_file`."""
     import torch
 
-    from kolors_story.host import gpu_check
-    from kolors_story.host.lora_round_trip import compare_round_trip
+    from kolors_story.tools import gpu_check
+    from kolors_story.tools.lora_round_trip import compare_round_trip
     from kolors_story.render.scenes import SamplerSettings
 
     report, _, work = checked
@@ -296,6 +296,6 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    proc = subprocess.run([sys.executable, "-m", "kolors_story.host.gpu_check", "--work", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "kolors_story.tools.gpu_check", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stderr

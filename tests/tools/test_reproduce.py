@@ -1,6 +1,6 @@
 """A published panel renders again bit for bit (CPU) from its bundle alone: the bundle's LoRA and
 prompts.json plus the tiny Kolors; stock diffusers through the model card's snippet, anchor-mode
-panels through kolors_story.host.reproduce (it records the anchors again from their recipes)."""
+panels through kolors_story.tools.reproduce (it records the anchors again from their recipes)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from kolors_story.render.candidates_file import (
     write_record,
 )
 from kolors_story.outputs.publishing import ModelCard, build_bundle
-from kolors_story.host.reproduce import main, rerender_panel
+from kolors_story.tools.reproduce import main, rerender_panel
 from kolors_story.models.random_aesthetic import build_tiny_aesthetic_predictor
 from kolors_story.training import TrainJob, TrainSettings, train_lora
 
@@ -107,7 +107,7 @@ def test_anchor_panel_renders_again_through_kolors_story(published, tiny_kolors,
 SPY_ON_THREADS = """
 import sys, torch
 torch.set_num_threads(3)
-from kolors_story.host import reproduce
+from kolors_story.tools import reproduce
 seen = {}
 def counting(name, real):
     def call(*args, **kwargs):
