@@ -14,8 +14,12 @@ from pathlib import Path
 import pytest
 
 from gpu_host.site import build_host_site, isolated_command
+from test_gpu_check_report import REPORT_KEYS
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+from kolors_story.tools.gpu_check_report import Phase
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = ROOT / "src"
 RUN = """
 import runpy, sys, json
 sys.argv = ["gpu_check"] + json.loads({args!r})
@@ -38,8 +42,9 @@ def run_check(host_site: Path, args: list[str], cpu_bf16: bool = False) -> subpr
     # bf16 on this CPU only when asked (forced where the CPU lacks it: slow but the same numerics).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "KOLORS_TOKENIZER_DIR": str(kolors_tokenizer_dir()),
            CPU_BF16_ENV: "1" if cpu_bf16 else "0"}
+    # In the project's folder, as make gpu-check runs it: the default run's config.yaml is there.
     return subprocess.run(isolated_command(host_site, SRC, RUN.format(args=json.dumps(args))),
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
 
 
 TINY = ["--size", "tiny", "--device", "cpu", "--train-steps", "3", "--resolution", "64", "--images", "2",
@@ -88,9 +93,12 @@ def test_gpu_check_runs_every_phase_and_reports_the_numbers(checked):
     assert report["settings"]["precision"] == "fp16" and report["settings"]["train_precision"] == "bf16"
     assert "s/training step" in output and (work / "panel.png").is_file() and (work / "consistency_panel.png").is_file()
     assert (work / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    # The full-size trace's estimates beside the measured peaks (bench/reference, found from the checkout).
-    assert report["estimates_source"].endswith("bench/reference/gpu_memory_estimate.json"), report["estimates_source"]
+    # The full-size trace's estimates beside the measured peaks (the trace the package carries).
+    assert report["estimates_source"].endswith("kolors_story/tools/gpu_memory_estimate.json"), report
     assert {"train", "encode_texts", "scene_render", "anchor_job", "score"} <= set(report["estimated_vs_measured_gib"])
+    # Every phase the check names, under the name gpu_check.json has always had (the literal list above).
+    assert set(phases) == {p.value for p in Phase} - {Phase.SCENE_COMPILE.value}  # that one with --compile only
+    assert list(report) == REPORT_KEYS
 
 
 TINY_LORA_LAYERS = 32  # to_q/k/v/out.0 of attn1 and attn2 in the tiny UNet's 4 transformer blocks
@@ -143,9 +151,10 @@ def test_training_validates_as_the_default_run_does(checked):
     assert len(list((work / "lora" / "validation").glob("step-*.png"))) == 3
 
 
-def test_validation_settings_follow_the_default_config(tmp_path):
+def test_validation_settings_follow_the_default_config(tmp_path, monkeypatch):
     from kolors_story.tools import gpu_check
 
+    monkeypatch.chdir(ROOT)  # --config's default: config.yaml in the current folder
     full = gpu_check.validation_settings(gpu_check.parse_args(["--train-steps", "30"]))
     assert (full.every, full.size, full.steps, full.pick_best, len(full.prompts)) == (15, 512, 20, True, 2)
     long = gpu_check.validation_settings(gpu_check.parse_args(["--train-steps", "500", "--resolution", "256",
@@ -153,7 +162,9 @@ def test_validation_settings_follow_the_default_config(tmp_path):
     assert (long.every, long.size, long.steps) == (100, 256, 2)
     off = tmp_path / "config.yaml"
     off.write_text("train:\n  validation: {every: 0}\n", encoding="utf-8")
-    assert gpu_check.validation_settings(gpu_check.parse_args([]), off).every == 0
+    assert gpu_check.validation_settings(gpu_check.parse_args(["--config", str(off)])).every == 0
+    with pytest.raises(FileNotFoundError, match="give --config"):
+        gpu_check.validation_settings(gpu_check.parse_args(["--config", str(tmp_path / "nowhere.yaml")]))
 
 
 def broken_copy(lora: Path, dest: Path, change) -> Path:
@@ -182,7 +193,7 @@ def round_trip_of(checked):
     args = gpu_check.parse_args([*TINY, "--work", str(work)])
     settings = SamplerSettings(sampler=args.sampler, steps=args.sample_steps, guidance_scale=args.cfg,
                                precision=args.precision, candidates=1)
-    phases = gpu_check.Phases(torch.device("cpu"), work / "unused.json", {})
+    phases = gpu_check.Phases(torch.device("cpu"), work / "unused.json", gpu_check.Header("cpu", {}, {}))
     trained = gpu_check.train_settings(args)
     adapter = gpu_check.trained_adapter(work / "lora" / "work", report["phases"]["train"]["picked_step"])
 

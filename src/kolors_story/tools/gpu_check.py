@@ -1,6 +1,6 @@
 """One-command check of the real code path at full size on one CUDA GPU, with no download.
 
-    python -m kolors_story.tools.gpu_check [--model DIR] [--out gpu_check.json] [--compile]
+    kolors-story-gpu-check [--model DIR] [--out gpu_check.json] [--compile]      # or: make gpu-check
 
 Without --model it builds random-weight Kolors components at the real sizes from the real configs
 and saves them in the real Kwai-Kolors/Kolors-diffusers layout (fp16 files, sharded text encoder),
@@ -15,8 +15,9 @@ a LoRA round trip (tools/lora_round_trip.py: every layer's update in the saved f
 diffusers loaded it, equals the trained adapter's within rounding; with the LoRA scaled up so its
 effect dwarfs rounding, the fused render matches the unfused one and differs from the render
 without it; rendered by the eager UNet, so --compile compiles once), and a character anchor with
-a consistency scene. gpu_check.json is written after every phase: a crash leaves the finished
-phases, the failing phase's name and its traceback.
+a consistency scene. gpu_check.json (its shape: gpu_check_report) is written after every phase: a
+crash leaves the finished phases, the failing phase's name and its traceback. The validation is
+the default run's: config.yaml's train.validation, read in the current folder (--config).
 
 It imports only the standard library, the wheelhouse's packages (`make wheelhouse`) and what the
 GPU host's image has (tests/gpu_host/packages.txt; tests/tools/test_gpu_check.py runs it on a Python
@@ -27,24 +28,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import dataclasses
 import logging
 import platform
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from kolors_story.tools.gpu_check_report import (
+    ESTIMATES, Failure, Header, Measured, Phase, Phases, RenderFigures, Stage, TrainFigures, summary, sync,
+)
 from kolors_story.training.settings import TrainJob, TrainSettings, ValidationSettings
 
-log = logging.getLogger("kolors_story.tools.gpu_check")
-ROOT = Path(__file__).resolve().parents[3]  # src/kolors_story/tools/gpu_check.py -> the repository root
-ESTIMATES = ROOT / "bench" / "reference" / "gpu_memory_estimate.json"
-DEFAULT_CONFIG = ROOT / "config.yaml"  # the default run, whose validation the check's training runs
+# The default run, whose validation the check's training runs: in the current folder, as Snakemake reads it.
+DEFAULT_CONFIG = Path("config.yaml")
 CAPTIONS = ("二次元，水墨画，山水", "二次元，少女，樱花", "水墨画，古风，小桥流水", "二次元，猫，窗台")
 PROMPT = "二次元，水墨画，一个少女站在山顶，看着远处的云海"
 NEGATIVE = "模糊，低质量，变形"
@@ -78,61 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet (generate.compile)")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
                         help="generate.compile_backend (aot_eager: a cheap compile, e.g. with --device cpu)")
-    parser.add_argument("--estimates", type=Path, default=ESTIMATES)
+    parser.add_argument("--estimates", type=Path, default=ESTIMATES,
+                        help="bench/gpu_memory_estimate.py's trace (default: the one the package holds)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="the default run's config, whose train.validation the check runs (default: ./config.yaml)")
     return parser.parse_args(argv)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Phases:
-    """Seconds and peak GPU memory (allocated and reserved by torch's allocator) of each phase,
-    written to `out` after each one (and with the traceback when one fails)."""
-
-    def __init__(self, device: torch.device, out: Path, header: dict):
-        self.device, self.out, self.header, self.results = device, out, header, {}
-        self.failed: dict | None = None
-        self.stage = "start"  # the check under way, named when it fails outside a timed phase
-
-    @contextlib.contextmanager
-    def measure(self, name: str) -> Iterator[dict]:
-        cuda = self.device.type == "cuda"
-        _sync(self.device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        record: dict = {}
-        start = time.perf_counter()
-        try:
-            yield record
-        except BaseException as err:
-            self.failed = {"phase": name, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-            self.write()
-            raise
-        _sync(self.device)
-        if cuda:
-            record["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-        record["seconds"] = round(time.perf_counter() - start, 3)
-        self.results[name] = record
-        log.info("%s: %s", name, record)
-        self.write()
-
-    def write(self, extra: dict | None = None) -> None:
-        status = "failed" if self.failed else ("complete" if extra else "running")
-        report = {**self.header, "status": status, "phases": self.results, **(extra or {})}
-        if self.failed:
-            report["failed"] = self.failed
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(self.out)
-
-    def release(self) -> None:
-        from diffusers.training_utils import free_memory
-
-        free_memory()  # gc, then the accelerator's cache
 
 
 def _reusable(folder: Path) -> bool:
@@ -146,7 +97,7 @@ def build_models(args: argparse.Namespace, phases: Phases) -> tuple[Path, Path]:
     kolors, aesthetic = args.model, args.aesthetic
     if kolors is None:
         kolors = args.work / f"kolors-{args.size}"
-        with phases.measure("build_kolors") as record:
+        with phases.measure(Phase.BUILD_KOLORS) as record:
             record["reused"] = _reusable(kolors)
             if not record["reused"]:
                 (kolors / BUILT).unlink(missing_ok=True)
@@ -159,7 +110,7 @@ def build_models(args: argparse.Namespace, phases: Phases) -> tuple[Path, Path]:
         phases.release()
     if aesthetic is None:
         aesthetic = args.work / f"aesthetic-{args.size}"
-        with phases.measure("build_aesthetic") as record:
+        with phases.measure(Phase.BUILD_AESTHETIC) as record:
             record["reused"] = _reusable(aesthetic)
             if not record["reused"]:
                 config = random_aesthetic.full_clip_vision_config() if args.size == "full" else None
@@ -187,35 +138,51 @@ def write_dataset(root: Path, images: int, resolution: int) -> Path:
     return root
 
 
-def validation_settings(args, config: Path = DEFAULT_CONFIG) -> ValidationSettings:
+def validation_settings(args: argparse.Namespace) -> ValidationSettings:
     """The default run's validation (config.yaml's train.validation: its prompts, CFG, pick_best)
     at the check's scale: every `every` steps, or every half of the check's steps when it trains
     fewer than two such periods (then it validates twice and pick_best has two checkpoints to
     choose from); its size and steps capped by the check's resolution and sampling steps (on a GPU
     the default's 512 px and 20 steps; 2 steps at 256 px on a CPU rehearsal)."""
-    import dataclasses
-
     import yaml
 
+    config = args.config
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: gpu_check validates as the default run does and reads "
-                                "train.validation there; run it from the project's checkout")
+                                "train.validation there; run it in the project's folder or give --config")
     default = ValidationSettings.from_dict(yaml.safe_load(config.read_text(encoding="utf-8"))["train"].get("validation"))
     every = default.every if args.train_steps >= 2 * default.every else max(1, args.train_steps // 2)
     return dataclasses.replace(default, every=every, size=min(default.size, args.resolution),
                                steps=min(default.steps, args.sample_steps))
 
 
-def train_settings(args) -> TrainSettings:
+def train_settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(steps=args.train_steps, resolution=args.resolution, rank=args.rank,
                          precision=args.train_precision, gradient_checkpointing=True, checkpoint_every=0,
                          validation=validation_settings(args))
 
 
-def check_training(args, phases: Phases, kolors: Path, aesthetic: Path, dataset: Path, store: Path) -> tuple[Path, int]:
+def train_figures(result, settings: TrainSettings) -> TrainFigures:
+    """The train phase's figures from the trainer's result (training.loop.TrainResult)."""
+    elapsed = [row["seconds"] for row in result.losses]
+    steps = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step also loads the UNet
+    validation = settings.validation
+    return TrainFigures(
+        steps=len(result.losses), precision=settings.precision, final_loss=result.losses[-1]["loss"],
+        seconds_per_step_median=round(statistics.median(steps), 4) if steps else None,
+        seconds_per_step_min=round(min(steps), 4) if steps else None,
+        validation={"every": validation.every, "size": validation.size, "steps": validation.steps,
+                    "prompts": len(validation.prompts), "pick_best": validation.pick_best},
+        validations=[{"step": v["step"], "mean": round(v["mean"], 4)} for v in result.validations],
+        picked_step=result.picked_step)
+
+
+def check_training(args: argparse.Namespace, phases: Phases, kolors: Path, aesthetic: Path, dataset: Path,
+                   store: Path) -> tuple[Path, TrainFigures]:
     """The trainer's prepare_batches (caption embeddings from the encode job's file, latents
     encoded and cached), the UNet's load, then training from warm caches with the default run's
-    validation. Returns the LoRA file and the step it was saved from (pick_best's choice)."""
+    validation. Returns the LoRA file and the training's figures (picked_step: the step the file
+    was saved from, pick_best's choice)."""
     from kolors_story.models.kolors_folder import KolorsFolder
     from kolors_story.training.data import assign_sizes, read_metadata
     from kolors_story.training.loop import precision_dtypes, prepare_batches, train_lora
@@ -224,33 +191,25 @@ def check_training(args, phases: Phases, kolors: Path, aesthetic: Path, dataset:
     dtype, _ = precision_dtypes(settings.precision, phases.device)
     examples = read_metadata(dataset)
     assign_sizes(examples, settings)
-    with phases.measure("train_encode_captions_and_latents") as record:
+    with phases.measure(Phase.TRAIN_ENCODE) as record:
         timesteps = folder.config("scheduler")["num_train_timesteps"]
         prepare_batches(folder, examples, settings, cache, phases.device, dtype, timesteps,
                         validating=bool(settings.validation.every), embeddings=store)
         record["captions"], record["images"] = len(set(e.caption for e in examples)), len(examples)
     phases.release()
-    with phases.measure("train_unet_disk_load"):
+    with phases.measure(Phase.TRAIN_UNET_DISK_LOAD):
         unet = folder.load_unet(dtype)
-    with phases.measure("train_unet_to_gpu"):
+    with phases.measure(Phase.TRAIN_UNET_TO_GPU):
         unet.to(phases.device)
     del unet
     phases.release()
-    with phases.measure("train") as record:
+    with phases.measure(Phase.TRAIN) as record:
         result = train_lora(TrainJob(kolors, dataset, args.work / "lora", cache_dir=cache, aesthetic_dir=aesthetic,
                                      embeddings=store), settings)
-        elapsed = [row["seconds"] for row in result.losses]
-        steps = [b - a for a, b in zip(elapsed, elapsed[1:])]  # the first step also loads the UNet
-        record.update(steps=len(result.losses), precision=settings.precision, final_loss=result.losses[-1]["loss"],
-                      seconds_per_step_median=round(statistics.median(steps), 4) if steps else None,
-                      seconds_per_step_min=round(min(steps), 4) if steps else None,
-                      validation={"every": settings.validation.every, "size": settings.validation.size,
-                                  "steps": settings.validation.steps, "prompts": len(settings.validation.prompts),
-                                  "pick_best": settings.validation.pick_best},
-                      validations=[{"step": v["step"], "mean": round(v["mean"], 4)} for v in result.validations],
-                      picked_step=result.picked_step)
+        figures = train_figures(result, settings)
+        record.update(dataclasses.asdict(figures))
     phases.release()
-    return result.lora_file, result.picked_step
+    return result.lora_file, figures
 
 
 def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
@@ -262,7 +221,7 @@ def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
 
     dtype = pipeline_dtype(SamplerSettings(precision=args.precision), phases.device)
     embeddings = PromptEmbeddings(KolorsFolder(kolors), dtype, phases.device, args.work / "cache")
-    with phases.measure("chatglm_disk_load_to_gpu"):
+    with phases.measure(Phase.CHATGLM_LOAD):
         tokenizer = embeddings.folder.load_tokenizer()
         encoder = embeddings.folder.load_text_encoder(dtype, phases.device)
     from kolors_story.training.validation import validation_texts
@@ -270,7 +229,7 @@ def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
     # the run's every text: prompts, captions and the validation's prompts
     texts = list(dict.fromkeys([PROMPT, NEGATIVE, CHARACTER, *CAPTIONS,
                                 *validation_texts(validation_settings(args))]))
-    with phases.measure("encode_texts") as record:
+    with phases.measure(Phase.ENCODE_TEXTS) as record:
         from kolors_story.models.prompt_embeddings import encode_prompts
 
         for text in texts:  # into the cache the scene and anchor jobs read
@@ -279,7 +238,7 @@ def check_text_encoder(args, phases: Phases, kolors: Path) -> Path:
         record["texts"] = len(texts)
     del encoder, embeds, pooled
     phases.release()
-    with phases.measure("write_embeddings_file") as record:  # from the cache just filled: no second load
+    with phases.measure(Phase.WRITE_EMBEDDINGS) as record:  # from the cache just filled: no second load
         store = write_embeddings(embeddings.folder, texts, args.work / "embeddings.safetensors", dtype,
                                  phases.device, args.work / "cache")
         record["mib"] = round(store.stat().st_size / 2**20, 1)
@@ -294,10 +253,10 @@ class DecodeTimer:
         vae.decode = self
 
     def __call__(self, *args, **kwargs):
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         out = self._decode(*args, **kwargs)
-        _sync(self.device)
+        sync(self.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
@@ -310,22 +269,33 @@ def scene_pipeline(args, phases: Phases, kolors: Path, lora: Path, settings, sto
     from kolors_story.models.prompt_embeddings import PromptEmbeddings
 
     scene = Scene("gpu_check", PROMPT, NEGATIVE, seed=0, width=args.resolution, height=args.resolution)
-    with phases.measure("scene_prompt_embeddings_from_file"):
+    with phases.measure(Phase.SCENE_EMBEDDINGS):
         from kolors_story.render.scenes import pipeline_dtype
 
         embeds = PromptEmbeddings(KolorsFolder(kolors), pipeline_dtype(settings, phases.device), phases.device,
                                   store=store).for_pipeline(scene.prompt, scene.negative_prompt)
-    with phases.measure("scene_unet_vae_disk_load"):
+    with phases.measure(Phase.SCENE_DISK_LOAD):
         pipe = load_pipeline(kolors, settings, phases.device, text_encoder=False)
-    with phases.measure("scene_move_to_gpu"):
+    with phases.measure(Phase.SCENE_TO_GPU):
         move_to_device(pipe, phases.device, settings)
-    with phases.measure("scene_lora_load"):
+    with phases.measure(Phase.SCENE_LORA_LOAD):
         load_style_lora(pipe, lora, 1.0)
     return pipe, scene, embeds
 
 
-def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path, store: Path, picked_step: int) -> None:
-    """One best-of-N scene as generate_scene renders it, then the LoRA round trip on its pipeline."""
+def render_figures(seconds: float, timer: DecodeTimer, images: int, settings) -> RenderFigures:
+    """The scene render's figures: `seconds` in all, `timer`'s of them in the VAE's decode."""
+    return RenderFigures(
+        images=images, steps=settings.steps, guidance_scale=settings.guidance_scale, precision=settings.precision,
+        vae_decode_seconds=round(timer.seconds, 3), vae_decode_calls=timer.calls,
+        denoise_seconds=round(seconds - timer.seconds, 3), seconds_per_image=round(seconds / images, 3),
+        seconds_per_step=round((seconds - timer.seconds) / settings.steps, 4))
+
+
+def check_scene(args: argparse.Namespace, phases: Phases, kolors: Path, lora: Path, aesthetic: Path, store: Path,
+                picked_step: int) -> tuple[RenderFigures, dict]:
+    """One best-of-N scene as generate_scene renders it, then the LoRA round trip on its pipeline.
+    Returns the render's figures and the round trip's record."""
     from kolors_story.render.panel_choice import score_candidates
     from kolors_story.render.scenes import SamplerSettings, candidate_seeds, render, warm_up
 
@@ -333,30 +303,29 @@ def check_scene(args, phases: Phases, kolors: Path, lora: Path, aesthetic: Path,
                                precision=args.precision, candidates=args.candidates, compile=args.compile,
                                compile_backend=args.compile_backend)
     pipe, scene, embeds = scene_pipeline(args, phases, kolors, lora, settings, store)
-    with phases.measure("scene_lora_fuse"):
+    with phases.measure(Phase.SCENE_LORA_FUSE):
         pipe.fuse_lora(components=["unet"], adapter_names=["style"])
     if args.compile:
-        with phases.measure("scene_compile_and_warm_up"):
+        with phases.measure(Phase.SCENE_COMPILE):
             warm_up(pipe, scene, settings, embeds, candidate_seeds(scene.seed, settings.candidates))
     seeds = candidate_seeds(scene.seed, settings.candidates)
     timer = DecodeTimer(pipe.vae, phases.device)
-    with phases.measure("scene_render") as record:
+    with phases.measure(Phase.SCENE_RENDER) as record:
         images = render(pipe, scene, settings, seeds, embeds)
-    record.update(images=len(images), steps=settings.steps, guidance_scale=settings.guidance_scale,
-                  precision=settings.precision, vae_decode_seconds=round(timer.seconds, 3),
-                  vae_decode_calls=timer.calls, denoise_seconds=round(record["seconds"] - timer.seconds, 3),
-                  seconds_per_image=round(record["seconds"] / len(images), 3),
-                  seconds_per_step=round((record["seconds"] - timer.seconds) / settings.steps, 4))
-    with phases.measure("lora_round_trip") as record:  # its fp32 renders hold the UNet in fp32
-        record.update(round_trip(pipe, scene, settings, embeds, lora, train_settings(args),
-                                 trained_adapter(args.work / "lora" / "work", picked_step)))
+    figures = render_figures(phases.seconds(Phase.SCENE_RENDER), timer, len(images), settings)
+    record.update(dataclasses.asdict(figures))
+    with phases.measure(Phase.LORA_ROUND_TRIP) as record:  # its fp32 renders hold the UNet in fp32
+        trip = round_trip(pipe, scene, settings, embeds, lora, train_settings(args),
+                          trained_adapter(args.work / "lora" / "work", picked_step))
+        record.update(trip)
     del pipe
     phases.release()
-    with phases.measure("score") as record:
+    with phases.measure(Phase.SCORE) as record:
         scores, _ = score_candidates(images, aesthetic, phases.device)
         record["scores"] = [round(s, 4) for s in scores]
     best = max(range(len(images)), key=lambda k: scores[k])
     images[best].save(args.work / "panel.png")
+    return figures, trip
 
 
 @contextlib.contextmanager
@@ -412,13 +381,13 @@ def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Pat
     consistency = Consistency()
     size = dict(width=args.resolution, height=args.resolution)
     anchor = args.work / "anchors" / "girl.safetensors"
-    with phases.measure("anchor_job") as record:
+    with phases.measure(Phase.ANCHOR_JOB) as record:
         render_anchor(RenderInputs(kolors, lora, embeddings=store),
                       Scene("girl", CHARACTER, NEGATIVE, seed=7, **size), settings, consistency, anchor,
                       device=phases.device)
         record["anchor_mib"] = round(anchor.stat().st_size / 2**20, 1)
     phases.release()
-    with phases.measure("consistency_scene_job"):
+    with phases.measure(Phase.CONSISTENCY_SCENE_JOB):
         render_scene(RenderInputs(kolors, lora, embeddings=store),
                      Scene("with_girl", PROMPT, NEGATIVE, seed=1, **size), settings,
                      args.work / "consistency_panel.png", device=phases.device, anchors=[anchor],
@@ -426,72 +395,39 @@ def check_consistency(args, phases: Phases, kolors: Path, lora: Path, store: Pat
     phases.release()
 
 
-# gpu_check phase -> bench/gpu_memory_estimate.py phase (estimates with margins)
-MEMORY_PAIRS = {"train_encode_captions_and_latents": ("vae_encoding",), "train": ("training",),
-                "encode_texts": ("text_encoding",), "scene_render": ("scene_best_of_4",), "anchor_job": ("anchor",),
-                "score": ("scoring",)}
-
-
-def compare_memory(estimate: dict, measured: dict) -> dict:
-    """bench/gpu_memory_estimate.py's per-phase estimates (with margins) beside the measured peaks."""
-    est = {k: v / 2**30 for k, v in estimate["phases_with_margins"].items()}
-    out = {}
-    for phase, names in MEMORY_PAIRS.items():
-        if phase in measured and all(n in est for n in names):
-            out[phase] = {"estimated_gib": round(max(est[n] for n in names), 3), "estimate_of": list(names),
-                          "measured_reserved_gib": measured[phase].get("peak_reserved_gib")}
-    return out
-
-
-def header(args, device: torch.device) -> dict:
+def header(args: argparse.Namespace, device: torch.device) -> Header:
     import diffusers
     import peft
     import transformers
 
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    return Header(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        versions={"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                  "peft": peft.__version__},
+        # paths (and the packaged estimates' Traversable) as strings: the settings are JSON
+        settings={k: v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+                  for k, v in vars(args).items()},
+    )
 
 
-def summary(args, phases: Phases) -> dict:
-    r = phases.results
-    estimates = json.loads(args.estimates.read_text()) if args.estimates.is_file() else None
-    return {
-        "seconds_per_training_step": r["train"]["seconds_per_step_median"],
-        "seconds_per_image": r["scene_render"]["seconds_per_image"],
-        "model_load_seconds": {"train_job_unet_disk": r["train_unet_disk_load"]["seconds"],
-                               "train_job_unet_to_gpu": r["train_unet_to_gpu"]["seconds"],
-                               "chatglm_disk_to_gpu": r["chatglm_disk_load_to_gpu"]["seconds"],
-                               "scene_job_unet_vae_disk": r["scene_unet_vae_disk_load"]["seconds"],
-                               "scene_job_to_gpu": r["scene_move_to_gpu"]["seconds"],
-                               "scene_job_lora_load": r["scene_lora_load"]["seconds"],
-                               "scene_job_lora_fuse": r["scene_lora_fuse"]["seconds"]},
-        "estimates": estimates and estimates.get("estimate"),
-        "estimated_vs_measured_gib": estimates and compare_memory(estimates["estimate"], r),
-        "estimates_source": str(args.estimates) if estimates else f"not found: run bench/gpu_memory_estimate.py --out {args.estimates}",
-    }
-
-
-def run_checks(args, phases: Phases) -> None:
+def run_checks(args: argparse.Namespace, phases: Phases) -> Measured:
     import shutil
 
     for stale in ("cache", "lora", "dataset", "anchors"):  # a rerun measures encoding and training again
         shutil.rmtree(args.work / stale, ignore_errors=True)
-    phases.stage = "build_models"
+    phases.stage = Stage.BUILD_MODELS
     kolors, aesthetic = build_models(args, phases)
-    phases.stage = "text_encoder"
+    phases.stage = Stage.TEXT_ENCODER
     store = check_text_encoder(args, phases, kolors)
-    phases.stage = "training"
+    phases.stage = Stage.TRAINING
     dataset = write_dataset(args.work / "dataset", args.images, args.resolution)
-    lora, picked_step = check_training(args, phases, kolors, aesthetic, dataset, store)
-    phases.stage = "scene"
-    check_scene(args, phases, kolors, lora, aesthetic, store, picked_step)
-    phases.stage = "consistency"
+    lora, trained = check_training(args, phases, kolors, aesthetic, dataset, store)
+    phases.stage = Stage.SCENE
+    rendered, trip = check_scene(args, phases, kolors, lora, aesthetic, store, trained.picked_step)
+    phases.stage = Stage.CONSISTENCY
     check_consistency(args, phases, kolors, lora, store)
+    return Measured(train=trained, render=rendered, round_trip=trip)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -506,21 +442,19 @@ def main(argv: list[str] | None = None) -> int:
     phases = Phases(device, args.out, header(args, device))
     started = time.perf_counter()
     try:
-        run_checks(args, phases)
+        measured = run_checks(args, phases)
     except Exception as err:
         if phases.failed is None:  # between two timed phases: name the check it was in
-            phases.failed = {"phase": phases.stage, "error": f"{type(err).__name__}: {err}",
-                             "traceback": traceback.format_exc()}
+            phases.failed = Failure.of(phases.stage, err)
             phases.write()
-        print(f"gpu_check: phase {phases.failed['phase']} failed; the finished phases and the traceback are "
+        print(f"gpu_check: phase {phases.failed.phase} failed; the finished phases and the traceback are "
               f"in {args.out}", file=sys.stderr)
         raise
-    report = summary(args, phases)
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    report = summary(phases, measured, args.estimates, total_seconds=round(time.perf_counter() - started, 1))
     phases.write(report)
-    trip = phases.results["lora_round_trip"]
-    print(f"gpu_check: {report['seconds_per_training_step']} s/training step, {report['seconds_per_image']} s/image, "
-          f"LoRA round trip {'ok' if trip['ok'] else 'FAILED'}, {report['total_seconds']} s in all; wrote {args.out}")
+    trip = measured.round_trip
+    print(f"gpu_check: {report.seconds_per_training_step} s/training step, {report.seconds_per_image} s/image, "
+          f"LoRA round trip {'ok' if trip['ok'] else 'FAILED'}, {report.total_seconds} s in all; wrote {args.out}")
     for problem in trip["problems"]:
         print(f"gpu_check: LoRA round trip: {problem}", file=sys.stderr)
     return 0 if trip["ok"] else 1
