@@ -60,7 +60,7 @@ test-slurm: $(STAMP)
 # --configfile names neither), a key given twice. make check-config CONFIGS="demo/config.yaml my.yaml"
 CONFIGS ?= config.yaml
 check-config: $(STAMP)
-	$(BIN)/python -m kolors_story.plan.config_files $(CONFIGS)
+	$(BIN)/kolors-story-check-config $(CONFIGS)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint --configfile demo/config.yaml

@@ -18,7 +18,7 @@ the same identity trusts that hash. Any write, truncation or replacement changes
 the kernel sets ctime to the time of the change, and nothing can set it back. A file changed
 within seconds before its check is not recorded (a coarse clock could give two changes one ctime).
 
-    python -m kolors_story.seals results/     # check every seal under a folder
+    kolors-story-check-seals results/     # check every seal under a folder (python -m kolors_story.seals)
 """
 
 from __future__ import annotations
@@ -213,7 +213,11 @@ def verify_all(root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    roots = (argv if argv is not None else sys.argv[1:]) or ["results"]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", default=["results"], help="where to check every seal (default: results)")
+    roots = parser.parse_args(argv).folders
     problems = [p for root in roots for p in verify_all(Path(root))]
     for line in problems:
         print(line, file=sys.stderr)

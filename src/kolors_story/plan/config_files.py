@@ -6,7 +6,7 @@ The Snakefile reads config.yaml and every --configfile with this before it uses 
 parses --configfile files itself before the Snakefile runs and drops the YAML error's position
 ("Config file is not valid JSON or YAML"); this command finds it:
 
-    python -m kolors_story.plan.config_files demo/config.yaml demo/sweep.yaml
+    kolors-story-check-config demo/config.yaml demo/sweep.yaml     # or: make check-config CONFIGS="..."
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ def check_files(paths: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or ["config.yaml"]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", default=["config.yaml"], help="config files (default: config.yaml)")
+    paths = parser.parse_args(argv).paths
     try:
         check_files([Path(p) for p in paths])
     except UserError as err:
