@@ -21,7 +21,6 @@ import yaml
 
 from kolors_story.errors import UserError
 from kolors_story.plan.sweep import job_key
-from kolors_story.run_files import TRANSCRIPT_FILE, WRITTEN_FILE  # noqa: F401 (the writer's files, by name)
 from kolors_story.seals import verify
 from kolors_story.writing.llm_client import ChatSettings
 

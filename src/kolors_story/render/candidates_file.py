@@ -2,7 +2,7 @@
 
 render_scene writes it as `candidates/<scene>/candidates.json`; read_record is the only code that
 reads that file (contact sheet, bundle, manifest). `CandidateRecord.recipe()` is the kept panel's
-full recipe, what `bundle/prompts.json` publishes and `kolors_story.host.reproduce` renders again.
+full recipe, what `bundle/prompts.json` publishes and `kolors_story.tools.reproduce` renders again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Runtime:
     """What decides a render's last bits beyond its recipe: torch's CPU thread count splits the
     reductions differently (a pixel one uint8 level off on 2 cores), other torch or diffusers
     versions, SIMD kernels or GPUs compute differently. Each scene and anchor job records it;
-    `kolors_story.host.reproduce` pins the threads and the deterministic flag, and names the rest
+    `kolors_story.tools.reproduce` pins the threads and the deterministic flag, and names the rest
     where they differ."""
 
     torch_threads: int  # torch.get_num_threads() while rendering (the job's `threads:`)
