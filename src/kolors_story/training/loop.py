@@ -121,7 +121,7 @@ def precision_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype,
     """Weight dtype of the frozen models and the autocast dtype (None: no autocast). On a CPU with
     native bf16, bf16 is honored as on a GPU; on any other CPU the frozen weights stay fp32 (half
     kernels are slow or missing: devices.runtime_dtype says so in the log) and the autocast
-    is bf16, as it always was there."""
+    is bf16: the computation keeps the precision the setting names where the weights cannot."""
     if precision == "fp32":
         return torch.float32, None
     weights = devices.runtime_dtype(precision, device)
