@@ -28,13 +28,13 @@ def variant_scenes(wildcards):
 
 def variant_outputs(name):
     """What rule all asks of the variant `name`."""
-    config = VARIANTS[name]
+    variant = VARIANTS[name]
     outputs = [run_file(name, f) for f in RUN_OUTPUTS] + [run_lora_file(name, "lora")]
-    if config["upload"]["enabled"]:
+    if variant["upload"]["enabled"]:
         outputs.append(run_file(name, "upload"))
-    if writes_from_outline(config):
+    if writes_from_outline(variant):
         outputs += [run_file(name, "prompts"), run_file(name, "transcript")]
-    if config["caption"]["backend"] != "none":
+    if variant["caption"]["backend"] != "none":
         outputs += [run_data_file(name, CAPTION_FILES[f]) for f in RUN_CAPTION_FILES]
     return outputs
 
