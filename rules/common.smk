@@ -11,8 +11,7 @@ from kolors_story.errors import UserError
 from kolors_story.modelscope_endpoint import HubDownload, StillNeeded
 from kolors_story.plan.config import is_local_model, load_schema, model_dir
 from kolors_story.plan.job_plan import download_key
-from kolors_story.plan.outline import writer_key, writes_from_outline
-from kolors_story.plan.workflow_plan import expand_variants, local_writer_model, plan_workflow
+from kolors_story.plan.workflow_plan import expand_variants, local_writer_model, outline_writers, plan_workflow
 
 SCHEMA = load_schema(Path(workflow.basedir) / "schemas/config.schema.yaml")
 try:
@@ -21,7 +20,7 @@ except UserError as err:
     raise WorkflowError(str(err)) from None
 SWEEP = bool(config.get("sweep"))
 # A story given as an outline has its scenes once its writer's file exists (a checkpoint's output).
-SCENES_FILES = {key: writer_file(key, "scenes") for key in {writer_key(c) for c in VARIANTS.values() if writes_from_outline(c)}}
+SCENES_FILES = {key: writer_file(key, "scenes") for key in set(outline_writers(VARIANTS).values())}
 
 
 def plan():

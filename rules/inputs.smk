@@ -9,6 +9,7 @@ from snakemake.logging import logger
 
 from kolors_story.plan.content_digest import changes, digest, listing
 from kolors_story.plan.job_plan import data_key, download_key
+from kolors_story.plan.outline import writes_from_outline
 
 
 # ---------------------------------------------------------------- of every run (rule all)

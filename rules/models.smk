@@ -65,7 +65,7 @@ rule prepare_model:
     input:
         lambda wc: model_folder(MODEL_REFS[(wc.model_name, wc.key)], f"models.{wc.model_name}"),
     output:
-        f"{SHARED}/models/{{model_name}}/{{key}}.json",  # model_check()
+        model_check_file("{model_name}", "{key}"),
     params:
         ref=lambda wc: MODEL_REFS[(wc.model_name, wc.key)],
         config_key=lambda wc: f"models.{wc.model_name}",

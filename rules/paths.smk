@@ -86,9 +86,14 @@ def writer_file(key, name):
     return f"{SHARED}/prompts/{key}/{WRITER_FILES[name]}"
 
 
-def model_check(name, ref):
+def model_check_file(name, key):
     """The file rule prepare_model writes once a model folder's layout is checked."""
-    return f"{SHARED}/models/{name}/{job_key(ref)}.json"
+    return f"{SHARED}/models/{name}/{key}.json"
+
+
+def model_check(name, ref):
+    """model_check_file of the model `ref` (an id or a folder)."""
+    return model_check_file(name, job_key(ref))
 
 
 def lora_dir(key, imported):

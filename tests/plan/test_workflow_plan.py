@@ -53,7 +53,7 @@ def test_a_variant_waits_for_its_writer_and_has_no_jobs_until_its_file_is_there(
     assert after.jobs == plan_jobs(dict(after.variants))
 
 
-def test_the_plan_cannot_be_changed_in_place():
+def test_the_plan_s_fields_and_tables_cannot_be_reassigned():
     plan = plan_workflow(sweep_with_an_outline(), SCHEMA, {})
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.waiting = ()

@@ -38,6 +38,11 @@ def expand_variants(config: dict, schema: dict) -> dict[str, dict]:
     return variants
 
 
+def outline_writers(variants: Mapping[str, dict]) -> dict[str, str]:
+    """Variant whose story is an outline -> the key of its prompt writer's job."""
+    return {name: writer_key(c) for name, c in variants.items() if writes_from_outline(c)}
+
+
 def local_writer_model(config: dict) -> str | None:
     """The prompt writer's model id or folder where its backend runs one in the job (else None)."""
     writer = config["prompt_writer"]
@@ -53,7 +58,9 @@ def writer_job(config: dict) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class WorkflowPlan:
-    """What the workflow runs, for the writer files that existed when it was built."""
+    """What the workflow runs, for the writer files that existed when it was built. Its fields
+    cannot be rebound and its tables are read-only views; the settings inside stay plain dicts and
+    lists, what Snakemake records and compares as a job's params."""
 
     variants: Mapping[str, dict]  # name -> validated config, written scenes in place of an outline
     writer_keys: Mapping[str, str]  # variant whose story is an outline -> its writer job's key
@@ -67,7 +74,7 @@ def plan_workflow(variants: Mapping[str, dict], schema: dict, written: Mapping[s
     """The plan of `variants` (expand_variants), each outline variant with the scenes of its writer's
     file where `written` (writer job key -> its scenes file) has one; UserError on a file that is
     not its outline's."""
-    writer_keys = {name: writer_key(c) for name, c in variants.items() if writes_from_outline(c)}
+    writer_keys = outline_writers(variants)
     resolved = dict(variants)
     for name, key in writer_keys.items():
         if key in written:
