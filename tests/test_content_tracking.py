@@ -1,4 +1,4 @@
-"""Local inputs tracked by content (rules/common.smk, kolors_story.plan.content_digest): the demo
+"""Local inputs tracked by content (rules/inputs.smk, kolors_story.plan.content_digest): the demo
 with its style folder, Kolors folder and a LoRA given as a user's own files. An edit that keeps the
 file's time still reruns exactly the chain that reads it; a touch or a no-op rerun plans nothing."""
 

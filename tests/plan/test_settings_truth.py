@@ -162,7 +162,7 @@ def test_module_defaults_match_the_schema():
 
 
 def test_the_rules_build_dataclasses_equal_to_their_defaults_from_a_minimal_config():
-    """What the rules pass (common.smk's SAMPLER / CONSISTENCY, train.smk's train params)."""
+    """What the rules pass (plan.job_plan's sampler and consistency settings, train.smk's train params)."""
     config = validate_config({"story": {"scenes": [{"id": "a", "prompt": "p"}]}}, SCHEMA)
     gen, train = config["generate"], config["train"]
     sampler = {k: v for k, v in gen.items() if k not in ONLY_IN_SCHEMA["generate"]}

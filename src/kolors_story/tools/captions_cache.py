@@ -16,7 +16,7 @@ from kolors_story.errors import UserError
 from kolors_story.writing.captions import RECORDS, read_records, seed_cache
 from kolors_story.writing.reply_cache import ReplyCache
 
-CACHE = Path("resources/cache/captions")  # rules/common.smk: CACHE/captions
+CACHE = Path("resources/cache/captions")  # rules/paths.smk: CACHE/captions
 
 
 def records_file(where: Path) -> Path:
